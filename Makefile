@@ -1,0 +1,43 @@
+# lungcad — every entry point a researcher needs. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export NO_ALBUMENTATIONS_UPDATE := 1
+export WANDB_MODE ?= offline
+export PYTHONHASHSEED := 0
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-slow lint format bench clean-venv
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the toolkit with pinned versions (constraints.txt)
+
+test: $(STAMP) ## run the default test suite (CPU, a few minutes)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-slow: $(STAMP) ## run the slow learning checks (models actually learn on phantoms)
+	$(PY) -m pytest -q -p no:cacheprovider -m slow -s
+
+lint: $(STAMP) ## ruff lint + format check
+	$(VENV)/bin/ruff check common lungdet lungseg lungcls tests bench
+	$(VENV)/bin/ruff format --check common lungdet lungseg lungcls tests bench
+
+format: $(STAMP) ## apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix common lungdet lungseg lungcls tests bench
+	$(VENV)/bin/ruff format common lungdet lungseg lungcls tests bench
+
+bench: $(STAMP) ## run every benchmark; prints ratios and writes bench/results.md
+	$(PY) -m bench.run
+
+clean-venv: ## remove the virtual environment
+	rm -rf $(VENV)
