@@ -1,0 +1,65 @@
+"""`make bench`: run every benchmark in one process and write `bench/results.md`.
+
+Each benchmark module exposes `run() -> dict` (flat name → value) and prints its own lines as it goes; the
+reference it compares with (SimpleITK, the official LUNA16 script, MONAI RetinaNet, the machine's matmul
+peak) is measured in the same run wherever it can be, so the ratios are comparable on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+BENCHMARKS = (
+    "bench.preprocess_bench",
+    "bench.froc_bench",
+)
+
+
+def _format_value(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="module names (e.g. froc_bench) to run")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("results.md")))
+    args = parser.parse_args(argv)
+
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}; "
+        f"run {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+        "",
+    ]
+    failed = 0
+    for name in BENCHMARKS:
+        if args.only and name.split(".")[-1] not in args.only:
+            continue
+        print(f"== {name}", flush=True)
+        try:
+            results = importlib.import_module(name).run()
+        except Exception:  # one broken benchmark must not hide the others' numbers
+            traceback.print_exc()
+            failed += 1
+            lines += [f"## {name}", "", "FAILED — see the console output.", ""]
+            continue
+        lines += [f"## {name}", "", "| measure | value |", "| --- | --- |"]
+        lines += [f"| {key} | {_format_value(value)} |" for key, value in results.items()]
+        lines.append("")
+    Path(args.out).write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
