@@ -174,15 +174,25 @@ class SmoothField:
         self._k = directions * wavenumbers[:, None]
         self._phase = rng.uniform(0.0, 2.0 * np.pi, size=n_waves)
         self._norm = 1.0 / math.sqrt(n_waves / 2.0)
+        self._waves = [(tuple(float(v) for v in k), float(p)) for k, p in zip(self._k, self._phase)]
 
     def __call__(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Field value at mm positions x, y, z (broadcastable), clipped to ±2."""
         if all(np.ndim(a) == 3 for a in (x, y, z)) and {np.shape(a).count(1) for a in (x, y, z)} == {2}:
             return self._on_open_grid(np.ravel(z), np.ravel(y), np.ravel(x))
+        if np.ndim(x) == 0 and np.ndim(y) == 0 and np.ndim(z) == 0:
+            return self.at_point(float(x), float(y), float(z))
         total = 0.0
         for (kx, ky, kz), phase in zip(self._k, self._phase):
             total = total + np.sin(kx * x + ky * y + kz * z + phase)
         return np.clip(total * self._norm, -2.0, 2.0)
+
+    def at_point(self, x: float, y: float, z: float) -> float:
+        """Scalar fast path (vessel growth queries single points thousands of times)."""
+        total = 0.0
+        for (kx, ky, kz), phase in self._waves:
+            total += math.sin(kx * x + ky * y + kz * z + phase)
+        return min(max(total * self._norm, -2.0), 2.0)
 
     def _on_open_grid(self, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Separable evaluation on a (z, y, x) grid: sin(a+b+c) = Im(e^{ia} e^{ib} e^{ic}), no per-voxel sin."""
@@ -226,6 +236,8 @@ class LungShape:
 
     def inside(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Boolean lung membership, broadcastable."""
+        if np.ndim(x) == 0 and np.ndim(y) == 0 and np.ndim(z) == 0:
+            return self.contains(float(x), float(y), float(z))
         cx, cy = self.centre
         rx, ry = self.radii
         u = (x - cx) / rx
@@ -240,6 +252,23 @@ class LungShape:
             & (self.side * x >= self.mediastinum_half_width)
             & ~heart
         )
+
+    def contains(self, x: float, y: float, z: float) -> bool:
+        """Scalar version of `inside`."""
+        if self.side * x < self.mediastinum_half_width:
+            return False
+        cx, cy = self.centre
+        rx, ry = self.radii
+        u = (x - cx) / rx
+        v = (y - cy) / ry
+        if z < self.z_base + self.dome * max(1.0 - u * u - v * v, 0.0):
+            return False
+        hx, hy, hz = self.heart_centre
+        ax, ay, az = self.heart_radii
+        if ((x - hx) / ax) ** 2 + ((y - hy) / ay) ** 2 + ((z - hz) / az) ** 2 <= 1.0:
+            return False
+        w = (z - self.z_base) / self.height
+        return u * u + v * v + w * w - self.deform_amplitude * self.deform.at_point(x, y, z) <= 1.0
 
 
 @dataclass
@@ -354,10 +383,15 @@ def _draw_tube(
 
 def _rotate_towards(direction: np.ndarray, rng: np.random.Generator, angle: float) -> np.ndarray:
     """Rotate a unit vector by `angle` about a random axis perpendicular to it."""
-    helper = rng.normal(size=3)
-    axis = np.cross(direction, helper)
-    axis /= np.linalg.norm(axis) + 1e-12
-    rotated = direction * math.cos(angle) + np.cross(axis, direction) * math.sin(angle)
+    hx, hy, hz = (float(v) for v in rng.normal(size=3))
+    dx, dy, dz = (float(v) for v in direction)
+    ax, ay, az = dy * hz - dz * hy, dz * hx - dx * hz, dx * hy - dy * hx
+    norm = math.sqrt(ax * ax + ay * ay + az * az) + 1e-12
+    ax, ay, az = ax / norm, ay / norm, az / norm
+    c, s = math.cos(angle), math.sin(angle)
+    rotated = np.array(
+        [dx * c + (ay * dz - az * dy) * s, dy * c + (az * dx - ax * dz) * s, dz * c + (ax * dy - ay * dx) * s]
+    )
     return rotated / np.linalg.norm(rotated)
 
 
