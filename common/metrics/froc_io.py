@@ -1,0 +1,239 @@
+"""Read and check the four inputs of the official LUNA16 evaluation.
+
+Layouts (as distributed with LUNA16 and read by ``noduleCADEvaluationLUNA16.py``):
+
+- ``annotations.csv`` and ``annotations_excluded.csv``: header ``seriesuid,coordX,coordY,coordZ,diameter_mm``
+  (world mm; excluded findings may have diameter ``-1``);
+- ``seriesuids.csv``: one series UID per line, no header;
+- results: header ``seriesuid,coordX,coordY,coordZ,probability``.
+
+Columns are found by name, extra columns are ignored, ``.csv.gz`` works too. Numbers are parsed
+with Python's ``float`` (as the script does), so results match it to the last bit.
+
+Unlike the script, which crashes with a bare traceback or silently skips rows, every problem is one
+:class:`FROCInputError` naming the file, the data row and file line, the column, the bad value and
+the fix: a missing column, a value that is not a number, NaN or infinite coordinates or probability,
+a result whose series UID is not in the series list, a duplicated series UID, an empty file.
+Annotations of scans that are not in the series list are ignored, as in the script (that is how one
+evaluates a single subset with the full annotation files).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.metrics.froc import (
+    BOOTSTRAP_GRID,
+    FP_RATES,
+    MAX_MARKS_PER_SCAN,
+    FROCResult,
+    Reading,
+    evaluate_froc,
+)
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
+RESULT_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
+_MAX_LISTED = 5
+
+
+class FROCInputError(ValueError):
+    """A LUNA16 evaluation input is missing, malformed or inconsistent; the message says where."""
+
+
+@dataclass(frozen=True)
+class FROCInputs:
+    """The evaluation inputs as arrays (scan indices refer to ``seriesuids``)."""
+
+    seriesuids: list[str]
+    cand_scan: np.ndarray
+    cand_xyz: np.ndarray
+    cand_prob: np.ndarray
+    nod_scan: np.ndarray
+    nod_xyz: np.ndarray
+    nod_diameter: np.ndarray
+    nod_included: np.ndarray
+    annotations_outside_list: int
+
+
+def _describe_rows(path: Path, rows: np.ndarray, column: str, values: pd.Series, problem: str) -> str:
+    """Name the first offending rows; ``rows`` are index labels (0 = first line after the header)."""
+    shown = [f"row {int(r) + 1} (line {int(r) + 2}): {column}={values.loc[r]!r}" for r in rows[:_MAX_LISTED]]
+    more = f" and {rows.size - _MAX_LISTED} more" if rows.size > _MAX_LISTED else ""
+    return f"{path}: {problem} in column '{column}' at " + "; ".join(shown) + more
+
+
+def _read_table(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
+    """Read a headed CSV as text, check the header, keep file line numbers in the index."""
+    if not path.is_file():
+        raise FROCInputError(f"{path}: {what} file not found; pass the path of the {what} CSV")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
+    except pd.errors.EmptyDataError as err:
+        raise FROCInputError(
+            f"{path}: the {what} file is empty; it needs a header line {','.join(required)}"
+        ) from err
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise FROCInputError(f"{path}: cannot parse the {what} CSV ({err}); check its format") from err
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise FROCInputError(
+            f"{path}: {what} file lacks column(s) {', '.join(missing)}; found {', '.join(frame.columns)}; "
+            f"the header must name {','.join(required)}"
+        )
+    frame = frame[list(required)]
+    blank = (frame == "").all(axis=1).to_numpy()
+    return frame.loc[~blank]
+
+
+def _numbers(path: Path, frame: pd.DataFrame, column: str, allow_negative: bool = True) -> np.ndarray:
+    """Parse one column with Python's float semantics; reject non-numbers, NaN and infinities."""
+    text = frame[column].str.strip()
+    try:
+        values = text.to_numpy(dtype=object).astype(np.float64)
+    except ValueError:
+        bad = []
+        for i, value in enumerate(text):
+            try:
+                float(value)
+            except ValueError:
+                bad.append(i)
+        rows = frame.index.to_numpy()[bad]
+        raise FROCInputError(
+            _describe_rows(path, rows, column, frame[column], "not a number")
+            + "; write plain decimal numbers"
+        ) from None
+    finite = np.isfinite(values)
+    if not finite.all():
+        rows = frame.index.to_numpy()[~finite]
+        raise FROCInputError(
+            _describe_rows(path, rows, column, frame[column], "NaN or infinite value")
+            + "; every value must be a finite number"
+        )
+    return values
+
+
+def read_seriesuids(path: str | Path) -> list[str]:
+    """The series list: first field of each non-blank line, no header (a literal header is skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FROCInputError(f"{path}: series list not found; pass the seriesuids CSV (one UID per line)")
+    frame = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, usecols=[0])
+    uids = [u.strip() for u in frame[0].tolist()]
+    if uids and uids[0].lower() == "seriesuid":
+        uids = uids[1:]
+    uids = [u for u in uids if u]
+    if not uids:
+        raise FROCInputError(f"{path}: the series list is empty; it must name every evaluated scan")
+    seen: dict[str, int] = {}
+    for line, uid in enumerate(uids, start=1):
+        if uid in seen:
+            raise FROCInputError(
+                f"{path}: series UID {uid!r} is listed twice (entries {seen[uid]} and {line}); list each scan once"
+            )
+        seen[uid] = line
+    return uids
+
+
+def read_annotations(path: str | Path, what: str = "annotations") -> pd.DataFrame:
+    """Annotations or excluded findings as a frame with float columns (file line numbers in the index)."""
+    path = Path(path)
+    frame = _read_table(path, ANNOTATION_COLUMNS, what)
+    out = pd.DataFrame({"seriesuid": frame["seriesuid"].str.strip()}, index=frame.index)
+    for column in ANNOTATION_COLUMNS[1:]:
+        out[column] = _numbers(path, frame, column)
+    return out
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """CAD results as a frame with float columns (file line numbers in the index)."""
+    path = Path(path)
+    frame = _read_table(path, RESULT_COLUMNS, "results")
+    out = pd.DataFrame({"seriesuid": frame["seriesuid"].str.strip()}, index=frame.index)
+    for column in RESULT_COLUMNS[1:]:
+        out[column] = _numbers(path, frame, column)
+    if out.empty:
+        log.warning("%s: no CAD marks; every nodule counts as missed", path)
+    return out
+
+
+def load_froc_inputs(
+    annotations: str | Path, excluded: str | Path, seriesuids: str | Path, results: str | Path
+) -> FROCInputs:
+    """Read, check and index the four official inputs."""
+    uids = read_seriesuids(seriesuids)
+    index = {uid: i for i, uid in enumerate(uids)}
+    ann = read_annotations(annotations, "annotations")
+    exc = read_annotations(excluded, "excluded annotations")
+    res = read_results(results)
+
+    res_scan = res["seriesuid"].map(index)
+    unknown = res_scan.isna().to_numpy()
+    if unknown.any():
+        rows = res.index.to_numpy()[unknown]
+        raise FROCInputError(
+            _describe_rows(
+                Path(results),
+                rows,
+                "seriesuid",
+                res["seriesuid"],
+                "series UID not in the series list " + str(seriesuids),
+            )
+            + "; add the scan to the series list or drop its marks"
+        )
+    nodules = pd.concat([ann.assign(included=True), exc.assign(included=False)], ignore_index=True)
+    nod_scan = nodules["seriesuid"].map(index)
+    in_list = nod_scan.notna().to_numpy()
+    nodules = nodules.loc[in_list]
+    return FROCInputs(
+        seriesuids=uids,
+        cand_scan=res_scan.to_numpy(dtype=np.int64),
+        cand_xyz=res[["coordX", "coordY", "coordZ"]].to_numpy(dtype=np.float64),
+        cand_prob=res["probability"].to_numpy(dtype=np.float64),
+        nod_scan=nod_scan[in_list].to_numpy(dtype=np.int64),
+        nod_xyz=nodules[["coordX", "coordY", "coordZ"]].to_numpy(dtype=np.float64),
+        nod_diameter=nodules["diameter_mm"].to_numpy(dtype=np.float64),
+        nod_included=nodules["included"].to_numpy(dtype=bool),
+        annotations_outside_list=int((~in_list).sum()),
+    )
+
+
+def evaluate_froc_files(
+    annotations: str | Path,
+    excluded: str | Path,
+    seriesuids: str | Path,
+    results: str | Path,
+    reading: Reading = "interp",
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    bootstrap_grid: np.ndarray | None = BOOTSTRAP_GRID,
+    max_marks: int | None = MAX_MARKS_PER_SCAN,
+    fp_rates: tuple[float, ...] = FP_RATES,
+) -> FROCResult:
+    """The official LUNA16 evaluation of a results CSV (see :func:`common.metrics.froc.evaluate_froc`)."""
+    inputs = load_froc_inputs(annotations, excluded, seriesuids, results)
+    result = evaluate_froc(
+        inputs.cand_scan,
+        inputs.cand_xyz,
+        inputs.cand_prob,
+        inputs.nod_scan,
+        inputs.nod_xyz,
+        inputs.nod_diameter,
+        inputs.nod_included,
+        n_scans=len(inputs.seriesuids),
+        reading=reading,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        bootstrap_grid=bootstrap_grid,
+        max_marks=max_marks,
+        fp_rates=fp_rates,
+    )
+    result.extra["annotations_outside_list"] = inputs.annotations_outside_list
+    return result
