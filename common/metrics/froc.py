@@ -379,7 +379,7 @@ def _sort_groups(entries: FROCEntries) -> _SortedGroups:
 def _froc_from_group_counts(
     tp: np.ndarray,
     fp: np.ndarray,
-    thresholds: np.ndarray,
+    thresholds: np.ndarray | None,
     n_lesions: float,
     n_images: int,
 ) -> FROCCurve:
@@ -387,18 +387,24 @@ def _froc_from_group_counts(
 
     Mirrors scikit-learn's ``roc_curve`` (cumulative counts, collinear points dropped, a (0, 0)
     point prepended) and the script's rescaling, operation for operation, so the floats are the
-    script's to the last bit.
+    script's to the last bit. ``thresholds`` may be None when only the curve is needed.
     """
     present = (tp + fp) > 0
-    tp, fp, thresholds = tp[present], fp[present], thresholds[present]
-    tps = np.cumsum(tp)
-    fps = np.cumsum(fp)
+    tps = np.cumsum(tp[present])
+    fps = np.cumsum(fp[present])
+    if thresholds is not None:
+        thresholds = thresholds[present]
     if fps.shape[0] > 2:
-        keep = np.concatenate(([True], (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), [True]))
-        tps, fps, thresholds = tps[keep], fps[keep], thresholds[keep]
+        keep = np.empty(fps.shape[0], dtype=bool)
+        keep[0] = keep[-1] = True
+        np.logical_or(np.diff(fps, 2) != 0, np.diff(tps, 2) != 0, out=keep[1:-1])
+        tps, fps = tps[keep], fps[keep]
+        if thresholds is not None:
+            thresholds = thresholds[keep]
     tps = np.concatenate(([0.0], tps))
     fps = np.concatenate(([0.0], fps))
-    thresholds = np.concatenate(([np.inf], thresholds))
+    if thresholds is not None:
+        thresholds = np.concatenate(([np.inf], thresholds))
     n_detected = tps[-1]
     n_negative = fps[-1]
     if n_lesions <= 0:
@@ -408,12 +414,16 @@ def _froc_from_group_counts(
         # The script divides by zero here and returns NaN; nothing was detected, so 0 is the truth.
         sens = np.zeros(tps.shape)
     else:
-        sens = (tps / n_detected * n_detected) / n_lesions
+        sens = tps / n_detected
+        sens *= n_detected
+        sens /= n_lesions
     if n_negative <= 0:
         # The script's border case: no false positive at all, every operating point at 0 FP/scan.
         fps_out = np.zeros(fps.shape)
     else:
-        fps_out = (fps / n_negative * n_negative) / n_images
+        fps_out = fps / n_negative
+        fps_out *= n_negative
+        fps_out /= n_images
     return FROCCurve(fps=fps_out, sensitivity=sens, thresholds=thresholds)
 
 
@@ -497,10 +507,58 @@ def _mean_ci(values32: np.ndarray, confidence: float) -> tuple[np.ndarray, np.nd
     pz = (1.0 - confidence) / 2.0
     lo_idx = int(math.floor(pz * n))
     hi_idx = int(math.floor((1.0 - pz) * n))
-    mean = np.zeros(cols.shape[0], dtype="float32")
-    for i in range(cols.shape[0]):
-        mean[i] = np.average(cols[i])
+    # Row means of a C-contiguous float32 array sum each row pairwise exactly as the script's
+    # np.average over one sorted column does (checked bit for bit in the tests).
+    mean = cols.mean(axis=1).astype("float32")
     return mean, cols[:, lo_idx].copy(), cols[:, hi_idx].copy()
+
+
+def _prefix_curve(
+    tp: np.ndarray,
+    fp: np.ndarray,
+    n_detected: float,
+    n_negative: float,
+    n_lesions: float,
+    n_images: int,
+    limit: float,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The part of a sample's curve that interpolation at FP rates <= ``limit`` can see.
+
+    ``tp``/``fp`` are the counts of the first (highest) thresholds only. Interpolation at rates up
+    to ``limit`` uses the kept points up to the first kept point beyond ``limit``; whether a point is
+    kept (scikit-learn drops collinear ones) depends on its two neighbours, so the prefix is enough
+    when such a point exists and its right neighbour is inside the prefix. Returns None otherwise
+    (the caller then uses all thresholds).
+    """
+    if n_negative <= 0 or n_lesions <= 0 or n_detected <= 0:
+        return None
+    present = (tp + fp) > 0
+    tps = np.cumsum(tp[present])
+    fps = np.cumsum(fp[present])
+    m = fps.shape[0]
+    if m < 3:
+        return None
+    fps_known = fps[: m - 1] / n_negative
+    fps_known *= n_negative
+    fps_known /= n_images
+    beyond = int(np.searchsorted(fps_known, limit, side="right"))
+    if beyond >= m - 1:
+        return None
+    keep = np.empty(m - 1, dtype=bool)
+    keep[0] = True
+    np.logical_or(np.diff(fps, 2) != 0, np.diff(tps, 2) != 0, out=keep[1:])
+    after = np.flatnonzero(keep[beyond:])
+    if after.size == 0:
+        return None
+    last = beyond + int(after[0])
+    kept = np.flatnonzero(keep[: last + 1])
+    xp = np.concatenate(([0.0], fps_known[kept]))
+    yp = np.empty(kept.shape[0] + 1)
+    yp[0] = 0.0
+    yp[1:] = tps[kept] / n_detected
+    yp[1:] *= n_detected
+    yp[1:] /= n_lesions
+    return xp, yp
 
 
 def bootstrap_froc(
@@ -522,7 +580,8 @@ def bootstrap_froc(
 
     Instead of concatenating scans per sample, the entries are sorted once and a sample's
     per-threshold counts are a sparse (threshold × scan) count matrix times the sample's scan
-    multiplicities.
+    multiplicities; only the highest thresholds, those that reach the largest requested FP rate,
+    are expanded per sample (see :func:`_prefix_curve`).
 
     Args:
         entries: from :func:`match_candidates`.
@@ -531,7 +590,7 @@ def bootstrap_froc(
             ``np.random.seed(seed)``.
         confidence: width of the interval (0.95 → 2.5th and 97.5th percentile as the script picks them).
         fp_rates: where to report per-point statistics.
-        grid: FP rates of the full mean/CI curves (None to skip them; they cost most of the time).
+        grid: FP rates of the full mean/CI curves (None to skip them).
         chunk: samples processed per sparse product.
     """
     groups = _sort_groups(entries)
@@ -547,23 +606,42 @@ def bootstrap_froc(
         shape=(n_groups, n_scans),
     )
     lesions_per_scan = np.bincount(entries.scan[entries.is_lesion], minlength=n_scans).astype(np.float64)
+    detected_per_scan = np.asarray(tp_mat.sum(axis=0)).ravel()
+    negatives_per_scan = np.asarray(fp_mat.sum(axis=0)).ravel()
 
     rates = np.asarray(fp_rates, dtype=np.float64)
     points = rates if grid is None else np.concatenate((rates, np.asarray(grid, dtype=np.float64)))
+    limit = float(points.max()) if points.size else 0.0
+    # Thresholds expanded per sample: a margin over what the whole set needs to pass `limit` (a
+    # sample that needs more falls back to all thresholds).
+    fp_cum = np.cumsum(np.asarray(fp_mat.sum(axis=1)).ravel())
+    prefix = min(n_groups, int(np.searchsorted(fp_cum, 1.25 * limit * n_scans + 64.0)) + 64)
+    tp_head, fp_head = tp_mat[:prefix], fp_mat[:prefix]
+
     values = np.zeros((n_samples, points.shape[0]), dtype="float32")
     draws = bootstrap_indices(n_scans, n_samples, seed)
     for start in range(0, n_samples, chunk):
         block = draws[start : start + chunk]
         flat = (block + (np.arange(block.shape[0]) * n_scans)[:, None]).ravel()
         mult = np.bincount(flat, minlength=block.size).reshape(block.shape).astype(np.float64)
-        tp_block = np.asarray(tp_mat @ mult.T)
-        fp_block = np.asarray(fp_mat @ mult.T)
-        lesions = mult @ lesions_per_scan
+        # (samples × thresholds), C-contiguous so that each sample's row is read sequentially.
+        tp_block = np.ascontiguousarray((tp_head @ mult.T).T)
+        fp_block = np.ascontiguousarray((fp_head @ mult.T).T)
+        lesions = lesions_per_scan[block].sum(axis=1)
+        detected = detected_per_scan[block].sum(axis=1)
+        negatives = negatives_per_scan[block].sum(axis=1)
         for j in range(block.shape[0]):
-            curve = _froc_from_group_counts(
-                tp_block[:, j], fp_block[:, j], groups.thresholds, float(lesions[j]), n_scans
-            )
-            values[start + j] = np.interp(points, curve.fps, curve.sensitivity)
+            part = None
+            if prefix < n_groups:
+                part = _prefix_curve(
+                    tp_block[j], fp_block[j], detected[j], negatives[j], lesions[j], n_scans, limit
+                )
+            if part is None:
+                tp_full = tp_block[j] if prefix == n_groups else tp_mat @ mult[j]
+                fp_full = fp_block[j] if prefix == n_groups else fp_mat @ mult[j]
+                curve = _froc_from_group_counts(tp_full, fp_full, None, float(lesions[j]), n_scans)
+                part = (curve.fps, curve.sensitivity)
+            values[start + j] = np.interp(points, part[0], part[1])
 
     at_rates = values[:, : rates.shape[0]]
     mean, lower, upper = _mean_ci(at_rates, confidence)

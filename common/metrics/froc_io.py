@@ -69,8 +69,8 @@ def _describe_rows(path: Path, rows: np.ndarray, column: str, values: pd.Series,
     return f"{path}: {problem} in column '{column}' at " + "; ".join(shown) + more
 
 
-def _read_table(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
-    """Read a headed CSV as text, check the header, keep file line numbers in the index."""
+def _read_text(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
+    """Read a headed CSV as text, check the header; the index is the data row (0 = line 2)."""
     if not path.is_file():
         raise FROCInputError(f"{path}: {what} file not found; pass the path of the {what} CSV")
     try:
@@ -93,31 +93,68 @@ def _read_table(path: Path, required: tuple[str, ...], what: str) -> pd.DataFram
     return frame.loc[~blank]
 
 
-def _numbers(path: Path, frame: pd.DataFrame, column: str, allow_negative: bool = True) -> np.ndarray:
-    """Parse one column with Python's float semantics; reject non-numbers, NaN and infinities."""
-    text = frame[column].str.strip()
+def _numbers(path: Path, frame: pd.DataFrame, column: str) -> np.ndarray:
+    """Parse one text column with Python's float; reject non-numbers, NaN and infinities."""
+    text = frame[column]
     try:
         values = text.to_numpy(dtype=object).astype(np.float64)
     except ValueError:
         bad = []
-        for i, value in enumerate(text):
+        for label, value in text.items():
             try:
                 float(value)
             except ValueError:
-                bad.append(i)
-        rows = frame.index.to_numpy()[bad]
+                bad.append(label)
         raise FROCInputError(
-            _describe_rows(path, rows, column, frame[column], "not a number")
+            _describe_rows(path, np.asarray(bad), column, text, "not a number")
             + "; write plain decimal numbers"
         ) from None
     finite = np.isfinite(values)
     if not finite.all():
         rows = frame.index.to_numpy()[~finite]
         raise FROCInputError(
-            _describe_rows(path, rows, column, frame[column], "NaN or infinite value")
+            _describe_rows(path, rows, column, text, "NaN or infinite value")
             + "; every value must be a finite number"
         )
     return values
+
+
+def _read_careful(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
+    """The slow path: text parsing that names every problem precisely."""
+    frame = _read_text(path, required, what)
+    out = pd.DataFrame({"seriesuid": frame["seriesuid"].str.strip()}, index=frame.index)
+    for column in required[1:]:
+        out[column] = _numbers(path, frame, column)
+    return out
+
+
+def _read_checked(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
+    """Read a headed CSV with float columns; fast when clean, precise errors when not.
+
+    The fast path is pandas' C parser (which parses decimal numbers exactly as Python's ``float``,
+    checked in the tests); anything unusual (a missing column, text in a number column, NaN,
+    infinities) goes through :func:`_read_careful`, which raises the error naming the row.
+    """
+    if not path.is_file():
+        raise FROCInputError(f"{path}: {what} file not found; pass the path of the {what} CSV")
+    try:
+        frame = pd.read_csv(path, dtype={"seriesuid": str}, keep_default_na=False, na_values=[""])
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError):
+        return _read_careful(path, required, what)
+    frame.columns = [str(c).strip() for c in frame.columns]
+    if any(c not in frame.columns for c in required):
+        return _read_careful(path, required, what)
+    numeric = frame[list(required[1:])]
+    clean = all(numeric[c].dtype.kind in "fi" for c in numeric.columns)
+    if clean:
+        values = numeric.to_numpy(dtype=np.float64)
+        clean = bool(np.isfinite(values).all())
+    if not clean or frame["seriesuid"].isna().any():
+        return _read_careful(path, required, what)
+    out = pd.DataFrame({"seriesuid": frame["seriesuid"].str.strip()})
+    for i, column in enumerate(required[1:]):
+        out[column] = values[:, i]
+    return out
 
 
 def read_seriesuids(path: str | Path) -> list[str]:
@@ -125,7 +162,10 @@ def read_seriesuids(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FROCInputError(f"{path}: series list not found; pass the seriesuids CSV (one UID per line)")
-    frame = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, usecols=[0])
+    try:
+        frame = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, usecols=[0])
+    except pd.errors.EmptyDataError as err:
+        raise FROCInputError(f"{path}: the series list is empty; it must name every evaluated scan") from err
     uids = [u.strip() for u in frame[0].tolist()]
     if uids and uids[0].lower() == "seriesuid":
         uids = uids[1:]
@@ -143,22 +183,14 @@ def read_seriesuids(path: str | Path) -> list[str]:
 
 
 def read_annotations(path: str | Path, what: str = "annotations") -> pd.DataFrame:
-    """Annotations or excluded findings as a frame with float columns (file line numbers in the index)."""
-    path = Path(path)
-    frame = _read_table(path, ANNOTATION_COLUMNS, what)
-    out = pd.DataFrame({"seriesuid": frame["seriesuid"].str.strip()}, index=frame.index)
-    for column in ANNOTATION_COLUMNS[1:]:
-        out[column] = _numbers(path, frame, column)
-    return out
+    """Annotations or excluded findings, with float columns."""
+    return _read_checked(Path(path), ANNOTATION_COLUMNS, what)
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
-    """CAD results as a frame with float columns (file line numbers in the index)."""
+    """CAD results, with float columns."""
     path = Path(path)
-    frame = _read_table(path, RESULT_COLUMNS, "results")
-    out = pd.DataFrame({"seriesuid": frame["seriesuid"].str.strip()}, index=frame.index)
-    for column in RESULT_COLUMNS[1:]:
-        out[column] = _numbers(path, frame, column)
+    out = _read_checked(path, RESULT_COLUMNS, "results")
     if out.empty:
         log.warning("%s: no CAD marks; every nodule counts as missed", path)
     return out
@@ -175,16 +207,17 @@ def load_froc_inputs(
     res = read_results(results)
 
     res_scan = res["seriesuid"].map(index)
-    unknown = res_scan.isna().to_numpy()
-    if unknown.any():
-        rows = res.index.to_numpy()[unknown]
+    if res_scan.isna().any():
+        # Re-read as text so that the rows are named by their place in the file.
+        text = _read_careful(Path(results), RESULT_COLUMNS, "results")
+        unknown = text["seriesuid"].map(index).isna().to_numpy()
         raise FROCInputError(
             _describe_rows(
                 Path(results),
-                rows,
+                text.index.to_numpy()[unknown],
                 "seriesuid",
-                res["seriesuid"],
-                "series UID not in the series list " + str(seriesuids),
+                text["seriesuid"],
+                f"series UID not in the series list {seriesuids}",
             )
             + "; add the scan to the series list or drop its marks"
         )
