@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from common.datasets import lidc_db
 from common.datasets.lidc_db import RATING_NAMES, LIDCDatabase
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ DEFAULT_POOL_SCANS = 160
 DEFAULT_POOL_GGO_SCANS = 60
 
 TEXTURE_CLASSES = ("solid", "part-solid", "ggo")
+#: How reader outlines become masks: "area" fills the polygon through the outline (pixel count = polygon
+#: area), the geometric reading of the contour (see `LIDCDatabase.annotation_mask`).
+MASK_OUTLINE_MODE = "area"
 
 
 def cache_dir() -> Path:
@@ -222,8 +226,15 @@ class ShapeBank:
     @property
     def cache_folder(self) -> Path:
         root = self._cache_root if self._cache_root is not None else cache_dir()
-        digest = _file_digest(self.database.path)
-        return root / f"lidc-shape-bank-v{BANK_VERSION}-{digest[:16]}-{self.pool_scans}-{self.pool_ggo_scans}"
+        # Content address: the database, the code that reads it, and our bank settings.
+        digest = hashlib.sha256(
+            (
+                _file_digest(self.database.path)
+                + _file_digest(Path(lidc_db.__file__))
+                + f"/{BANK_VERSION}/{MASK_OUTLINE_MODE}/{self.pool_scans}/{self.pool_ggo_scans}"
+            ).encode()
+        ).hexdigest()
+        return root / f"lidc-shape-bank-v{BANK_VERSION}-{digest[:20]}"
 
     @property
     def entries(self) -> list[BankNodule]:
@@ -282,7 +293,7 @@ class ShapeBank:
         return entries
 
     def source_masks(self, entry: BankNodule) -> tuple[np.ndarray, tuple[float, float, float]]:
-        """Reader masks (readers, z, y, x) on the source grid (LIDC convention: outline excluded)."""
+        """Reader masks (readers, z, y, x) on the source grid (`MASK_OUTLINE_MODE` rasterisation)."""
         cached = self._source_masks.get(entry.key)
         if cached is not None:
             return cached
@@ -293,7 +304,7 @@ class ShapeBank:
                 shape = tuple(int(v) for v in data["shape"])
                 masks = np.unpackbits(data["bits"], count=int(np.prod(shape))).reshape(shape).astype(bool)
         if masks is None:
-            masks, _ = self.database.reader_masks(entry.annotation_ids, pad=1)
+            masks, _ = self.database.reader_masks(entry.annotation_ids, pad=1, outline=MASK_OUTLINE_MODE)
             buffer = _npz_bytes(
                 bits=np.packbits(masks.ravel()), shape=np.asarray(masks.shape, dtype=np.int64)
             )

@@ -61,12 +61,16 @@ SLOTS_PER_SCAN = 8
 FLIP_EVERY, FLIP_AT = 7, 3
 
 
+#: Digits of the last UID arc. 36 + 1 + 20 = 57 characters, so the per-slice SOP instance UIDs
+#: "<series UID>.<slice number>" stay within DICOM's 64-character limit.
+UID_DIGITS = 20
+
+
 def synthetic_uid(seed: int, index: int, kind: str) -> str:
-    """A DICOM-valid UID (≤ 64 characters) derived from (seed, scan index, kind) under `SYNTH_UID_ROOT`."""
+    """A DICOM-valid UID derived from (seed, scan index, kind) under `SYNTH_UID_ROOT`."""
     digest = hashlib.sha256(f"lungcad-synth/{seed}/{index}/{kind}".encode()).hexdigest()
-    number = str(int(digest, 16))[: 63 - len(SYNTH_UID_ROOT) - 1]
-    number = number.lstrip("0") or "1"
-    return f"{SYNTH_UID_ROOT}.{number}"
+    number = str(int(digest, 16) % 10**UID_DIGITS).rjust(UID_DIGITS, "0")
+    return f"{SYNTH_UID_ROOT}.{'1' + number[1:] if number[0] == '0' else number}"
 
 
 def patient_id(index: int) -> str:

@@ -1,0 +1,98 @@
+"""`lungdata synth <dataset> --out DIR --scans N --seed S [--size small|medium|large]`.
+
+Writes a synthetic stand-in for a dataset in that dataset's real on-disk layout (SPEC §3.5). Each dataset
+is one entry of `GENERATORS`: a function `(out, n_scans, seed, size, **options) -> summary` plus the
+options its sub-command adds, so adding a dataset (LNDb, Tianchi, LDFC, …) is one entry here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.synth.phantom import SIZE_PRESETS
+
+
+@dataclass(frozen=True)
+class Generator:
+    """One `lungdata synth` sub-command.
+
+    Attributes:
+        make: the generator; called as make(out, n_scans=…, seed=…, size=…, **options).
+        help: one line for `--help`.
+        default_scans: default of `--scans`.
+        options: extra arguments as (flag, argparse keyword arguments); their dests become **options.
+    """
+
+    make: Callable[..., Any]
+    help: str
+    default_scans: int = 8
+    options: tuple[tuple[str, dict[str, Any]], ...] = field(default_factory=tuple)
+
+
+def _make_luna16(out: Path, n_scans: int, seed: int, size: str, subsets: int | None = None) -> Any:
+    from common.synth.luna16 import make_luna16
+
+    return make_luna16(out, n_scans=n_scans, seed=seed, size=size, subsets=subsets)
+
+
+def _make_lidc(out: Path, n_scans: int, seed: int, size: str) -> Any:
+    from common.synth.lidc import make_lidc
+
+    return make_lidc(out, n_scans=n_scans, seed=seed, size=size)
+
+
+GENERATORS: dict[str, Generator] = {
+    "luna16": Generator(
+        make=_make_luna16,
+        help="LUNA16 tree: subsetK/*.mhd|raw, seg-lungs-LUNA16, annotations*.csv, candidates_V2.csv",
+        options=(
+            ("--subsets", {"type": int, "default": None, "help": "subset folders (default min(10, scans))"}),
+        ),
+    ),
+    "lidc": Generator(
+        make=_make_lidc,
+        help="LIDC-IDRI tree: LIDC-IDRI-XXXX/<study>/<series>/*.dcm + reader XML, per-reader masks",
+    ),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `synth` and one sub-command per entry of `GENERATORS`."""
+    parser = subparsers.add_parser(
+        "synth",
+        help="write synthetic phantom datasets in the real layouts",
+        description=__doc__.splitlines()[0],
+    )
+    datasets = parser.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    for name, generator in GENERATORS.items():
+        sub = datasets.add_parser(name, help=generator.help, description=generator.help)
+        sub.add_argument("--out", type=Path, required=True, help="output folder")
+        sub.add_argument("--scans", type=int, default=generator.default_scans, help="number of scans")
+        sub.add_argument("--seed", type=int, default=0, help="dataset seed (same seed → identical files)")
+        sub.add_argument(
+            "--size", choices=sorted(SIZE_PRESETS), default="small", help="phantom matrix preset"
+        )
+        option_dests = []
+        for flag, kwargs in generator.options:
+            action = sub.add_argument(flag, **kwargs)
+            option_dests.append(action.dest)
+        sub.set_defaults(func=_run, generator_name=name, option_dests=tuple(option_dests))
+
+
+def _run(args: argparse.Namespace) -> int:
+    generator = GENERATORS[args.generator_name]
+    if args.scans < 1:
+        raise ValueError(f"--scans must be at least 1, got {args.scans}")
+    options = {dest: getattr(args, dest) for dest in args.option_dests}
+    summary = generator.make(args.out, n_scans=args.scans, seed=args.seed, size=args.size, **options)
+    print(
+        f"lungdata synth {args.generator_name}: wrote {args.scans} synthetic scans to {Path(args.out).resolve()}"
+    )
+    described = getattr(summary, "describe", None)
+    if callable(described):
+        print(described())
+    return 0

@@ -1,0 +1,184 @@
+"""A synthetic LDFC tree (papers/003) in the layout of the Zenodo release.
+
+```
+OUT/
+  MHD_3D/<n>.mhd + .raw        n = 1 … N, one phantom CT per patient (int16 HU, common.io.write_mhd)
+  all_anno_3D.csv              index,image,x_min,x_max,y_min,y_max,z_min,z_max,x_center,y_center,z_center,diameter
+                               (stored voxel indices; centre = box centre; diameter = x extent in voxels)
+  anno_WorldCoord.csv          index,coordX,coordY,coordZ,diameter_mm,radius   (world mm of the box centre)
+  BMP_classification/{train,test}/{0,1,2}/<n>_<slice>_<k>.bmp   axial slice through nodule k, [−1200, 600] HU
+  BMP_2D/Image/<n>_<slice>.bmp, BMP_2D/Annotations/<n>_<slice>.xml, BMP_2D/ImageSets/{train,test}.txt
+  synth_manifest.json          ours: per nodule its class, LIDC annotation ids and mean ratings
+```
+
+Each patient gets ``nodules_per_scan`` nodules (default 3, the release averages 3.5), classes 0 benign,
+1 adenocarcinoma, 2 squamous, assigned so that the training and the test patients each cover every class;
+the class follows from the LIDC ratings of the real nodule (see `common.synth.pathology`). The train:test
+split of the 2D sets is 4:1 by patient, never by image. The release's BMP_3D and DICOM parts are not
+generated (no adapter reads them). Images keep the phantom's matrix (160 × 160 at the small preset).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.synth.pathology_tree import write_bmp, write_voc_annotation
+
+log = logging.getLogger(__name__)
+
+HELP = "LDFC tree: MHD_3D/<n>.mhd, all_anno_3D.csv, anno_WorldCoord.csv, BMP_classification, BMP_2D (VOC)"
+DEFAULT_SCANS = 5
+CLASSES = (0, 1, 2)
+TEST_FRACTION = 0.2
+VOXEL_COLUMNS = (
+    "index",
+    "image",
+    "x_min",
+    "x_max",
+    "y_min",
+    "y_max",
+    "z_min",
+    "z_max",
+    "x_center",
+    "y_center",
+    "z_center",
+    "diameter",
+)
+WORLD_COLUMNS = ("index", "coordX", "coordY", "coordZ", "diameter_mm", "radius")
+
+
+@dataclass(frozen=True)
+class LDFCTree:
+    """What `make_ldfc` wrote."""
+
+    root: Path
+    n_scans: int
+    n_nodules: int
+    n_class_images: dict[str, dict[str, int]]
+    n_voc_images: dict[str, int]
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{part}: {sum(c.values())}" for part, c in self.n_class_images.items())
+        return (
+            f"  {self.n_scans} scans, {self.n_nodules} nodules; classification images {counts}; "
+            f"VOC images {self.n_voc_images} (see synth_manifest.json)"
+        )
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6f}"
+
+
+def make_ldfc(
+    out: str | Path,
+    n_scans: int = DEFAULT_SCANS,
+    seed: int = 0,
+    size: str = "small",
+    nodules_per_scan: int = 3,
+    bank=None,
+) -> LDFCTree:
+    """Generate an LDFC stand-in with `n_scans` patients under `out`.
+
+    Raises:
+        ValueError: too few scans for a train and a test part that both hold every class.
+    """
+    from common.io import write_mhd
+    from common.synth.manifest import atomic_write_text, manifest, write_manifest
+    from common.synth.pathology import (
+        balanced_labels,
+        class_decks,
+        generate_patient,
+        held_out_patients,
+        ldfc_class,
+        window_to_uint8,
+    )
+    from common.synth.pathology_tree import csv_text, scan_entry, scan_volume
+    from common.synth.scan import default_bank
+
+    if n_scans < 1:
+        raise ValueError(f"--scans must be at least 1, got {n_scans}")
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    bank = bank if bank is not None else default_bank()
+    decks = class_decks(bank, ldfc_class, CLASSES, size, seed)
+    test = set(held_out_patients(n_scans, TEST_FRACTION, math.ceil(len(CLASSES) / nodules_per_scan)))
+    labels = balanced_labels(CLASSES, n_scans, nodules_per_scan, sorted(test))
+
+    voxel_rows, world_rows, entries = [], [], []
+    class_counts = {part: {str(c): 0 for c in CLASSES} for part in ("train", "test")}
+    voc_lists: dict[str, list[str]] = {"train": [], "test": []}
+    n_nodules = 0
+    for p in range(n_scans):
+        number = str(p + 1)
+        part = "test" if p in test else "train"
+        (scan,) = generate_patient(
+            seed,
+            p,
+            labels[p],
+            decks,
+            lambda _t, n=number: n,
+            patient=number,
+            size=size,
+            bank=bank,
+            flip=p % 4 == 3,
+        )
+        image_path = root / "MHD_3D" / f"{number}.mhd"
+        write_mhd(scan_volume(scan), image_path)
+        geo = scan.geometry
+        slices: dict[int, list] = {}
+        for k, nodule in enumerate(scan.nodules):
+            lo, hi = nodule.bbox_lo, nodule.bbox_hi
+            centre_zyx = [(a + b) / 2.0 for a, b in zip(lo, hi)]
+            world = scan_volume(scan).voxel_to_world(centre_zyx)[0]
+            voxel_rows.append(
+                (
+                    number,
+                    f"{number}.mhd",
+                    lo[2],
+                    hi[2],
+                    lo[1],
+                    hi[1],
+                    lo[0],
+                    hi[0],
+                    *map(_fmt, centre_zyx[::-1]),
+                    hi[2] - lo[2],
+                )
+            )
+            world_rows.append(
+                (number, *map(_fmt, world), _fmt(nodule.diameter_mm), _fmt(nodule.diameter_mm / 2))
+            )
+            z = int(round(nodule.voxel_zyx[0]))
+            name = f"{number}_{z}_{k}"
+            write_bmp(
+                root / "BMP_classification" / part / str(nodule.label) / f"{name}.bmp",
+                window_to_uint8(scan.image[z]),
+            )
+            class_counts[part][str(nodule.label)] += 1
+            slices.setdefault(z, [])
+            n_nodules += 1
+        for z in sorted(slices):
+            boxes = [b for n in scan.nodules if (b := n.slice_box(z)) is not None]
+            name = f"{number}_{z}"
+            pixels = window_to_uint8(scan.image[z])
+            write_bmp(root / "BMP_2D" / "Image" / f"{name}.bmp", pixels)
+            write_voc_annotation(
+                root / "BMP_2D" / "Annotations" / f"{name}.xml", "Image", f"{name}.bmp", pixels.shape, boxes
+            )
+            voc_lists[part].append(name)
+        entry = scan_entry(scan, geo)
+        entry.update({"part": part, "files": {"image": image_path.relative_to(root).as_posix()}})
+        entries.append(entry)
+        log.debug("synthetic LDFC scan %d/%d written", p + 1, n_scans)
+
+    atomic_write_text(root / "all_anno_3D.csv", csv_text(VOXEL_COLUMNS, voxel_rows))
+    atomic_write_text(root / "anno_WorldCoord.csv", csv_text(WORLD_COLUMNS, world_rows))
+    for part, names in voc_lists.items():
+        atomic_write_text(root / "BMP_2D" / "ImageSets" / f"{part}.txt", "\n".join(names) + "\n")
+    classes = {"0": "benign", "1": "adenocarcinoma", "2": "squamous cell carcinoma"}
+    write_manifest(
+        root, manifest("ldfc", seed, size, entries, bank, {"classes": classes, "class_rule": "ldfc_class"})
+    )
+    return LDFCTree(root, n_scans, n_nodules, class_counts, {k: len(v) for k, v in voc_lists.items()})

