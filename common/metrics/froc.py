@@ -157,8 +157,8 @@ class FROCResult:
         """Competition performance metric: the mean sensitivity at the seven FP rates."""
         return float(np.mean(self.sensitivities))
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (the curve itself is included, it is small)."""
+    def to_dict(self, include_curve: bool = False) -> dict[str, Any]:
+        """JSON-ready summary; the operating points are added with ``include_curve``."""
 
         def rate_key(rate: float) -> str:
             return f"{rate:g}"
@@ -188,11 +188,12 @@ class FROCResult:
                 "candidate_sensitivity": self.counts.sensitivity,
                 "candidates_per_scan": self.counts.candidates_per_scan,
             },
-            "curve": {
+        }
+        if include_curve:
+            out["curve"] = {
                 "fps_per_scan": self.curve.fps.tolist(),
                 "sensitivity": self.curve.sensitivity.tolist(),
-            },
-        }
+            }
         if self.bootstrap is not None:
             bs = self.bootstrap
             out["bootstrap"] = {
