@@ -1,0 +1,220 @@
+"""Reading annotation tables and scan folders with errors that name the file, the row and the fix.
+
+Every adapter reads some CSV whose columns vary between releases and re-uploads of a dataset, and some
+folder of MHD scans. The helpers here make the failure modes uniform (SPEC §9): a missing file, an empty
+table or a missing column is always an error; a bad *row* (unknown scan, unparsable number, annotation
+outside its volume) is an error in strict mode and a logged skip — file and line named — in lenient mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.datasets.base import Nodule
+from common.datasets.geometry import ScanGeometry
+from common.io import parse_mhd_header
+
+log = logging.getLogger(__name__)
+
+
+class AnnotationError(ValueError):
+    """An annotation file or row that cannot be used as it is."""
+
+
+class RowPolicy:
+    """Strict (raise) or lenient (log and skip) handling of bad rows; remembers what was skipped."""
+
+    def __init__(self, strict: bool = True, logger: logging.Logger | None = None) -> None:
+        self.strict = strict
+        self.log = logger or log
+        self.skipped: list[str] = []
+
+    def bad_row(self, message: str) -> None:
+        """Report one unusable row: raise in strict mode, else log a warning and remember it."""
+        if self.strict:
+            raise AnnotationError(message + " (pass strict=False / --lenient to skip such rows)")
+        self.log.warning("skipped: %s", message)
+        self.skipped.append(message)
+
+
+def csv_line(index: int) -> int:
+    """1-based line number in the file of a pandas row index (header is line 1)."""
+    return int(index) + 2
+
+
+def read_table(path: str | Path, columns: Mapping[str, str], hint: str) -> pd.DataFrame:
+    """Read a CSV and check that the configured columns are there.
+
+    Args:
+        path: the CSV file.
+        columns: role → column name (only the names are checked; roles make the message readable).
+        hint: how to rename columns, e.g. "LNDbDataset(columns=...)", appended to the error.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        AnnotationError: the file is empty or lacks a configured column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {path} does not exist")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise AnnotationError(
+            f"{path} is empty; expected a header with {sorted(set(columns.values()))}"
+        ) from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = {role: name for role, name in columns.items() if name not in frame.columns}
+    if missing:
+        wanted = ", ".join(f"{role}={name!r}" for role, name in missing.items())
+        raise AnnotationError(
+            f"{path} lacks column(s) {wanted}; it has {list(frame.columns)}. If your copy names them "
+            f"differently, pass the names via {hint}."
+        )
+    return frame
+
+
+def cell_float(frame: pd.DataFrame, index: int, column: str, path: Path) -> float:
+    """One numeric cell, or an AnnotationError naming file, line and column."""
+    raw = frame.at[index, column]
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise AnnotationError(
+            f"{path}, line {csv_line(index)}: column {column!r} is not a number: {raw!r}"
+        ) from None
+    if not np.isfinite(value):
+        raise AnnotationError(f"{path}, line {csv_line(index)}: column {column!r} is {raw!r}")
+    return value
+
+
+def mhd_data_file(header: Path) -> Path | None:
+    """The pixel file an .mhd header points to (None for LOCAL/LIST data or non-MHD files)."""
+    if header.suffix.lower() != ".mhd":
+        return None
+    value = parse_mhd_header(header).get("ElementDataFile", "")
+    if not value or value.upper() in ("LOCAL", "LIST") or value.upper().startswith("LIST") or "%" in value:
+        return None
+    return header.parent / value
+
+
+def find_scans(
+    root: Path,
+    pattern: str = "*.mhd",
+    name_regex: str | None = None,
+    exclude_dirs: Iterable[str] = (),
+    check_data_files: bool = True,
+) -> dict[str, Path]:
+    """Map scan uid (file stem) → image path for every matching file under `root`.
+
+    Args:
+        root: folder searched recursively.
+        pattern: glob for image headers.
+        name_regex: if given, only stems that fully match are scans (e.g. to skip reader masks).
+        exclude_dirs: folder names whose contents are not scans (lung masks, segmentations).
+        check_data_files: refuse an .mhd whose .raw/.zraw is missing (SPEC §9).
+
+    Raises:
+        AnnotationError: two files with the same uid, or a header whose pixel file is missing.
+    """
+    excluded = set(exclude_dirs)
+    regex = re.compile(name_regex) if name_regex else None
+    scans: dict[str, Path] = {}
+    for path in sorted(root.rglob(pattern)):
+        rel_parts = path.relative_to(root).parts[:-1]
+        if excluded.intersection(rel_parts):
+            continue
+        uid = path.name[: -len(path.suffix)] if path.suffix else path.name
+        if regex and not regex.fullmatch(uid):
+            continue
+        if uid in scans:
+            raise AnnotationError(f"scan {uid!r} exists twice: {scans[uid]} and {path}; remove one copy")
+        if check_data_files:
+            data = mhd_data_file(path)
+            if data is not None and not data.is_file():
+                raise AnnotationError(
+                    f"{path} points to pixel data {data.name} which is missing; re-extract it"
+                )
+        scans[uid] = path
+    return scans
+
+
+@dataclass(frozen=True)
+class WorldColumns:
+    """Column names of a LUNA16-style world-coordinate annotation CSV (Tianchi, spatio-temporal)."""
+
+    seriesuid: str = "seriesuid"
+    x: str = "coordX"
+    y: str = "coordY"
+    z: str = "coordZ"
+    diameter: str = "diameter_mm"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"seriesuid": self.seriesuid, "x": self.x, "y": self.y, "z": self.z, "diameter": self.diameter}
+
+
+class GeometryCache:
+    """Header geometry per scan, read once."""
+
+    def __init__(self, scans: Mapping[str, Path]) -> None:
+        self.scans = scans
+        self._cache: dict[str, ScanGeometry] = {}
+
+    def __call__(self, uid: str) -> ScanGeometry:
+        if uid not in self._cache:
+            self._cache[uid] = ScanGeometry.from_header(self.scans[uid])
+        return self._cache[uid]
+
+
+def world_nodules_from_csv(
+    path: Path,
+    scans: Mapping[str, Path],
+    columns: WorldColumns,
+    policy: RowPolicy,
+    geometry: GeometryCache,
+    hint: str,
+) -> dict[str, list[Nodule]]:
+    """Parse a LUNA16-style CSV (seriesuid, world x/y/z mm, diameter mm) into nodules per scan.
+
+    Each nodule carries ``extras["voxel_zyx"]`` (continuous voxel centre) and ``extras["source"]``
+    (file and line). Rows naming an unknown scan, with bad numbers, or whose centre falls outside the
+    volume are reported through `policy`.
+    """
+    frame = read_table(path, columns.as_dict(), hint)
+    if frame.empty:
+        raise AnnotationError(f"{path} has a header but no annotation rows")
+    out: dict[str, list[Nodule]] = {}
+    for index in frame.index:
+        line = csv_line(index)
+        uid = str(frame.at[index, columns.seriesuid]).strip()
+        if uid not in scans:
+            policy.bad_row(f"{path}, line {line}: seriesuid {uid!r} has no scan under the dataset root")
+            continue
+        try:
+            xyz = tuple(cell_float(frame, index, c, path) for c in (columns.x, columns.y, columns.z))
+            diameter = cell_float(frame, index, columns.diameter, path)
+        except AnnotationError as err:
+            policy.bad_row(str(err))
+            continue
+        geo = geometry(uid)
+        zyx = geo.world_to_voxel(xyz)
+        if not geo.contains(zyx):
+            policy.bad_row(
+                f"{path}, line {line}: annotation at world {tuple(round(v, 2) for v in xyz)} lies outside "
+                f"scan {uid!r} (voxel {tuple(np.round(zyx, 1))}, shape {geo.shape_zyx})"
+            )
+            continue
+        nodule = Nodule(
+            world_xyz=xyz,  # type: ignore[arg-type]
+            diameter_mm=diameter,
+            extras={"voxel_zyx": tuple(float(v) for v in zyx), "source": f"{path.name}:{line}"},
+        )
+        out.setdefault(uid, []).append(nodule)
+    return out
