@@ -1,0 +1,703 @@
+"""CT volume I/O: one `CTVolume` type for MHD/RAW (.raw and zlib .zraw), NIfTI and DICOM series.
+
+Everything downstream works on `CTVolume`: a (z, y, x) array plus the SimpleITK geometry
+(spacing and origin in (x, y, z) order, the 3x3 direction matrix whose column *j* is the world direction
+of index axis *j*). World and voxel coordinates are converted through the full direction matrix, so
+flipped or rotated scans land where they should; `(world - origin) / spacing` alone is wrong for them.
+
+Reading goes through SimpleITK, but MHD headers are checked by us first because SimpleITK's own messages
+for a missing or truncated data file do not say which file or what to do. Every problem a reader finds is a
+`VolumeReadError` naming the file, the problem and the fix.
+
+`write_mhd` writes the MetaImage header text itself (LUNA16 key order, shortest round-tripping numbers,
+no timestamps), so the same volume always gives the same bytes; this is what the synthetic LUNA16 tree and
+the preprocessed-cache checksums rely on. Every writer is atomic: data goes to a temporary file that is
+renamed into place, and for MHD the header is renamed last, so an interrupted write never leaves a header
+pointing at a partial data file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CTVolume",
+    "VolumeReadError",
+    "anonymized_header",
+    "read_volume",
+    "write_dicom_series",
+    "write_mhd",
+    "write_nifti",
+]
+
+
+class VolumeReadError(ValueError):
+    """A scan that cannot be read or fails validation; the message names the file, the problem and the fix."""
+
+
+# MetaImage element types we read and write, numpy dtype <-> MET name.
+_MET_TYPES: dict[str, np.dtype] = {
+    "MET_UCHAR": np.dtype(np.uint8),
+    "MET_CHAR": np.dtype(np.int8),
+    "MET_USHORT": np.dtype(np.uint16),
+    "MET_SHORT": np.dtype(np.int16),
+    "MET_UINT": np.dtype(np.uint32),
+    "MET_INT": np.dtype(np.int32),
+    "MET_FLOAT": np.dtype(np.float32),
+    "MET_DOUBLE": np.dtype(np.float64),
+}
+_DTYPE_TO_MET = {dtype: name for name, dtype in _MET_TYPES.items()}
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass
+class CTVolume:
+    """A CT scan in memory with its world geometry.
+
+    Attributes:
+        array: voxels in (z, y, x) order; int16 HU for CT, float32 where values are not integral, uint8 for masks.
+        spacing: voxel size in mm, (x, y, z).
+        origin: world position of voxel (0, 0, 0) in mm, (x, y, z).
+        direction: 3x3 direction cosines, column *j* = world direction of index axis *j* (x, y, z).
+        series_uid: DICOM series instance UID (or LUNA16 seriesuid), if known.
+        source: file or folder the volume was read from, if any.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: np.ndarray
+    series_uid: str | None = None
+    source: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.spacing = tuple(float(v) for v in self.spacing)  # type: ignore[assignment]
+        self.origin = tuple(float(v) for v in self.origin)  # type: ignore[assignment]
+        self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+        if self.array.ndim != 3:
+            raise ValueError(f"CTVolume needs a 3D (z, y, x) array, got shape {self.array.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Array shape, (z, y, x)."""
+        return tuple(int(n) for n in self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def size_xyz(self) -> tuple[int, int, int]:
+        """Number of voxels per index axis in SimpleITK order, (x, y, z)."""
+        z, y, x = self.shape
+        return (x, y, z)
+
+    @property
+    def physical_size(self) -> tuple[float, float, float]:
+        """Extent of the voxel grid in mm along each index axis, (x, y, z)."""
+        return tuple(n * s for n, s in zip(self.size_xyz, self.spacing))  # type: ignore[return-value]
+
+    @property
+    def _index_to_world(self) -> np.ndarray:
+        """The 3x3 matrix D·diag(spacing) mapping an (x, y, z) index offset to a world offset."""
+        return self.direction @ np.diag(self.spacing)
+
+    def world_to_voxel(self, points_xyz: np.ndarray | tuple[float, float, float]) -> np.ndarray:
+        """World mm (x, y, z) → continuous voxel index (z, y, x).
+
+        Args:
+            points_xyz: one point (3,) or many (N, 3), world x, y, z in mm.
+
+        Returns:
+            (N, 3) float64 continuous indices in array order (z, y, x); voxel centres are integers.
+        """
+        pts = np.asarray(points_xyz, dtype=np.float64).reshape(-1, 3)
+        ijk = np.linalg.solve(self._index_to_world, (pts - np.asarray(self.origin)).T).T
+        return ijk[:, ::-1].copy()
+
+    def voxel_to_world(self, points_zyx: np.ndarray | tuple[float, float, float]) -> np.ndarray:
+        """Continuous voxel index (z, y, x) → world mm (x, y, z); the exact inverse of `world_to_voxel`.
+
+        Args:
+            points_zyx: one index (3,) or many (N, 3), array order (z, y, x).
+
+        Returns:
+            (N, 3) float64 world coordinates x, y, z in mm.
+        """
+        idx = np.asarray(points_zyx, dtype=np.float64).reshape(-1, 3)[:, ::-1]
+        return np.asarray(self.origin) + idx @ self._index_to_world.T
+
+    def contains_voxel(self, points_zyx: np.ndarray) -> np.ndarray:
+        """Whether continuous indices lie inside the grid (within half a voxel of the outer voxel centres)."""
+        idx = np.asarray(points_zyx, dtype=np.float64).reshape(-1, 3)
+        upper = np.asarray(self.shape, dtype=np.float64) - 0.5
+        return np.all((idx >= -0.5) & (idx <= upper), axis=1)
+
+    def to_sitk(self) -> sitk.Image:
+        """The volume as a SimpleITK image (copies the array)."""
+        img = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
+        img.SetSpacing(self.spacing)
+        img.SetOrigin(self.origin)
+        img.SetDirection(self.direction.ravel().tolist())
+        return img
+
+    @classmethod
+    def from_sitk(
+        cls, img: sitk.Image, series_uid: str | None = None, source: str | Path | None = None
+    ) -> CTVolume:
+        """Wrap a 3D SimpleITK image; integer images whose values fit become int16, others float32."""
+        if img.GetDimension() != 3:
+            raise ValueError(f"expected a 3D image, got {img.GetDimension()}D")
+        if img.GetNumberOfComponentsPerPixel() != 1:
+            raise ValueError("expected a scalar image, got a multi-component (vector/RGB) image")
+        array = _to_canonical_dtype(sitk.GetArrayFromImage(img))
+        return cls(
+            array=array,
+            spacing=img.GetSpacing(),
+            origin=img.GetOrigin(),
+            direction=np.asarray(img.GetDirection()).reshape(3, 3),
+            series_uid=series_uid,
+            source=Path(source) if source is not None else None,
+        )
+
+    def with_array(self, array: np.ndarray) -> CTVolume:
+        """A volume on the same grid with other voxels (a mask, a clipped copy)."""
+        if array.shape != self.array.shape:
+            raise ValueError(f"array shape {array.shape} differs from the volume's {self.array.shape}")
+        return CTVolume(array, self.spacing, self.origin, self.direction.copy(), self.series_uid, self.source)
+
+
+def _to_canonical_dtype(array: np.ndarray) -> np.ndarray:
+    """int16 for integer CT that fits (the cache format), uint8 masks kept, float32 otherwise."""
+    if array.dtype in (np.int16, np.uint8, np.float32):
+        return array
+    if np.issubdtype(array.dtype, np.integer):
+        if array.size == 0 or (
+            array.min() >= np.iinfo(np.int16).min and array.max() <= np.iinfo(np.int16).max
+        ):
+            return array.astype(np.int16)
+        return array.astype(np.float32)
+    return array.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_volume(path: str | Path, series_uid: str | None = None) -> CTVolume:
+    """Read a CT scan from an `.mhd` header (.raw or .zraw data), a `.nii`/`.nii.gz` file or a DICOM folder.
+
+    Rescale slope/intercept are applied (SimpleITK does this for DICOM), so integer CT comes back as int16 HU.
+
+    Args:
+        path: the `.mhd` / `.nii(.gz)` file, or a folder of DICOM files.
+        series_uid: which series to read when the folder holds several.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        VolumeReadError: the file is unreadable or fails validation (missing or truncated data file,
+            zero/negative/non-finite spacing, NaN voxels, no or ambiguous DICOM series).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder; check the dataset root and the scan list")
+    if path.is_dir():
+        volume = _read_dicom_folder(path, series_uid)
+    else:
+        name = path.name.lower()
+        if name.endswith(".mhd"):
+            _check_mhd(path)
+        elif not name.endswith(_NIFTI_SUFFIXES):
+            raise VolumeReadError(
+                f"{path}: unsupported file type; expected .mhd (with .raw/.zraw), .nii, .nii.gz or a DICOM folder"
+            )
+        try:
+            img = sitk.ReadImage(str(path))
+        except RuntimeError as err:
+            raise VolumeReadError(
+                f"{path}: SimpleITK could not read it ({_first_line(err)}); the file is corrupt or not an image"
+            ) from err
+        if img.GetDimension() != 3:
+            raise VolumeReadError(
+                f"{path}: expected a 3D volume, the file holds a {img.GetDimension()}D image"
+            )
+        uid = series_uid
+        if uid is None and name.endswith(".mhd"):
+            uid = path.name[: -len(".mhd")]
+        volume = CTVolume.from_sitk(img, series_uid=uid, source=path)
+    _validate(volume, path)
+    return volume
+
+
+def _first_line(err: Exception) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _validate(volume: CTVolume, path: Path) -> None:
+    spacing = np.asarray(volume.spacing)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise VolumeReadError(
+            f"{path}: invalid voxel spacing {tuple(volume.spacing)} (must be finite and > 0); fix ElementSpacing / "
+            "pixdim / PixelSpacing+slice positions in the file"
+        )
+    if not np.all(np.isfinite(volume.origin)):
+        raise VolumeReadError(
+            f"{path}: non-finite origin {tuple(volume.origin)}; fix Offset / origin in the file"
+        )
+    if abs(abs(np.linalg.det(volume.direction)) - 1.0) > 1e-3:
+        raise VolumeReadError(
+            f"{path}: direction matrix is not orthonormal (det {np.linalg.det(volume.direction):.4f}); "
+            "fix TransformMatrix / orientation in the file"
+        )
+    if volume.array.size == 0:
+        raise VolumeReadError(f"{path}: the volume has no voxels (shape {volume.array.shape})")
+    if np.issubdtype(volume.array.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(volume.array)))
+        if bad:
+            raise VolumeReadError(
+                f"{path}: {bad} voxel(s) are NaN or infinite; the file is corrupt, re-export or re-download it"
+            )
+
+
+def parse_mhd_header(path: str | Path) -> dict[str, str]:
+    """The key/value pairs of a MetaImage header, values as written (keys case preserved)."""
+    path = Path(path)
+    fields: dict[str, str] = {}
+    with open(path, "rb") as fh:
+        for raw_line in fh:
+            line = raw_line.decode("latin-1").strip()
+            if not line or "=" not in line:
+                continue
+            key, value = line.split("=", 1)
+            fields[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":
+                break  # binary data may follow in LOCAL files
+    return fields
+
+
+def _check_mhd(path: Path) -> None:
+    """Validate an MHD header and its data file before SimpleITK sees them, with messages that say what to do."""
+    try:
+        fields = parse_mhd_header(path)
+    except OSError as err:
+        raise VolumeReadError(f"{path}: cannot read the header ({err})") from err
+    missing = [k for k in ("NDims", "DimSize", "ElementType", "ElementDataFile") if k not in fields]
+    if missing:
+        raise VolumeReadError(f"{path}: not a MetaImage header, missing {', '.join(missing)}")
+    try:
+        dims = [int(v) for v in fields["DimSize"].split()]
+    except ValueError as err:
+        raise VolumeReadError(f"{path}: DimSize {fields['DimSize']!r} is not a list of integers") from err
+    if any(d <= 0 for d in dims):
+        raise VolumeReadError(f"{path}: DimSize {dims} has a zero or negative size")
+    if "ElementSpacing" in fields or "ElementSize" in fields:
+        text = fields.get("ElementSpacing", fields.get("ElementSize", ""))
+        try:
+            spacing = [float(v) for v in text.split()]
+        except ValueError as err:
+            raise VolumeReadError(f"{path}: ElementSpacing {text!r} is not numeric") from err
+        if not all(np.isfinite(s) and s > 0 for s in spacing):
+            raise VolumeReadError(
+                f"{path}: invalid voxel spacing ElementSpacing = {text} (must be finite and > 0); fix the header"
+            )
+    data_name = fields["ElementDataFile"]
+    if data_name.upper() == "LOCAL" or data_name.upper().startswith("LIST") or "%" in data_name:
+        return  # data inside the header file or a file pattern: let SimpleITK check it
+    data_path = path.parent / data_name
+    if not data_path.exists():
+        raise VolumeReadError(
+            f"{path}: ElementDataFile {data_name} not found (looked for {data_path}); copy the matching "
+            f".raw/.zraw next to the header or fix ElementDataFile"
+        )
+    actual = data_path.stat().st_size
+    compressed = fields.get("CompressedData", "False").strip().lower() == "true"
+    if compressed:
+        size_text = fields.get("CompressedDataSize")
+        if size_text is not None and int(size_text) != actual:
+            raise VolumeReadError(
+                f"{data_path}: compressed data size mismatch, header says {int(size_text)} bytes, file has "
+                f"{actual} bytes; the file is truncated or corrupt, re-download or re-export it"
+            )
+        return
+    met = fields["ElementType"].strip()
+    if met not in _MET_TYPES:
+        return  # exotic element types: SimpleITK decides
+    channels = int(fields.get("ElementNumberOfChannels", "1"))
+    expected = int(np.prod(dims)) * _MET_TYPES[met].itemsize * channels
+    header_size = int(fields.get("HeaderSize", "0"))
+    if header_size == -1:
+        ok = actual >= expected
+    else:
+        expected += max(header_size, 0)
+        ok = actual == expected
+    if not ok:
+        raise VolumeReadError(
+            f"{data_path}: size mismatch, expected {expected} bytes for DimSize {dims} x {met} but the file has "
+            f"{actual} bytes; the file is truncated or does not belong to {path.name}, re-download or re-export it"
+        )
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None) -> CTVolume:
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if not files:
+        raise VolumeReadError(
+            f"{folder}: DICOM folder is empty; point at the folder that holds the .dcm files"
+        )
+    reader = sitk.ImageSeriesReader()
+    try:
+        uids = list(reader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError as err:
+        raise VolumeReadError(
+            f"{folder}: cannot scan the folder for DICOM series ({_first_line(err)})"
+        ) from err
+    if not uids:
+        raise VolumeReadError(
+            f"{folder}: no readable DICOM series among {len(files)} file(s); the files are not DICOM or are "
+            "corrupt (check them with dcmdump / pydicom)"
+        )
+    if series_uid is None:
+        if len(uids) > 1:
+            raise VolumeReadError(
+                f"{folder}: holds {len(uids)} DICOM series ({', '.join(sorted(uids))}); pass series_uid= to pick one"
+            )
+        series_uid = uids[0]
+    elif series_uid not in uids:
+        raise VolumeReadError(
+            f"{folder}: no DICOM series with UID {series_uid}; the folder holds {', '.join(sorted(uids))}"
+        )
+    names = reader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    if len(names) < 2:
+        log.debug("DICOM series in %s has a single slice", folder)
+    reader.SetFileNames(names)
+    try:
+        img = reader.Execute()
+    except RuntimeError as err:
+        raise VolumeReadError(
+            f"{folder}: reading DICOM series {series_uid} failed ({_first_line(err)}); some slices are corrupt"
+        ) from err
+    if img.GetDimension() == 2:
+        img = sitk.JoinSeries([img])
+    return CTVolume.from_sitk(img, series_uid=series_uid, source=folder)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def _fmt(value: float) -> str:
+    """Shortest text that reads back to the same float64 ("-195", "0.7617189884185791")."""
+    return np.format_float_positional(float(value), trim="-") if np.isfinite(value) else repr(float(value))
+
+
+def _orientation_code(direction: np.ndarray) -> str:
+    """ITK's AnatomicalOrientation letters: per index axis, the dominant world axis and its sign (RAI = identity)."""
+    letters = (("R", "L"), ("A", "P"), ("I", "S"))
+    code = []
+    for j in range(3):
+        col = direction[:, j]
+        k = int(np.argmax(np.abs(col)))
+        code.append(letters[k][0] if col[k] >= 0 else letters[k][1])
+    return "".join(code)
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it into place, on failure remove it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def mhd_header_text(volume: CTVolume, data_file: str, compressed_size: int | None = None) -> str:
+    """The MetaImage header LUNA16 ships, in its key order, for `volume` stored in `data_file`."""
+    dtype = np.dtype(volume.array.dtype).newbyteorder("=")
+    if dtype not in _DTYPE_TO_MET:
+        raise ValueError(
+            f"cannot write element type {volume.array.dtype} to MHD; use int16, float32 or uint8"
+        )
+    z, y, x = volume.shape
+    lines = [
+        "ObjectType = Image",
+        "NDims = 3",
+        "BinaryData = True",
+        "BinaryDataByteOrderMSB = False",
+        f"CompressedData = {'True' if compressed_size is not None else 'False'}",
+    ]
+    if compressed_size is not None:
+        lines.append(f"CompressedDataSize = {compressed_size}")
+    lines += [
+        # MetaIO stores the direction column by column (the transpose of SimpleITK's row-major tuple).
+        "TransformMatrix = " + " ".join(_fmt(v) for v in volume.direction.T.ravel()),
+        "Offset = " + " ".join(_fmt(v) for v in volume.origin),
+        "CenterOfRotation = 0 0 0",
+        f"AnatomicalOrientation = {_orientation_code(volume.direction)}",
+        "ElementSpacing = " + " ".join(_fmt(v) for v in volume.spacing),
+        f"DimSize = {x} {y} {z}",
+        f"ElementType = {_DTYPE_TO_MET[dtype]}",
+        f"ElementDataFile = {data_file}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_mhd(volume: CTVolume, path: str | Path, compress: bool = False) -> Path:
+    """Write `volume` as a LUNA16-style `.mhd` header plus `.raw` (or zlib `.zraw`) data, atomically.
+
+    The output is byte-for-byte deterministic: fixed key order, shortest round-tripping numbers,
+    little-endian data, zlib level 6 for `.zraw`.
+
+    Args:
+        volume: the volume; int16, float32 or uint8 (also int8/uint16/int32/uint32/float64).
+        path: the `.mhd` path; the data file gets the same stem.
+        compress: write `CompressedData = True` with a `.zraw` file.
+
+    Returns:
+        The header path.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".mhd":
+        raise ValueError(f"{path}: write_mhd needs a .mhd path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.ascontiguousarray(volume.array)
+    payload = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    data_path = path.with_suffix(".zraw" if compress else ".raw")
+    compressed_size = None
+    if compress:
+        payload = zlib.compress(payload, 6)
+        compressed_size = len(payload)
+    header = mhd_header_text(volume, data_path.name, compressed_size)
+    _atomic_write_bytes(data_path, payload)
+    _atomic_write_bytes(path, header.encode("ascii"))
+    return path
+
+
+def write_nifti(volume: CTVolume, path: str | Path) -> Path:
+    """Write `volume` as NIfTI (`.nii` or `.nii.gz`) through SimpleITK, atomically.
+
+    NIfTI keeps spacing and the qform/sform in float32, so geometry round-trips to float32 precision
+    (about 1e-5 mm for typical origins), voxels exactly.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith(_NIFTI_SUFFIXES):
+        raise ValueError(f"{path}: write_nifti needs a .nii or .nii.gz path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+    try:
+        sitk.WriteImage(volume.to_sitk(), str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_dicom_series(
+    volume: CTVolume,
+    folder: str | Path,
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write `volume` as a DICOM CT series (one file per slice) that `read_volume` reads back exactly.
+
+    Geometry goes into ImagePositionPatient / ImageOrientationPatient / PixelSpacing / SliceThickness, so
+    spacing, origin and a right-handed direction matrix round-trip. DICOM readers order slices along the
+    normal of the in-plane axes, so a left-handed direction (det = -1) reads back as the same physical volume
+    with the slice order reversed.
+
+    Args:
+        volume: an integer volume (int16 HU or uint8); float volumes must be rounded first.
+        folder: created if needed; files are `slice_0000.dcm`, ...
+        series_uid: SeriesInstanceUID; a fresh one is generated if omitted.
+        study_uid: StudyInstanceUID; a fresh one is generated if omitted.
+        tags: extra `"gggg|eeee": value` tags written to every slice (e.g. synthetic patient fields).
+
+    Returns:
+        The written file paths in slice order.
+    """
+    if not np.issubdtype(volume.array.dtype, np.integer):
+        raise ValueError("write_dicom_series stores integer voxels; round float volumes to int16 HU first")
+    from pydicom.uid import generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    study_uid = study_uid or generate_uid()
+    img = volume.to_sitk()
+    d = volume.direction
+    orientation = "\\".join(_fmt(v) for v in (*d[:, 0], *d[:, 1]))
+    base_tags = {
+        "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL",
+        "0008|0016": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+        "0008|0060": "CT",
+        "0008|0021": "20000101",
+        "0008|0031": "000000",
+        "0008|103e": "lungcad series",
+        "0020|000d": study_uid,
+        "0020|000e": series_uid,
+        "0020|0011": "1",
+        "0020|0037": orientation,
+        "0018|0050": _fmt(volume.spacing[2]),
+        "0018|0088": _fmt(volume.spacing[2]),
+        "0028|1052": "0",
+        "0028|1053": "1",
+        "0028|1054": "HU",
+    }
+    if tags:
+        base_tags.update(tags)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    paths = []
+    for k in range(img.GetDepth()):
+        slice_img = img[:, :, k]
+        for tag, value in base_tags.items():
+            slice_img.SetMetaData(tag, value)
+        position = img.TransformIndexToPhysicalPoint((0, 0, k))
+        slice_img.SetMetaData("0020|0032", "\\".join(_fmt(v) for v in position))
+        slice_img.SetMetaData("0020|0013", str(k + 1))
+        slice_img.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
+        out = folder / f"slice_{k:04d}.dcm"
+        tmp = folder / f".slice_{k:04d}.tmp-{os.getpid()}.dcm"
+        writer.SetFileName(str(tmp))
+        writer.Execute(slice_img)
+        os.replace(tmp, out)
+        paths.append(out)
+    return paths
+
+
+# ---------------------------------------------------------------------------------- DICOM anonymization
+
+# DICOM PS3.15 Annex E basic application-level confidentiality profile: attributes that identify the patient,
+# the people involved or the institution, and the dates/times that help re-identify. Dropped before logging.
+IDENTIFYING_KEYWORDS = frozenset(
+    {
+        "AccessionNumber",
+        "AcquisitionDate",
+        "AcquisitionDateTime",
+        "AcquisitionTime",
+        "AdditionalPatientHistory",
+        "AdmittingDiagnosesDescription",
+        "BranchOfService",
+        "ContentDate",
+        "ContentTime",
+        "CountryOfResidence",
+        "DeviceSerialNumber",
+        "EthnicGroup",
+        "InstitutionAddress",
+        "InstitutionName",
+        "InstitutionalDepartmentName",
+        "IssuerOfPatientID",
+        "MedicalAlerts",
+        "MedicalRecordLocator",
+        "MilitaryRank",
+        "NameOfPhysiciansReadingStudy",
+        "Occupation",
+        "OperatorsName",
+        "OtherPatientIDs",
+        "OtherPatientIDsSequence",
+        "OtherPatientNames",
+        "PatientAddress",
+        "PatientAge",
+        "PatientBirthDate",
+        "PatientBirthName",
+        "PatientBirthTime",
+        "PatientComments",
+        "PatientID",
+        "PatientInsurancePlanCodeSequence",
+        "PatientMotherBirthName",
+        "PatientName",
+        "PatientReligiousPreference",
+        "PatientSex",
+        "PatientSize",
+        "PatientTelephoneNumbers",
+        "PatientWeight",
+        "PerformedProcedureStepStartDate",
+        "PerformedProcedureStepStartTime",
+        "PerformingPhysicianName",
+        "PhysiciansOfRecord",
+        "ReferringPhysicianAddress",
+        "ReferringPhysicianName",
+        "ReferringPhysicianTelephoneNumbers",
+        "RegionOfResidence",
+        "RequestingPhysician",
+        "ResponsiblePerson",
+        "ScheduledPerformingPhysicianName",
+        "SeriesDate",
+        "SeriesTime",
+        "StationName",
+        "StudyDate",
+        "StudyID",
+        "StudyTime",
+    }
+)
+
+
+def _json_value(value: Any) -> Any:
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import IS, DSfloat
+
+    if isinstance(value, MultiValue | list | tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, DSfloat | float):
+        return float(value)
+    if isinstance(value, IS | int):
+        return int(value)
+    return str(value)
+
+
+def anonymized_header(path_or_folder: str | Path) -> dict[str, Any]:
+    """DICOM header of a file (or of the first readable file in a folder) without identifying attributes.
+
+    Drops the PS3.15 basic-profile identity attributes listed in `IDENTIFYING_KEYWORDS`, every person-name
+    (PN) element, private tags, sequences (they can nest identity) and binary values. UIDs stay: the series
+    UID is this project's scan key and is public in LUNA16/LIDC.
+
+    Returns:
+        keyword → value (str, int, float or list of them).
+    """
+    import pydicom
+
+    path = Path(path_or_folder)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such DICOM file or folder")
+    candidates = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    dataset = None
+    for candidate in candidates:
+        try:
+            dataset = pydicom.dcmread(candidate, stop_before_pixels=True)
+            break
+        except (pydicom.errors.InvalidDicomError, OSError, ValueError):
+            continue
+    if dataset is None:
+        raise VolumeReadError(f"{path}: no readable DICOM file found")
+    header: dict[str, Any] = {}
+    for element in dataset:
+        if element.tag.is_private or element.VR in ("SQ", "PN", "OB", "OW", "OF", "OD", "UN"):
+            continue
+        keyword = element.keyword
+        if not keyword or keyword in IDENTIFYING_KEYWORDS or keyword == "PixelData":
+            continue
+        if element.value is None or element.value == "":
+            continue
+        header[keyword] = _json_value(element.value)
+    return header
