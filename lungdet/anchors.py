@@ -143,11 +143,13 @@ class AnchorTargets:
 
 
 def _check_boxes(boxes: Tensor, what: str) -> Tensor:
+    if boxes.numel() == 0:
+        return boxes.reshape(0, 4)
     if boxes.ndim != 2 or boxes.shape[-1] != 4:
         raise ValueError(f"{what} must be an (N, 4) tensor of (z, y, x, d), got shape {tuple(boxes.shape)}")
-    if boxes.numel() and not bool(torch.isfinite(boxes).all()):
+    if not bool(torch.isfinite(boxes).all()):
         raise ValueError(f"{what} contain NaN or infinite values: {boxes.tolist()}")
-    if boxes.numel() and bool((boxes[:, 3] <= 0).any()):
+    if bool((boxes[:, 3] <= 0).any()):
         bad = boxes[boxes[:, 3] <= 0].tolist()
         raise ValueError(
             f"{what} need a positive diameter, got {bad}; give findings without a size (LUNA16 diameter -1) "
@@ -186,7 +188,7 @@ def assign_targets(
         raise ValueError(f"need 0 ≤ neg_iou ≤ pos_iou ≤ 1, got neg_iou={neg_iou}, pos_iou={pos_iou}")
     grid_shape = anchors.shape[:-1]
     flat = anchors.reshape(-1, 4)
-    gt = _check_boxes(gt_boxes.to(device=flat.device, dtype=flat.dtype).reshape(-1, 4), "gt_boxes")
+    gt = _check_boxes(gt_boxes.to(device=flat.device, dtype=flat.dtype), "gt_boxes")
     n = flat.shape[0]
     labels = torch.full((n,), LABEL_NEGATIVE, dtype=torch.int8, device=flat.device)
     matched = torch.full((n,), -1, dtype=torch.int64, device=flat.device)
@@ -211,9 +213,7 @@ def assign_targets(
         deltas[positive] = encode_boxes(gt[matched[positive]], flat[positive])
 
     if ignore_boxes is not None and ignore_boxes.numel():
-        ign = _check_boxes(
-            ignore_boxes.to(device=flat.device, dtype=flat.dtype).reshape(-1, 4), "ignore_boxes"
-        )
+        ign = _check_boxes(ignore_boxes.to(device=flat.device, dtype=flat.dtype), "ignore_boxes")
         near_ignored = cube_iou(flat, ign).max(dim=1).values >= neg_iou
         labels[near_ignored & (labels == LABEL_NEGATIVE)] = LABEL_IGNORE
 
