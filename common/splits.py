@@ -117,6 +117,12 @@ class Split:
         """Distinct patient ids of one part, in file order."""
         return list(dict.fromkeys(a.patient_id for a in self.assignments if a.part == part))
 
+    def __contains__(self, uid: object) -> bool:
+        return uid in self._by_uid
+
+    def __len__(self) -> int:
+        return len(self.assignments)
+
     def part_of(self, uid: str) -> str:
         try:
             return self._by_uid[uid].part

@@ -123,7 +123,7 @@ def make_ldfc(
             patient=number,
             size=size,
             bank=bank,
-            flip=p % 4 == 3,
+            flip=p % 4 == 1,
         )
         image_path = root / "MHD_3D" / f"{number}.mhd"
         write_mhd(scan_volume(scan), image_path)

@@ -135,7 +135,7 @@ def make_spatiotemporal(
             size=size,
             growth=growth,
             bank=bank,
-            flip=p % 4 == 3,
+            flip=p % 4 == 1,
         )
         for scan in scans:
             image_path = root / "detection_3d" / "mhd" / f"{scan.uid}.mhd"
