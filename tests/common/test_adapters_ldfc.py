@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from common.datasets.ldfc import LDFCColumns, LDFCDataset
+from common.datasets.ldfc import LDFCDataset
 from common.datasets.tables import AnnotationError
 from common.io import read_volume
 from common.synth.ldfc import make_ldfc

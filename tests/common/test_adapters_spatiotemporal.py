@@ -62,7 +62,7 @@ def test_follow_up_scans_share_patient_and_nodules(tree, manifest):
 def test_class_is_visible_in_the_pixels(tree, manifest):
     """Ground-glass (class 3) nodules are much less dense than solid malignant ones (classes 1, 4)."""
     density: dict[int, list[float]] = {}
-    for uid, scan in manifest.items():
+    for scan in manifest.values():
         image = read_volume(tree.root / scan["files"]["image"]).array
         for nodule in scan["nodules"]:
             z, y, x = (int(round(v)) for v in nodule["voxel_zyx"])
