@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.synth import ldfc, lndb, tianchi
+from common.synth import spatiotemporal as stpd
 from common.synth.phantom import SIZE_PRESETS
 
 
@@ -57,6 +59,10 @@ GENERATORS: dict[str, Generator] = {
         make=_make_lidc,
         help="LIDC-IDRI tree: LIDC-IDRI-XXXX/<study>/<series>/*.dcm + reader XML, per-reader masks",
     ),
+    "lndb": Generator(make=lndb.make_lndb, help=lndb.HELP, default_scans=lndb.DEFAULT_SCANS),
+    "tianchi": Generator(make=tianchi.make_tianchi, help=tianchi.HELP, default_scans=tianchi.DEFAULT_SCANS),
+    "ldfc": Generator(make=ldfc.make_ldfc, help=ldfc.HELP, default_scans=ldfc.DEFAULT_SCANS),
+    "spatiotemporal": Generator(make=stpd.make_spatiotemporal, help=stpd.HELP, default_scans=6),
 }
 
 
