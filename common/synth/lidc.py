@@ -345,6 +345,9 @@ def make_lidc(
                 "0010|0010": f"SYNTH^{scan_id:04d}",
                 "0010|0020": scan.patient_id,
                 "0008|0070": "lungcad synthetic phantom",
+                # Fixed study date/time: GDCM would otherwise stamp the current time (non-reproducible bytes).
+                "0008|0020": "20000101",
+                "0008|0030": "000000",
                 "0008|103e": "synthetic chest CT phantom",
             },
         )
