@@ -1,0 +1,184 @@
+"""Classification metrics as M³Net §4.2 defines them, plus QWK, for binary and multiclass tasks.
+
+With C classes, N_c test samples of class c and class weight w_c = N_c / N (papers/002, §4.2):
+
+- ACC = correct / N. (The paper's eq. 19, Σ(TP_c+TN_c) / Σ(TP_c+TN_c+FP_c+FN_c), equals this for two
+  classes; for C > 2 it would be the mean one-vs-rest accuracy, which nobody reports, so ACC is
+  the plain accuracy.)
+- BACC = (1/C) Σ_c TP_c / (TP_c + FN_c), the mean per-class recall (the paper's reference [25]; the
+  stray w_c in eq. 20 would make it a different number and is a typo).
+- Pre = Σ w_c TP_c/(TP_c+FP_c), Rec = Σ w_c TP_c/(TP_c+FN_c), Spec = Σ w_c TN_c/(TN_c+FP_c),
+  F1 = Σ w_c F1_c; an undefined per-class ratio counts as 0 (scikit-learn's ``zero_division=0``).
+  Weighted recall always equals ACC.
+- ROC-AUC = Σ w_c AUC_c and PR-AUC = Σ w_c AP_c, one-vs-rest on the class probabilities; AP is
+  the step-wise area under the precision-recall curve (scikit-learn ``average_precision_score``).
+  In the binary case both classes enter with their weights, as the formula says (ROC-AUC then
+  equals the usual binary AUC; PR-AUC does not equal the positive-class AP).
+- QWK: Cohen's kappa with quadratic weights (papers/003, 004).
+
+Predictions are the arg-max class. Mean ± std "across samples" (M³Net §4.3) is a bootstrap over
+test samples: :func:`bootstrap_classification_scores`.
+
+For validation loops :func:`classification_metric_collection` gives the same numbers as a
+torchmetrics ``MetricCollection`` (checked against this module in the tests).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import average_precision_score, cohen_kappa_score, roc_auc_score
+
+CLASSIFICATION_KEYS = ("acc", "bacc", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc", "qwk")
+
+
+def _inputs(y_true: Any, probs: Any, num_classes: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+    y = np.asarray(y_true).astype(np.int64).reshape(-1)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim == 1:
+        p = np.column_stack((1.0 - p, p))
+    if p.ndim != 2 or p.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"probabilities must be (N,) positive-class or (N, C); got {p.shape} for {y.shape[0]} labels"
+        )
+    c = num_classes if num_classes is not None else p.shape[1]
+    if p.shape[1] != c:
+        raise ValueError(f"probabilities have {p.shape[1]} columns for {c} classes")
+    if y.size and (y.min() < 0 or y.max() >= c):
+        raise ValueError(f"labels must lie in [0, {c}); got min {y.min()} max {y.max()}")
+    if not np.isfinite(p).all():
+        raise ValueError("probabilities contain NaN or infinite values")
+    return y, p, c
+
+
+def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
+    """(C, C) counts, rows = true class, columns = predicted class."""
+    y = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    q = np.asarray(y_pred, dtype=np.int64).reshape(-1)
+    return np.bincount(y * num_classes + q, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.divide(num, den, out=np.zeros(num.shape, dtype=np.float64), where=den > 0)
+
+
+def classification_scores(y_true: Any, probs: Any, num_classes: int | None = None) -> dict[str, float]:
+    """ACC, BACC, weighted Pre/Rec/Spec/F1, weighted ROC-AUC and PR-AUC, QWK (fractions in [0, 1]).
+
+    Args:
+        y_true: (N,) integer labels.
+        probs: (N, C) class probabilities, or (N,) positive-class probabilities for a binary task.
+        num_classes: C (default: columns of ``probs``).
+
+    Returns:
+        The metrics named in ``CLASSIFICATION_KEYS``; AUCs are NaN when fewer than two classes occur.
+    """
+    y, p, c = _inputs(y_true, probs, num_classes)
+    if y.size == 0:
+        raise ValueError("no samples to score")
+    pred = p.argmax(axis=1)
+    cm = confusion_matrix(y, pred, c).astype(np.float64)
+    tp = np.diag(cm)
+    support = cm.sum(axis=1)
+    fp = cm.sum(axis=0) - tp
+    fn = support - tp
+    tn = cm.sum() - tp - fp - fn
+    w = support / support.sum()
+    prec_c = _ratio(tp, tp + fp)
+    rec_c = _ratio(tp, tp + fn)
+    spec_c = _ratio(tn, tn + fp)
+    f1_c = _ratio(2 * prec_c * rec_c, prec_c + rec_c)
+    present = support > 0
+    scores = {
+        "acc": float(tp.sum() / cm.sum()),
+        "bacc": float(rec_c[present].mean()),
+        "precision": float((w * prec_c).sum()),
+        "recall": float((w * rec_c).sum()),
+        "specificity": float((w * spec_c).sum()),
+        "f1": float((w * f1_c).sum()),
+        "qwk": float(cohen_kappa_score(y, pred, labels=list(range(c)), weights="quadratic"))
+        if np.unique(np.concatenate((y, pred))).size > 1
+        else float("nan"),
+    }
+    if present.sum() < 2:
+        scores["roc_auc"] = scores["pr_auc"] = float("nan")
+    else:
+        onehot = np.eye(c)[y]
+        auc = np.array([roc_auc_score(onehot[:, k], p[:, k]) if present[k] else 0.0 for k in range(c)])
+        ap = np.array(
+            [average_precision_score(onehot[:, k], p[:, k]) if present[k] else 0.0 for k in range(c)]
+        )
+        scores["roc_auc"] = float((w * auc).sum())
+        scores["pr_auc"] = float((w * ap).sum())
+    return {k: scores[k] for k in CLASSIFICATION_KEYS}
+
+
+def bootstrap_classification_scores(
+    y_true: Any, probs: Any, n_samples: int = 1000, seed: int = 0, num_classes: int | None = None
+) -> dict[str, dict[str, float]]:
+    """Mean ± std (and 95% percentile interval) of every metric over bootstrap resamples of the test set.
+
+    Resamples test samples with replacement (``numpy.random.default_rng(seed)``); a resample in
+    which a metric is undefined (e.g. one class only) is left out of that metric's statistics.
+
+    Returns:
+        ``{metric: {"value", "mean", "std", "lower", "upper", "samples"}}``, value = on the full set.
+    """
+    y, p, c = _inputs(y_true, probs, num_classes)
+    full = classification_scores(y, p, c)
+    rng = np.random.default_rng(seed)
+    table = np.full((n_samples, len(CLASSIFICATION_KEYS)), np.nan)
+    for b in range(n_samples):
+        idx = rng.integers(0, y.shape[0], size=y.shape[0])
+        s = classification_scores(y[idx], p[idx], c)
+        table[b] = [s[k] for k in CLASSIFICATION_KEYS]
+    out: dict[str, dict[str, float]] = {}
+    for j, key in enumerate(CLASSIFICATION_KEYS):
+        col = table[:, j][np.isfinite(table[:, j])]
+        out[key] = {
+            "value": full[key],
+            "mean": float(col.mean()) if col.size else float("nan"),
+            "std": float(col.std(ddof=1)) if col.size > 1 else float("nan"),
+            "lower": float(np.percentile(col, 2.5)) if col.size else float("nan"),
+            "upper": float(np.percentile(col, 97.5)) if col.size else float("nan"),
+            "samples": float(col.size),
+        }
+    return out
+
+
+def classification_metric_collection(num_classes: int, prefix: str | None = None) -> Any:
+    """torchmetrics ``MetricCollection`` computing the same metrics from (N, C) probabilities.
+
+    Binary tasks use ``num_classes=2`` with two-column probabilities so that the class-weighted
+    averages include both classes, as M³Net defines them.
+    """
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import (
+        MulticlassAccuracy,
+        MulticlassAUROC,
+        MulticlassAveragePrecision,
+        MulticlassCohenKappa,
+        MulticlassF1Score,
+        MulticlassPrecision,
+        MulticlassRecall,
+        MulticlassSpecificity,
+    )
+
+    c = num_classes
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(c, average="micro"),
+            "bacc": MulticlassRecall(c, average="macro"),
+            "precision": MulticlassPrecision(c, average="weighted"),
+            "recall": MulticlassRecall(c, average="weighted"),
+            "specificity": MulticlassSpecificity(c, average="weighted"),
+            "f1": MulticlassF1Score(c, average="weighted"),
+            "roc_auc": MulticlassAUROC(c, average="weighted", thresholds=None),
+            "pr_auc": MulticlassAveragePrecision(c, average="weighted", thresholds=None),
+            "qwk": MulticlassCohenKappa(c, weights="quadratic"),
+        },
+        prefix=prefix,
+    )
