@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from common.metrics.figures import plot_froc
 from common.metrics.froc import BOOTSTRAP_GRID, MAX_MARKS_PER_SCAN, FROCResult
 from common.metrics.froc_io import evaluate_froc_files
 
@@ -113,6 +112,8 @@ def write_outputs(result: FROCResult, out_dir: Path, name: str) -> dict[str, Pat
             comments="",
             fmt="%.9f",
         )
+    from common.metrics.figures import plot_froc  # matplotlib only when a figure is written
+
     plot_froc(result, paths["figure"], label=name)
     return paths
 

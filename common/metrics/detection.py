@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from common.metrics.froc import FROCCurve, FROCEntries, Reading, read_sensitivities
 
@@ -168,6 +167,8 @@ def coco_detection_metrics(
         raise ValueError(
             f"got {len(predictions)} prediction sets for {len(targets)} images; pass one per image"
         )
+
+    import torch
 
     def tensors(item: dict[str, Any], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
         out = {}
