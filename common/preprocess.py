@@ -102,12 +102,13 @@ def resampled_shape(
     """Output shape (z, y, x) for resampling to `new_spacing_xyz` on a grid with the same origin.
 
     The usual round(n·s/s'), reduced where needed so that the last output voxel centre stays inside the input
-    grid (continuous index ≤ n − 0.5); SimpleITK would otherwise fill it with the default value.
+    grid (continuous index < n − 0.5, ITK's inside-buffer test); SimpleITK would otherwise fill it with
+    the default value.
     """
     out = []
     for n, s, ns in zip(shape_zyx, spacing_xyz[::-1], new_spacing_xyz[::-1]):
         n_out = max(1, int(round(n * s / ns)))
-        while n_out > 1 and (n_out - 1) * ns / s > n - 0.5 + 1e-9:
+        while n_out > 1 and (n_out - 1) * ns / s >= n - 0.5 - 1e-6:
             n_out -= 1
         out.append(n_out)
     return tuple(out)  # type: ignore[return-value]
@@ -214,7 +215,9 @@ def resample_array(
     if order == 0:
         out = array
         for axis in range(3):
-            idx = np.floor(np.arange(out_shape[axis]) * steps[axis] + 0.5).astype(np.int64)
+            idx = np.floor(np.arange(out_shape[axis]) * steps[axis] + 0.5 + 1e-9).astype(
+                np.int64
+            )  # ties round up, as ITK
             out = np.take(out, np.clip(idx, 0, array.shape[axis] - 1), axis=axis)
         return out.astype(dtype, copy=False)
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))

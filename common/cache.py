@@ -1,0 +1,619 @@
+"""The preprocessed cache: every scan once as 1 mm int16 HU + uint8 lung mask, with a JSON manifest.
+
+Layout under the cache root::
+
+    manifest.json              one entry per scan (below), rewritten atomically after every scan
+    images/<uid>.npy           int16 HU on the resampled grid, (z, y, x) — memory-mappable
+    lung_masks/<uid>.npy       uint8 0/1 lung mask on the same grid
+
+A manifest entry holds the uid, patient id and fold; the new grid (shape, spacing, origin, direction) and
+the original spacing and shape; SHA-256 checksums of both arrays; where the lung mask came from (the
+dataset's own or computed); the input fingerprint; and the nodules and excluded findings in world mm
+*and* in voxel (z, y, x) coordinates of the cached grid, with their diameters and sources.
+
+Why this shape: plain `.npy` can be memory-mapped by every data loader worker, so training never decodes
+MHD or resamples. Writes are atomic (temporary file + `os.replace`) and the manifest only learns about a scan
+after both arrays are in place, so killing a build at any moment leaves a consistent cache, and the next
+build skips every finished scan. A scan is rebuilt only when its input fingerprint changes: the sizes and
+modification times of its input files, the SHA-256 of its header, and the hash of the settings (including
+`ALGORITHM_VERSION`, bumped whenever the preprocessing itself changes). Annotations are not part of the
+fingerprint: they are re-derived for every scan on every build (cheap, no pixels), so an edited
+annotation CSV updates the manifest without re-resampling anything.
+
+A scan that cannot be read raises an error naming the file (strict mode) after the scans before it are
+safely recorded; lenient mode logs it and moves on. Only one build may write a cache at a time (a lock file
+holds the builder's pid; a lock left by a killed build is taken over).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import io as ct_io
+from common import preprocess
+from common.datasets.base import Nodule, ScanRecord
+from common.datasets.geometry import ScanGeometry
+from common.datasets.tables import AnnotationError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ALGORITHM_VERSION", "BuildReport", "PreprocessedCache", "PrepareSettings", "prepare_cache"]
+
+ALGORITHM_VERSION = 1
+"""Bump when resampling, clipping or lung masking change in a way that changes cached arrays."""
+MANIFEST_NAME = "manifest.json"
+IMAGE_DIR = "images"
+MASK_DIR = "lung_masks"
+FORMAT = "lungcad-preprocessed-cache"
+
+ReadFn = Callable[..., ct_io.CTVolume]
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """What the cache is built with; its hash is part of every scan's fingerprint.
+
+    Attributes:
+        spacing: target voxel size (x, y, z) mm; CLAF resamples to 1 mm isotropic.
+        order: interpolation order for images (3 = cubic B-spline as CLAF, 1 = linear).
+        lung_mask: "auto" (the dataset's mask where the record has one, else computed), "computed" or
+            "provided" (a record without a provided mask is an error).
+        mask_threshold_hu: threshold of the computed lung mask (CLAF: −400 HU).
+    """
+
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    order: int = 3
+    lung_mask: str = "auto"
+    mask_threshold_hu: float = -400.0
+
+    def __post_init__(self) -> None:
+        if self.lung_mask not in ("auto", "computed", "provided"):
+            raise ValueError(f"lung_mask must be 'auto', 'computed' or 'provided', not {self.lung_mask!r}")
+        if self.order not in (1, 3):
+            raise ValueError(f"image interpolation order must be 1 or 3, not {self.order}")
+        spacing = tuple(float(s) for s in self.spacing)
+        if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+            raise ValueError(f"spacing {self.spacing} must be three positive numbers")
+        object.__setattr__(self, "spacing", spacing)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "spacing": list(self.spacing), "algorithm_version": ALGORITHM_VERSION}
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON of the settings (and the algorithm version)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class BuildReport:
+    """What one `build` did: uids built, skipped as up to date, and failed (lenient mode) with the reason."""
+
+    built: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return f"{len(self.built)} built, {len(self.skipped)} up to date, {len(self.failed)} failed"
+
+
+# -------------------------------------------------------------------------------------- file helpers
+
+
+class _HashingWriter:
+    """File-like wrapper that feeds everything written through SHA-256 (so we never re-read big arrays)."""
+
+    def __init__(self, fh) -> None:
+        self.fh = fh
+        self.sha = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.fh.write(data)
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> str:
+    """Write `array` to `path` as .npy via a temporary file; returns the file's SHA-256."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            writer = _HashingWriter(fh)
+            np.lib.format.write_array(writer, np.ascontiguousarray(array), allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return writer.sha.hexdigest()
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _input_files(record: ScanRecord, settings: PrepareSettings) -> tuple[list[Path], Path | None]:
+    """The files a scan's cache entry depends on, and the one whose bytes are hashed (the header)."""
+    files: list[Path] = []
+    header: Path | None = None
+    paths = [record.image_path]
+    if record.lung_mask_path is not None and settings.lung_mask != "computed":
+        paths.append(record.lung_mask_path)
+    for i, path in enumerate(paths):
+        path = Path(path)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.is_file())
+            continue
+        files.append(path)
+        if path.suffix.lower() == ".mhd":
+            data = path.parent / ct_io.parse_mhd_header(path).get("ElementDataFile", "")
+            if data.is_file() and data != path:
+                files.append(data)
+        if i == 0:
+            header = path
+    return files, header
+
+
+def input_fingerprint(record: ScanRecord, settings: PrepareSettings) -> dict[str, Any]:
+    """Sizes and mtimes of a scan's inputs, the SHA-256 of its header (or DICOM file list), the settings hash."""
+    files, header = _input_files(record, settings)
+    stats = []
+    for path in files:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            stats.append({"path": str(path), "missing": True})
+            continue
+        stats.append({"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    if header is not None and header.suffix.lower() == ".mhd" and header.is_file():
+        header_sha = sha256_file(header)
+    else:  # NIfTI and DICOM: the listing (names, sizes, mtimes) stands in for the header bytes
+        header_sha = hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()
+    settings_sha = settings.digest()
+    digest = hashlib.sha256(
+        json.dumps([stats, header_sha, settings_sha], sort_keys=True).encode()
+    ).hexdigest()
+    return {"digest": digest, "files": stats, "header_sha256": header_sha, "settings_sha256": settings_sha}
+
+
+# ---------------------------------------------------------------------------------------- annotations
+
+
+def _finding_entries(
+    findings: Iterable[Nodule],
+    original: ScanGeometry,
+    cached: ScanGeometry,
+    uid: str,
+    strict: bool,
+) -> list[dict[str, Any]]:
+    """Findings as manifest rows (world and cached-grid voxel coordinates); out-of-volume ones are errors."""
+    rows = []
+    for finding in findings:
+        xyz = np.asarray(finding.world_xyz, dtype=np.float64)
+        if not original.contains(original.world_to_voxel(xyz)):
+            message = (
+                f"{finding.extras.get('source', 'annotation')}: finding at world {tuple(np.round(xyz, 2))} lies "
+                f"outside scan {uid} (size {original.size_xyz} voxels at spacing {original.spacing})"
+            )
+            if strict:
+                raise AnnotationError(message + "; fix the row, or pass --lenient / strict=False to drop it")
+            log.warning("dropped: %s", message)
+            continue
+        row: dict[str, Any] = {
+            "world_xyz": [float(v) for v in xyz],
+            "voxel_zyx": [float(v) for v in cached.world_to_voxel(xyz)],
+            "diameter_mm": float(finding.diameter_mm),
+            "nodule_id": finding.nodule_id,
+            "label": finding.label,
+        }
+        if "source" in finding.extras:
+            row["source"] = str(finding.extras["source"])
+        rows.append(row)
+    return rows
+
+
+def _geometry(shape_zyx, spacing, origin, direction) -> ScanGeometry:
+    direction = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    return ScanGeometry(
+        size_xyz=tuple(int(n) for n in shape_zyx[::-1]),  # type: ignore[arg-type]
+        spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+        origin=tuple(float(o) for o in origin),  # type: ignore[arg-type]
+        direction=tuple(tuple(float(v) for v in row) for row in direction),
+    )
+
+
+def _annotations(record: ScanRecord, entry: dict[str, Any], strict: bool) -> dict[str, list]:
+    original = _geometry(
+        entry["original_shape"], entry["original_spacing"], entry["origin"], entry["direction"]
+    )
+    cached = _geometry(entry["shape"], entry["spacing"], entry["origin"], entry["direction"])
+    return {
+        "nodules": _finding_entries(record.nodules, original, cached, record.uid, strict),
+        "excluded": _finding_entries(record.excluded, original, cached, record.uid, strict),
+    }
+
+
+def _json_safe(extras: dict[str, Any]) -> dict[str, Any]:
+    safe = {}
+    for key, value in extras.items():
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        safe[key] = value
+    return safe
+
+
+# ------------------------------------------------------------------------------------------- one scan
+
+
+def _check_uid(uid: str) -> None:
+    if not uid or uid.startswith(".") or "/" in uid or "\\" in uid or os.sep in uid:
+        raise ValueError(f"scan uid {uid!r} cannot name a cache file; uids must be plain names")
+
+
+def preprocess_scan(
+    record: ScanRecord,
+    settings: PrepareSettings,
+    root: str | Path,
+    fingerprint: dict[str, Any],
+    read_fn: ReadFn | None = None,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Read, clip, resample and mask one scan, write its two arrays, and return its manifest entry.
+
+    Runs in worker processes too, hence a plain function of picklable arguments.
+    """
+    started = time.perf_counter()
+    root = Path(root)
+    read_fn = read_fn or ct_io.read_volume
+    volume = read_fn(record.image_path, series_uid=record.series_uid)
+    hu = preprocess.clip_hu(volume.array)
+    if hu.dtype != np.int16:
+        hu = np.rint(hu).astype(np.int16)
+    volume = volume.with_array(hu)
+    entry: dict[str, Any] = {
+        "uid": record.uid,
+        "patient_id": record.patient_id,
+        "fold": record.fold,
+        "series_uid": record.series_uid,
+        "source": str(record.image_path),
+        "original_shape": list(volume.shape),
+        "original_spacing": list(volume.spacing),
+        "origin": list(volume.origin),
+        "direction": [float(v) for v in volume.direction.ravel()],
+        "extras": _json_safe(record.extras),
+    }
+    # Annotations are checked against the scan before any pixel work, so a bad row fails fast.
+    entry["shape"] = list(preprocess.resampled_shape(volume.shape, volume.spacing, settings.spacing))
+    entry["spacing"] = list(settings.spacing)
+    entry.update(_annotations(record, entry, strict))
+
+    resampled = preprocess.resample_isotropic(volume, settings.spacing, order=settings.order, dtype=np.int16)
+    use_provided = settings.lung_mask != "computed" and record.lung_mask_path is not None
+    if settings.lung_mask == "provided" and record.lung_mask_path is None:
+        raise FileNotFoundError(
+            f"scan {record.uid} has no provided lung mask and settings ask for provided masks; use "
+            "lung_mask='auto' or 'computed'"
+        )
+    if use_provided:
+        mask = preprocess.load_provided_lung_mask(record.lung_mask_path, reference=resampled).array
+    else:
+        mask = preprocess.lung_mask(resampled, threshold_hu=settings.mask_threshold_hu)
+
+    image_rel = f"{IMAGE_DIR}/{record.uid}.npy"
+    mask_rel = f"{MASK_DIR}/{record.uid}.npy"
+    entry["image"] = image_rel
+    entry["lung_mask"] = mask_rel
+    entry["image_sha256"] = _save_npy_atomic(root / image_rel, resampled.array)
+    entry["lung_mask_sha256"] = _save_npy_atomic(root / mask_rel, mask.astype(np.uint8, copy=False))
+    entry["lung_mask_source"] = "provided" if use_provided else "computed"
+    entry["lung_fraction"] = float(np.count_nonzero(mask)) / mask.size
+    entry["input_fingerprint"] = fingerprint["digest"]
+    entry["inputs"] = fingerprint["files"]
+    entry["header_sha256"] = fingerprint["header_sha256"]
+    entry["settings"] = settings.to_dict()
+    entry["settings_sha256"] = fingerprint["settings_sha256"]
+    entry["seconds"] = round(time.perf_counter() - started, 3)
+    return entry
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+class PreprocessedCache:
+    """A preprocessed-cache folder: build it from `ScanRecord`s, load scans from it.
+
+    Args:
+        root: the cache folder (created on first build).
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    def _read_manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.is_file():
+            return {"format": FORMAT, "version": 1, "scans": {}}
+        try:
+            data = json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{self.manifest_path} is not valid JSON ({err}); it was edited by hand or the disk is failing. "
+                "Delete the cache folder and run `lungdata prepare` again."
+            ) from err
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{self.manifest_path} is not a lungcad preprocessed-cache manifest")
+        return data
+
+    @property
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """uid → manifest entry of every cached scan."""
+        return dict(self._read_manifest()["scans"])
+
+    @property
+    def uids(self) -> list[str]:
+        return sorted(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, uid: object) -> bool:
+        return uid in self.entries
+
+    def entry(self, uid: str) -> dict[str, Any]:
+        entries = self.entries
+        if uid not in entries:
+            raise KeyError(
+                f"scan {uid!r} is not in the cache {self.root}; run `lungdata prepare` for its dataset first"
+            )
+        return entries[uid]
+
+    def load(
+        self, uid: str, mmap: bool = True, verify: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """One cached scan: (int16 HU image, uint8 lung mask, manifest entry).
+
+        Args:
+            uid: scan uid.
+            mmap: memory-map the arrays read-only (cheap for data-loader workers) instead of reading them.
+            verify: recompute the SHA-256 of both files and compare with the manifest.
+        """
+        entry = self.entry(uid)
+        arrays = []
+        for key in ("image", "lung_mask"):
+            path = self.root / entry[key]
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path} listed in {self.manifest_path} is missing; rerun `lungdata prepare` to rebuild it"
+                )
+            if verify and sha256_file(path) != entry[f"{key}_sha256"]:
+                raise ValueError(f"{path}: checksum differs from the manifest; rerun `lungdata prepare`")
+            array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+            if list(array.shape) != entry["shape"]:
+                raise ValueError(f"{path}: shape {array.shape} differs from the manifest's {entry['shape']}")
+            arrays.append(array)
+        return arrays[0], arrays[1], entry
+
+    # ------------------------------------------------------------------------------------------ build
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        lock = self.root / ".lock"
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                try:
+                    pid = int(lock.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise RuntimeError(
+                        f"{self.root} is being written by another build (pid {pid}); wait for it or stop it"
+                    ) from None
+                lock.unlink(missing_ok=True)  # left behind by a killed build
+        else:
+            raise RuntimeError(f"cannot take the lock {lock}")
+        try:
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def _remove_stale_temporaries(self) -> None:
+        for folder in (self.root, self.root / IMAGE_DIR, self.root / MASK_DIR):
+            for tmp in folder.glob(".*.tmp-*"):
+                tmp.unlink(missing_ok=True)
+
+    def _files_intact(self, entry: dict[str, Any]) -> bool:
+        for key in ("image", "lung_mask"):
+            path = self.root / entry.get(key, "")
+            if not path.is_file():
+                return False
+            try:
+                header_shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            except (ValueError, OSError):
+                return False
+            if list(header_shape) != entry["shape"]:
+                return False
+        return True
+
+    def build(
+        self,
+        records: Iterable[ScanRecord],
+        settings: PrepareSettings | None = None,
+        read_fn: ReadFn | None = None,
+        workers: int = 1,
+        strict: bool = True,
+    ) -> BuildReport:
+        """Preprocess every record not already cached with the same inputs and settings.
+
+        Args:
+            records: the scans (e.g. `LUNA16Dataset(root).records`).
+            settings: preprocessing settings; default 1 mm cubic B-spline with provided-or-computed masks.
+            read_fn: volume reader `(path, series_uid=...) -> CTVolume`; default `common.io.read_volume`.
+            workers: scans processed in parallel (processes); each gets cores / workers torch threads.
+            strict: a bad scan stops the build with its error (default); lenient logs it and continues.
+
+        Returns:
+            What was built, skipped and (lenient) failed. The manifest on disk already holds every success.
+        """
+        settings = settings or PrepareSettings()
+        records = list(records)
+        uids = [r.uid for r in records]
+        duplicates = sorted({u for u in uids if uids.count(u) > 1})
+        if duplicates:
+            raise ValueError(
+                f"records contain duplicate uids {duplicates[:5]}; every scan must have its own uid"
+            )
+        for uid in uids:
+            _check_uid(uid)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / IMAGE_DIR).mkdir(exist_ok=True)
+        (self.root / MASK_DIR).mkdir(exist_ok=True)
+        report = BuildReport()
+        with self._lock():
+            self._remove_stale_temporaries()
+            manifest = self._read_manifest()
+            scans = manifest["scans"]
+            todo: list[tuple[ScanRecord, dict[str, Any]]] = []
+            changed = False
+            for record in records:
+                fingerprint = input_fingerprint(record, settings)
+                entry = scans.get(record.uid)
+                if (
+                    entry
+                    and entry.get("input_fingerprint") == fingerprint["digest"]
+                    and self._files_intact(entry)
+                ):
+                    refreshed = _annotations(record, entry, strict)
+                    refreshed["patient_id"], refreshed["fold"] = record.patient_id, record.fold
+                    if any(entry.get(k) != v for k, v in refreshed.items()):
+                        entry.update(refreshed)
+                        changed = True
+                    report.skipped.append(record.uid)
+                else:
+                    todo.append((record, fingerprint))
+            if changed:
+                _write_json_atomic(self.manifest_path, manifest)
+            if report.skipped:
+                log.info("%d scan(s) already cached with the same inputs and settings", len(report.skipped))
+
+            def done(entry: dict[str, Any]) -> None:
+                scans[entry["uid"]] = entry
+                _write_json_atomic(self.manifest_path, manifest)
+                report.built.append(entry["uid"])
+                log.info(
+                    "[%d/%d] %s: %s → %s in %.1f s",
+                    len(report.built) + len(report.failed), len(todo), entry["uid"],
+                    "x".join(map(str, entry["original_shape"])), "x".join(map(str, entry["shape"])), entry["seconds"],
+                )  # fmt: skip
+
+            def failed(record: ScanRecord, err: Exception) -> None:
+                if strict:
+                    raise err
+                log.error("skipped scan %s: %s", record.uid, err)
+                report.failed[record.uid] = str(err)
+
+            if workers <= 1 or len(todo) <= 1:
+                for record, fingerprint in todo:
+                    try:
+                        entry = preprocess_scan(record, settings, self.root, fingerprint, read_fn, strict)
+                    except (ValueError, OSError, RuntimeError) as err:
+                        failed(record, err)
+                        continue
+                    done(entry)
+            else:
+                self._build_parallel(todo, settings, read_fn, workers, strict, done, failed)
+        return report
+
+    def _build_parallel(self, todo, settings, read_fn, workers, strict, done, failed) -> None:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(threads,)) as pool:
+            pending = {
+                pool.submit(
+                    preprocess_scan, record, settings, self.root, fingerprint, read_fn, strict
+                ): record
+                for record, fingerprint in todo
+            }
+            try:
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        record = pending.pop(future)
+                        try:
+                            entry = future.result()
+                        except (ValueError, OSError, RuntimeError) as err:
+                            failed(record, err)
+                            continue
+                        done(entry)
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prepare_cache(
+    records: Iterable[ScanRecord],
+    out: str | Path,
+    settings: PrepareSettings | None = None,
+    workers: int = 1,
+    strict: bool = True,
+) -> PreprocessedCache:
+    """Build (or bring up to date) the cache at `out`; what a DataModule's `prepare_data()` calls."""
+    cache = PreprocessedCache(out)
+    report = cache.build(records, settings, workers=workers, strict=strict)
+    log.info("preprocessed cache %s: %s", cache.root, report.summary())
+    return cache

@@ -1,0 +1,101 @@
+"""`lungdata prepare <dataset> --root R --out O [--spacing 1] [--lenient] [--workers N]`.
+
+Builds the preprocessed cache (`common.cache`): every scan of the dataset resampled to `--spacing` mm with
+a cubic B-spline, clipped to [−1024, 3071] HU and stored as int16 with its lung mask, plus `manifest.json`.
+Re-running skips every scan whose inputs and settings are unchanged, so an interrupted run (Ctrl-C, a
+killed job) is finished by simply running the same command again.
+
+Datasets come from `DATASETS`: name → "module:Class" of a `ScanDataset` whose constructor takes
+`(root, strict=...)`. Adding a dataset is one entry (or `register_dataset(name, "module:Class")`); its root
+defaults to the class's `env_var` environment variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+from pathlib import Path
+
+from common.cache import PrepareSettings, PreprocessedCache
+from common.datasets.base import ScanDataset
+
+log = logging.getLogger(__name__)
+
+DATASETS: dict[str, str] = {
+    "luna16": "common.datasets.luna16:LUNA16Dataset",
+}
+
+
+def register_dataset(name: str, target: str) -> None:
+    """Make `lungdata prepare NAME` use the adapter `target` ("package.module:ClassName")."""
+    DATASETS[name] = target
+
+
+def dataset_class(name: str) -> type[ScanDataset]:
+    """Import the adapter registered under `name`."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+    module_name, _, class_name = DATASETS[name].partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prepare",
+        help="build the preprocessed cache (1 mm int16 HU + lung masks + manifest.json) for a dataset",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("dataset", choices=sorted(DATASETS), help="dataset adapter")
+    parser.add_argument(
+        "--root", type=Path, default=None, help="dataset root (default: its environment variable)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="cache folder")
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        metavar="MM",
+        help="target spacing: one value or x y z",
+    )
+    parser.add_argument(
+        "--lung-mask",
+        choices=("auto", "computed", "provided"),
+        default="auto",
+        help="lung masks: the dataset's own where present (auto), always computed, or required provided",
+    )
+    parser.add_argument("--order", type=int, choices=(1, 3), default=3, help="image interpolation order")
+    parser.add_argument("--lenient", action="store_true", help="log and skip bad rows and bad scans")
+    parser.add_argument("--workers", type=int, default=1, help="scans processed in parallel")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cls = dataset_class(args.dataset)
+    root = args.root
+    if root is None:
+        env_var = getattr(cls, "env_var", None)
+        value = os.environ.get(env_var) if env_var else None
+        if not value:
+            raise FileNotFoundError(
+                f"no dataset root: pass --root or set {env_var or 'the dataset environment variable'}; for a "
+                f"synthetic stand-in run `lungdata synth {args.dataset} --out DIR`"
+            )
+        root = Path(value)
+    if len(args.spacing) not in (1, 3):
+        raise ValueError(f"--spacing takes one value or three (x y z), got {args.spacing}")
+    spacing = tuple(args.spacing * 3) if len(args.spacing) == 1 else tuple(args.spacing)
+    settings = PrepareSettings(spacing=spacing, order=args.order, lung_mask=args.lung_mask)
+    strict = not args.lenient
+    dataset = cls(root, strict=strict)
+    records = dataset.records
+    if not records:
+        raise ValueError(f"{args.dataset}: no scans found under {root}")
+    cache = PreprocessedCache(args.out)
+    report = cache.build(records, settings, workers=args.workers, strict=strict)
+    print(f"lungdata prepare {args.dataset}: {report.summary()}; manifest {cache.manifest_path}")
+    for uid, reason in report.failed.items():
+        print(f"  failed {uid}: {reason}")
+    return 0
