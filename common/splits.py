@@ -11,7 +11,7 @@ Split kinds:
 
 * ``ratio_split`` — train/val/test (any names) by ratios, optionally stratified by a per-patient label.
 * ``kfold_split`` — k patient-disjoint folds (``fold0`` … ``fold{k-1}``), optionally stratified
-  (scikit-learn ``StratifiedGroupKFold`` / ``GroupKFold``).
+  (scikit-learn ``GroupKFold``; seeded stratified dealing).
 * ``luna16_subset_folds`` — the ten official LUNA16 subsets (``subset0`` … ``subset9``) as folds.
 * ``claf_sixfold`` — the six-fold cross-validation of the CLAF paper (papers/001). The paper states only
   that six folds were used ("six subsets"), not how they were formed. We form six seeded patient-level
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+from sklearn.model_selection import GroupKFold
 
 from common.datasets.base import ScanRecord
 
@@ -406,8 +406,11 @@ def kfold_split(
 ) -> Split:
     """Split patients into `k` disjoint folds named ``{part_prefix}0`` … ``{part_prefix}{k-1}``.
 
-    Uses scikit-learn's ``StratifiedGroupKFold`` (stratified, per-patient label) or shuffled
-    ``GroupKFold`` with `seed`, so the same seed gives the same folds.
+    Without stratification, scikit-learn's shuffled ``GroupKFold`` over the scans with the patients as
+    groups (so folds also hold similar numbers of scans). With stratification, patients are shuffled within
+    their stratum and dealt to the folds in turn, one stratum after the other, which keeps every stratum
+    spread evenly even when a stratum has fewer patients than folds (where scikit-learn's
+    ``StratifiedGroupKFold`` refuses). Both are seeded: the same seed gives the same folds.
 
     Raises:
         SplitError: fewer patients than folds.
@@ -418,17 +421,25 @@ def kfold_split(
     if len(groups) < k:
         raise SplitError(f"{k}-fold split needs at least {k} patients, the data has {len(groups)}")
     patients = list(groups)
-    strata = np.array([_patient_stratum(groups[p]) for p in patients])
-    index = np.arange(len(patients))
-    if stratify:
-        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        folds = splitter.split(index, strata, groups=index)
-    else:
-        folds = GroupKFold(n_splits=k, shuffle=True, random_state=seed).split(index, groups=index)
     part_of: dict[str, str] = {}
-    for fold_index, (_, test_index) in enumerate(folds):
-        for i in test_index:
-            part_of[patients[i]] = f"{part_prefix}{fold_index}"
+    if stratify:
+        rng = np.random.default_rng(seed)
+        by_stratum: dict[int, list[str]] = defaultdict(list)
+        for patient in patients:
+            by_stratum[_patient_stratum(groups[patient])].append(patient)
+        turn = int(rng.integers(k))
+        for stratum in sorted(by_stratum):
+            members = by_stratum[stratum]
+            for i in rng.permutation(len(members)):
+                part_of[members[i]] = f"{part_prefix}{turn % k}"
+                turn += 1
+    else:
+        scans = [(number, patient) for number, patient in enumerate(patients) for _ in groups[patient]]
+        group_index = np.array([number for number, _ in scans])
+        folds = GroupKFold(n_splits=k, shuffle=True, random_state=seed).split(group_index, groups=group_index)
+        for fold_index, (_, test_index) in enumerate(folds):
+            for i in test_index:
+                part_of[scans[i][1]] = f"{part_prefix}{fold_index}"
     names = [f"{part_prefix}{i}" for i in range(k)]
     return Split(
         _assign(groups, part_of),

@@ -103,7 +103,9 @@ def make_split(args: argparse.Namespace) -> Split:
         split = luna16_subset_folds(records, on_conflict="merge" if args.merge_patients else "error")
     else:
         split = claf_sixfold(records, seed=args.seed)
-    split.meta.update({"dataset": args.dataset, "stratify": args.stratify})
+    split.meta["dataset"] = args.dataset
+    if args.method in ("ratio", "kfold"):
+        split.meta["stratify"] = args.stratify
     return split
 
 

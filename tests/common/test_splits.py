@@ -106,6 +106,13 @@ def test_claf_sixfold_balances_nodules():
     assert max(per_fold) - min(per_fold) <= 4, per_fold  # 90 nodules over 6 folds of 10 patients
 
 
+def test_stratified_kfold_with_strata_smaller_than_k():
+    records = _records(6, 1)  # strata of 1-2 patients each, fewer than the six folds
+    split = claf_sixfold(records, seed=1)
+    assert [len(split.patients(p)) for p in split.parts] == [1] * 6
+    assert split.assignments == claf_sixfold(records, seed=1).assignments
+
+
 def test_luna16_subset_folds_and_patient_conflicts():
     records = [ScanRecord(f"u{i}", f"u{i}", Path("x"), fold=i % 10) for i in range(20)]
     split = luna16_subset_folds(records)
