@@ -213,14 +213,18 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> CTVolume:
         volume = _read_dicom_folder(path, series_uid)
     else:
         name = path.name.lower()
+        compressed_data = None
         if name.endswith(".mhd"):
-            _check_mhd(path)
+            compressed_data = _check_mhd(path)
         elif not name.endswith(_NIFTI_SUFFIXES):
             raise VolumeReadError(
                 f"{path}: unsupported file type; expected .mhd (with .raw/.zraw), .nii, .nii.gz or a DICOM folder"
             )
         try:
-            img = sitk.ReadImage(str(path))
+            if compressed_data is not None:
+                img = _read_compressed_mhd(path, *compressed_data)
+            else:
+                img = sitk.ReadImage(str(path))
         except RuntimeError as err:
             raise VolumeReadError(
                 f"{path}: SimpleITK could not read it ({_first_line(err)}); the file is corrupt or not an image"
@@ -284,8 +288,14 @@ def parse_mhd_header(path: str | Path) -> dict[str, str]:
     return fields
 
 
-def _check_mhd(path: Path) -> None:
-    """Validate an MHD header and its data file before SimpleITK sees them, with messages that say what to do."""
+def _check_mhd(path: Path) -> tuple[Path, np.dtype, list[int]] | None:
+    """Validate an MHD header and its data file before SimpleITK sees them, with messages that say what to do.
+
+    Returns:
+        For zlib-compressed single-channel data of a known type: (data file, dtype, DimSize), so that
+        `read_volume` decodes it itself (SimpleITK only prints a warning for a corrupt .zraw and returns
+        garbage voxels). None otherwise.
+    """
     try:
         fields = parse_mhd_header(path)
     except OSError as err:
@@ -311,7 +321,7 @@ def _check_mhd(path: Path) -> None:
             )
     data_name = fields["ElementDataFile"]
     if data_name.upper() == "LOCAL" or data_name.upper().startswith("LIST") or "%" in data_name:
-        return  # data inside the header file or a file pattern: let SimpleITK check it
+        return None  # data inside the header file or a file pattern: let SimpleITK check it
     data_path = path.parent / data_name
     if not data_path.exists():
         raise VolumeReadError(
@@ -327,11 +337,17 @@ def _check_mhd(path: Path) -> None:
                 f"{data_path}: compressed data size mismatch, header says {int(size_text)} bytes, file has "
                 f"{actual} bytes; the file is truncated or corrupt, re-download or re-export it"
             )
-        return
     met = fields["ElementType"].strip()
-    if met not in _MET_TYPES:
-        return  # exotic element types: SimpleITK decides
     channels = int(fields.get("ElementNumberOfChannels", "1"))
+    if met not in _MET_TYPES:
+        return None  # exotic element types: SimpleITK decides
+    if compressed:
+        if channels != 1 or len(dims) != 3:
+            return None
+        dtype = _MET_TYPES[met].newbyteorder(
+            ">" if fields.get("BinaryDataByteOrderMSB", "False") == "True" else "<"
+        )
+        return data_path, dtype, dims
     expected = int(np.prod(dims)) * _MET_TYPES[met].itemsize * channels
     header_size = int(fields.get("HeaderSize", "0"))
     if header_size == -1:
@@ -344,6 +360,32 @@ def _check_mhd(path: Path) -> None:
             f"{data_path}: size mismatch, expected {expected} bytes for DimSize {dims} x {met} but the file has "
             f"{actual} bytes; the file is truncated or does not belong to {path.name}, re-download or re-export it"
         )
+    return None
+
+
+def _read_compressed_mhd(path: Path, data_path: Path, dtype: np.dtype, dims: list[int]) -> sitk.Image:
+    """Decode a .zraw ourselves (integrity checked) and take the geometry from SimpleITK's header parser."""
+    info = sitk.ImageFileReader()
+    info.SetFileName(str(path))
+    info.ReadImageInformation()
+    expected = int(np.prod(dims)) * dtype.itemsize
+    try:
+        payload = zlib.decompressobj(wbits=47).decompress(data_path.read_bytes())  # zlib or gzip stream
+    except zlib.error as err:
+        raise VolumeReadError(
+            f"{data_path}: corrupt compressed data ({err}); the file is damaged, re-download or re-export it"
+        ) from err
+    if len(payload) != expected:
+        raise VolumeReadError(
+            f"{data_path}: decompresses to {len(payload)} bytes, expected {expected} for DimSize {dims}; the file "
+            "is truncated or does not belong to its header, re-download or re-export it"
+        )
+    array = np.frombuffer(payload, dtype=dtype).reshape(dims[::-1]).astype(dtype.newbyteorder("="))
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing(info.GetSpacing())
+    img.SetOrigin(info.GetOrigin())
+    img.SetDirection(info.GetDirection())
+    return img
 
 
 def _read_dicom_folder(folder: Path, series_uid: str | None) -> CTVolume:
