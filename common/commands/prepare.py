@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 
 DATASETS: dict[str, str] = {
     "luna16": "common.datasets.luna16:LUNA16Dataset",
+    "lidc": "common.datasets.lidc:LIDCDataset",
+    "lndb": "common.datasets.lndb:LNDbDataset",
+    "tianchi": "common.datasets.tianchi:TianchiDataset",
+    "ldfc": "common.datasets.ldfc:LDFCDataset",
+    "spatiotemporal": "common.datasets.spatiotemporal:SpatioTemporalDataset",
 }
 
 

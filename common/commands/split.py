@@ -6,18 +6,17 @@
     lungdata split check splits/stpd.json --dataset spatiotemporal --root $STPD_ROOT
     lungdata split show splits/stpd.json
 
-Datasets are found by convention: ``common.datasets.<name>`` holds a `ScanDataset` subclass whose
-``name`` is the dataset name; its root defaults to the dataset's environment variable.
+Datasets are the adapters registered for `lungdata prepare` (`common.commands.prepare.DATASETS`); a
+dataset's root defaults to its environment variable.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import os
 from pathlib import Path
 
+from common.commands.prepare import DATASETS, dataset_class
 from common.datasets.base import ScanDataset
 from common.splits import (
     Split,
@@ -32,44 +31,22 @@ from common.splits import (
     ratio_split,
 )
 
-ENV_VARS = {
-    "luna16": "LUNA16_ROOT",
-    "lidc": "LIDC_ROOT",
-    "lndb": "LNDB_ROOT",
-    "tianchi": "TIANCHI_ROOT",
-    "ldfc": "LDFC_ROOT",
-    "spatiotemporal": "STPD_ROOT",
-}
 METHODS = ("ratio", "kfold", "luna16-subsets", "claf6")
 STRATA = {"none": None, "label": max_nodule_label, "nodules": nodule_count_stratum}
 
 
-def dataset_class(name: str) -> type[ScanDataset]:
-    """The adapter class of dataset `name` (``common.datasets.<name>``, attribute ``name == <name>``).
-
-    Raises:
-        ValueError: no such adapter module or class.
-    """
-    try:
-        module = importlib.import_module(f"common.datasets.{name}")
-    except ModuleNotFoundError:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(ENV_VARS)}") from None
-    for _, obj in inspect.getmembers(module, inspect.isclass):
-        if issubclass(obj, ScanDataset) and obj is not ScanDataset and getattr(obj, "name", None) == name:
-            return obj
-    raise ValueError(f"common.datasets.{name} defines no ScanDataset with name {name!r}")
-
-
 def open_dataset(name: str, root: str | Path | None, lenient: bool = False) -> ScanDataset:
-    """Instantiate an adapter; the root defaults to the dataset's environment variable."""
+    """Instantiate a registered adapter (`lungdata prepare`'s `DATASETS`); the root defaults to its env var."""
     cls = dataset_class(name)
-    env = getattr(cls, "env_var", None) or ENV_VARS.get(name, f"{name.upper()}_ROOT")
     if root is None:
+        env = getattr(cls, "env_var", None) or f"{name.upper()}_ROOT"
         root = os.environ.get(env)
         if not root:
-            raise ValueError(f"no --root given and ${env} is not set; point it at your {name} copy")
-    kwargs = {"strict": False} if lenient and "strict" in inspect.signature(cls).parameters else {}
-    return cls(root, **kwargs)
+            raise ValueError(
+                f"no --root given and ${env} is not set; point it at your {name} copy or make a stand-in with "
+                f"`lungdata synth {name} --out DIR`"
+            )
+    return cls(root, strict=not lenient)
 
 
 def _ratios(values: list[str]) -> dict[str, float]:
@@ -142,7 +119,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     actions = parser.add_subparsers(dest="split_command", required=True, metavar="ACTION")
 
     make = actions.add_parser("make", help="make a seeded patient-level split of a dataset")
-    make.add_argument("dataset", help=f"dataset name ({', '.join(ENV_VARS)})")
+    make.add_argument("dataset", choices=sorted(DATASETS), help="dataset adapter")
     make.add_argument("--root", help="dataset root (default: its environment variable)")
     make.add_argument("--out", type=Path, required=True, help="split file to write (.json or .csv)")
     make.add_argument(
@@ -176,4 +153,4 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
-__all__ = ["SplitError", "dataset_class", "make_split", "open_dataset", "register"]
+__all__ = ["SplitError", "make_split", "open_dataset", "register"]
