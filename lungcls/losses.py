@@ -55,7 +55,7 @@ __all__ = [
 def _check_embedding(z: Tensor, name: str = "embedding") -> Tensor:
     if z.ndim != 2:
         raise ValueError(f"{name} must be a (batch, dim) matrix, got shape {tuple(z.shape)}")
-    return z.float()
+    return z if z.dtype in (torch.float32, torch.float64) else z.float()
 
 
 def _full_precision(reference: Tensor) -> torch.autocast:
@@ -148,7 +148,8 @@ def attention_l2_penalty(attention: Sequence[Tensor]) -> Tensor:
     for weights in attention:
         if weights.ndim != 4:
             raise ValueError(f"attention maps must be (B, heads, Lq, Lk), got {tuple(weights.shape)}")
-        terms.append(weights.float().pow(2).sum(dim=(-2, -1)).mean())
+        weights = weights if weights.dtype in (torch.float32, torch.float64) else weights.float()
+        terms.append(weights.pow(2).sum(dim=(-2, -1)).mean())
     return torch.stack(terms).sum()
 
 
