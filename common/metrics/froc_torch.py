@@ -171,7 +171,16 @@ class LUNA16FROC(Metric):
         }
 
     def compute_result(self) -> FROCResult:
-        """The full :class:`~common.metrics.froc.FROCResult` (curve, counts, bootstrap) of all ranks."""
+        """The full :class:`~common.metrics.froc.FROCResult` (curve, counts, bootstrap) of all ranks.
+
+        Goes through :meth:`compute` so that the states are gathered across ranks first.
+        """
+        self.compute()
+        assert self._last is not None
+        return self._last
+
+    def _evaluate(self) -> FROCResult:
+        """Run the numpy core on the (already gathered) states."""
         s = self._gathered()
         keys, tokens = s["scan_key"], s["scan_token"]
         # One submission per scan: the smallest token wins (duplicates come from sampler padding).
@@ -194,7 +203,7 @@ class LUNA16FROC(Metric):
         n_mask, n_scan = scan_index(s["nod_token"])
         cand = s["cand_data"][c_mask]
         nod = s["nod_data"][n_mask]
-        self._last = evaluate_froc(
+        return evaluate_froc(
             c_scan,
             cand[:, :3],
             cand[:, 3],
@@ -210,11 +219,10 @@ class LUNA16FROC(Metric):
             max_marks=self.max_marks,
             fp_rates=self.fp_rates,
         )
-        return self._last
 
     def compute(self) -> dict[str, torch.Tensor]:
         """``{"cpm": ..., "sens@<rate>": ...}`` as float tensors (NaN when no nodule was seen)."""
-        result = self.compute_result()
+        result = self._last = self._evaluate()
         out = {"cpm": torch.tensor(result.cpm, dtype=torch.float32)}
         for rate, sens in zip(result.fp_rates, result.sensitivities):
             out[f"sens@{rate:g}"] = torch.tensor(float(sens), dtype=torch.float32)
