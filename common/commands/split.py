@@ -36,15 +36,15 @@ STRATA = {"none": None, "label": max_nodule_label, "nodules": nodule_count_strat
 
 
 def open_dataset(name: str, root: str | Path | None, lenient: bool = False) -> ScanDataset:
-    """Instantiate a registered adapter (`lungdata prepare`'s `DATASETS`); the root defaults to its env var."""
+    """Instantiate a registered adapter (`lungdata prepare`'s `DATASETS`); root defaults to its env var."""
     cls = dataset_class(name)
     if root is None:
         env = getattr(cls, "env_var", None) or f"{name.upper()}_ROOT"
         root = os.environ.get(env)
         if not root:
             raise ValueError(
-                f"no --root given and ${env} is not set; point it at your {name} copy or make a stand-in with "
-                f"`lungdata synth {name} --out DIR`"
+                f"no --root given and ${env} is not set; point it at your {name} copy or make a stand-in "
+                f"with `lungdata synth {name} --out DIR`"
             )
     return cls(root, strict=not lenient)
 

@@ -169,7 +169,8 @@ class VOCDetectionIndex:
     Args:
         root: the VOC tree root.
         image_dir: image folder name; default the first of Image, Images, JPEGImages that exists.
-        imagesets_dir: folder of the ``<part>.txt`` lists; default ImageSets/Main if it exists, else ImageSets.
+        imagesets_dir: folder of the ``<part>.txt`` lists; default ImageSets/Main if it exists, else
+            ImageSets.
         patient_pattern: regex with a ``patient`` group applied to image stems.
         strict: bad XML or a box outside its image is an error; lenient mode logs and skips the image.
     """
@@ -247,7 +248,8 @@ class VOCDetectionIndex:
             x0, y0, x1, y1 = corners
             if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
                 self.policy.bad_row(
-                    f"{xml_path}, object {number}: box {corners} is empty or outside the {width}x{height} image"
+                    f"{xml_path}, object {number}: box {corners} is empty or outside the "
+                    f"{width}x{height} image"
                 )
                 return None
             difficult = (obj.findtext("difficult") or "0").strip() == "1"

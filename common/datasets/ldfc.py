@@ -311,8 +311,8 @@ class LDFCDataset(ScanDataset):
                 best = min(dists, key=dists.get) if dists else None  # type: ignore[arg-type]
                 if best is None or dists[best] > tolerance:
                     self.policy.bad_row(
-                        f"{self.world_csv}, line {w['line']}: no nodule of scan {uid} in {self.voxel_csv} lies within "
-                        f"{tolerance:.1f} mm of it"
+                        f"{self.world_csv}, line {w['line']}: no nodule of scan {uid} in {self.voxel_csv} "
+                        f"lies within {tolerance:.1f} mm of it"
                     )
                     continue
                 unmatched_vox.discard(best)
@@ -320,7 +320,8 @@ class LDFCDataset(ScanDataset):
             nodules.append(self._nodule(uid, w["xyz"], w["diameter_mm"], match, w, geo))
         for i in sorted(unmatched_vox):
             self.policy.bad_row(
-                f"{self.voxel_csv}, line {vox[i]['line']}: nodule of scan {uid} has no counterpart in {self.world_csv}"
+                f"{self.voxel_csv}, line {vox[i]['line']}: nodule of scan {uid} has no counterpart in "
+                f"{self.world_csv}"
             )
         return nodules
 

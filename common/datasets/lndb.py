@@ -213,15 +213,16 @@ class LNDbDataset(ScanDataset):
                 continue
             if len(readers) != len(reader_findings):
                 self.policy.bad_row(
-                    f"{path}, line {line}: {len(readers)} readers but {len(reader_findings)} reader finding ids"
+                    f"{path}, line {line}: {len(readers)} readers but {len(reader_findings)} reader "
+                    "finding ids"
                 )
                 continue
             geo = geometry(uid)
             zyx = geo.world_to_voxel(xyz)
             if not geo.contains(zyx):
                 self.policy.bad_row(
-                    f"{path}, line {line}: finding at world {tuple(round(v, 2) for v in xyz)} lies outside {uid} "
-                    f"(voxel {tuple(np.round(zyx, 1))}, shape {geo.shape_zyx})"
+                    f"{path}, line {line}: finding at world {tuple(round(v, 2) for v in xyz)} lies outside "
+                    f"{uid} (voxel {tuple(np.round(zyx, 1))}, shape {geo.shape_zyx})"
                 )
                 continue
             extras = {

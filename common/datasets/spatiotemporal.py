@@ -165,8 +165,8 @@ class SpatioTemporalDataset(ScanDataset):
             )
         if unassigned:
             log.warning(
-                "%d of %d scans match neither the patient pattern nor a patient table; each is treated as its "
-                "own patient, so its follow-ups cannot be kept in one split part",
+                "%d of %d scans match neither the patient pattern nor a patient table; each is treated as "
+                "its own patient, so its follow-ups cannot be kept in one split part",
                 unassigned,
                 len(scans),
             )

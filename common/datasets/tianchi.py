@@ -7,7 +7,8 @@ Published layout: LUNA16-style MHD/RAW scans named by case id (``LKDS-00001.mhd`
 
 What the adapter exposes: one `ScanRecord` per scan (``uid`` = ``patient_id`` = case id, one scan per
 patient), nodules in world mm with ``extras["voxel_zyx"]``, the subset folder in
-``extras["subset"]`` (``train_subset03``), its part in ``extras["part"]`` and its number in ``fold``. Several annotation files (train + val) are merged.
+``extras["subset"]`` (``train_subset03``), its part in ``extras["part"]`` and its number in ``fold``.
+Several annotation files (train + val) are merged.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ class TianchiDataset(ScanDataset):
         scans = find_scans(self.root, "*.mhd")
         if not scans:
             raise FileNotFoundError(
-                f"no .mhd scans under {self.root}; point {ENV_VAR} at the Tianchi download or make a stand-in "
-                f"with `lungdata synth tianchi --out {self.root}`"
+                f"no .mhd scans under {self.root}; point {ENV_VAR} at the Tianchi download or make a "
+                f"stand-in with `lungdata synth tianchi --out {self.root}`"
             )
         if not self.annotation_files:
             raise FileNotFoundError(

@@ -3,8 +3,9 @@
 ```
 OUT/
   MHD_3D/<n>.mhd + .raw        n = 1 … N, one phantom CT per patient (int16 HU, common.io.write_mhd)
-  all_anno_3D.csv              index,image,x_min,x_max,y_min,y_max,z_min,z_max,x_center,y_center,z_center,diameter
-                               (stored voxel indices; centre = box centre; diameter = x extent in voxels)
+  all_anno_3D.csv              index,image,x_min,x_max,y_min,y_max,z_min,z_max,x_center,y_center,
+                               z_center,diameter (stored voxel indices; centre = box centre; diameter =
+                               x extent in voxels)
   anno_WorldCoord.csv          index,coordX,coordY,coordZ,diameter_mm,radius   (world mm of the box centre)
   BMP_classification/{train,test}/{0,1,2}/<n>_<slice>_<k>.bmp   axial slice through nodule k, [−1200, 600] HU
   BMP_2D/Image/<n>_<slice>.bmp, BMP_2D/Annotations/<n>_<slice>.xml, BMP_2D/ImageSets/{train,test}.txt

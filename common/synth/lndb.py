@@ -4,7 +4,7 @@
 OUT/
   data0/LNDb-0001.mhd + .raw …           CTs (int16 HU), 60 per data<k> folder as in the download zips
   masks/LNDb-0001_rad<R>.mhd + .zraw …   reader R's segmentation of that CT; voxel value = R's FindingID
-  trainNodules.csv      LNDbID,RadID,FindingID,x,y,z,Nodule,Volume,Text            (one row per reader finding)
+  trainNodules.csv      LNDbID,RadID,FindingID,x,y,z,Nodule,Volume,Text   (one row per reader finding)
   trainNodules_gt.csv   LNDbID,RadID,RadFindingID,FindingID,x,y,z,AgrLevel,Nodule,Volume,Text  (merged)
   trainFolds.csv        Fold0,Fold1,Fold2,Fold3 (LNDb ids per challenge fold)
   synth_manifest.json   ours: per finding its LIDC annotation ids, readers and merged values

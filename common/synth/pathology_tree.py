@@ -60,7 +60,7 @@ def write_voc_annotation(
     boxes: Sequence[tuple[int, int, int, int]],
     name: str = "nodule",
 ) -> Path:
-    """A Pascal-VOC annotation; `boxes` are inclusive 0-based pixel boxes (x0, y0, x1, y1), written 1-based."""
+    """A Pascal-VOC annotation; `boxes` are inclusive 0-based pixel boxes (x0, y0, x1, y1), 1-based in XML."""
     root = ET.Element("annotation")
     ET.SubElement(root, "folder").text = folder
     ET.SubElement(root, "filename").text = filename
