@@ -1,0 +1,204 @@
+"""Base datamodule over the preprocessed cache (`common.cache`).
+
+`prepare_data()` builds or updates the cache for the configured dataset (only on local rank 0; an unchanged
+cache is a no-op), `setup()` resolves the split into train / val / test / predict uids. Subclasses implement
+`build_dataset(part, uids)`; everything about where data lives and which scans go where is decided here, once.
+
+Splits: `split_file` (a file written by `lungdata split` or by an earlier run) wins; otherwise `split`
+chooses how one is made and it is saved beside the cache so every later run sees the same scans:
+- "luna16_subsets": the ten official subsets as folds; `fold` is the test subset, the next one validation;
+- "claf_sixfold": the CLAF paper's six folds (seeded), same rotation;
+- "ratio": patient-level train/val/test by `ratios` (seeded).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from common.cache import PrepareSettings, PreprocessedCache, prepare_cache
+from common.datasets.registry import open_dataset, resolve_root
+from common.splits import Split, claf_sixfold, items_from_records, luna16_subset_folds, ratio_split
+
+log = logging.getLogger(__name__)
+
+SPLIT_KINDS = ("luna16_subsets", "claf_sixfold", "ratio")
+PARTS = ("train", "val", "test")
+
+
+class CacheDataModule(LightningDataModule, abc.ABC):
+    """Dataset → preprocessed cache → split → per-part datasets.
+
+    Args:
+        dataset: adapter name (`common.datasets.registry.DATASETS`), e.g. "luna16".
+        root: dataset root; None takes the adapter's environment variable (LUNA16_ROOT, ...).
+        cache_dir: cache folder; None → `cache/<dataset>-<hash of root>` under the working directory.
+        spacing: resampling target in mm (isotropic).
+        split: how to make the split when `split_file` is absent (see module docstring).
+        split_file: an existing split file, or where to save the one made (default: in `cache_dir`).
+        fold: test fold index for k-fold splits.
+        ratios: train/val/test ratios for `split="ratio"`.
+        seed: split seed.
+        predict_root: a folder of scans to predict on (any layout `common.datasets.folder` reads); None
+            predicts the test part.
+        batch_size: batch size.
+        num_workers: data-loader workers.
+        lenient: log and skip bad scans/rows instead of stopping.
+        dataset_kwargs: extra adapter arguments (column names, file names, subsets, ...).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "luna16",
+        root: str | None = None,
+        cache_dir: str | None = None,
+        spacing: float = 1.0,
+        split: str = "luna16_subsets",
+        split_file: str | None = None,
+        fold: int = 0,
+        ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
+        seed: int = 0,
+        predict_root: str | None = None,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        lenient: bool = False,
+        dataset_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if split not in SPLIT_KINDS:
+            raise ValueError(f"split={split!r}: choose one of {SPLIT_KINDS} or give split_file")
+        self.save_hyperparameters()
+        self.dataset_name = dataset
+        self.root = root
+        self.spacing = float(spacing)
+        self.split_kind = split
+        self.split_file = split_file
+        self.fold = fold
+        self.ratios = tuple(ratios)
+        self.seed = seed
+        self.predict_root = predict_root
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.lenient = lenient
+        self.dataset_kwargs = dict(dataset_kwargs or {})
+        self._cache_dir = cache_dir
+        self.uids: dict[str, list[str]] = {}
+        self.datasets: dict[str, Dataset] = {}
+
+    # ------------------------------------------------------------------ locations
+    @property
+    def resolved_root(self) -> Path:
+        return resolve_root(self.dataset_name, self.root)
+
+    @property
+    def cache_dir(self) -> Path:
+        if self._cache_dir:
+            return Path(self._cache_dir)
+        digest = hashlib.sha1(str(self.resolved_root.resolve()).encode()).hexdigest()[:8]
+        return Path("cache") / f"{self.dataset_name}-{digest}"
+
+    @property
+    def predict_cache_dir(self) -> Path:
+        digest = hashlib.sha1(str(Path(self.predict_root).resolve()).encode()).hexdigest()[:8]
+        return self.cache_dir.parent / f"predict-{digest}"
+
+    @property
+    def settings(self) -> PrepareSettings:
+        return PrepareSettings(spacing=(self.spacing,) * 3)
+
+    def open_dataset(self):
+        """The adapter over the dataset root (records, candidates, ...)."""
+        return open_dataset(self.dataset_name, self.root, strict=not self.lenient, **self.dataset_kwargs)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def prepare_data(self) -> None:
+        records = self.open_dataset().records
+        prepare_cache(records, self.cache_dir, self.settings, strict=not self.lenient)
+        if self.predict_root:
+            folder = open_dataset("folder", self.predict_root)
+            prepare_cache(folder.records, self.predict_cache_dir, self.settings, strict=not self.lenient)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.cache = PreprocessedCache(self.cache_dir)
+        if not self.uids:
+            self.uids = self._resolve_split()
+            log.info("split %s: %s", self.split_kind, {k: len(v) for k, v in self.uids.items()})
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        for part in wanted.get(stage or "fit", PARTS):
+            if part not in self.datasets:
+                self.datasets[part] = self._dataset_for(part)
+
+    def _dataset_for(self, part: str) -> Dataset:
+        if part == "predict" and self.predict_root:
+            cache = PreprocessedCache(self.predict_cache_dir)
+            return self.build_dataset("predict", cache.uids, cache)
+        uids = self.uids["test" if part == "predict" else part]
+        if not uids:
+            raise ValueError(
+                f"the {part} part of the split is empty ({self.split_kind}, fold {self.fold}, {len(self.cache)} "
+                "cached scans); use more scans or another split"
+            )
+        return self.build_dataset(part, uids, self.cache)
+
+    def _resolve_split(self) -> dict[str, list[str]]:
+        cached = set(self.cache.uids)
+        path = (
+            Path(self.split_file)
+            if self.split_file
+            else self.cache_dir / f"split_{self.split_kind}_seed{self.seed}.json"
+        )
+        if path.is_file():
+            split = Split.load(path)
+        else:
+            records = [r for r in self.open_dataset().records if r.uid in cached]
+            if self.split_kind == "luna16_subsets":
+                split = luna16_subset_folds(records, on_conflict="merge")
+            elif self.split_kind == "claf_sixfold":
+                split = claf_sixfold(records, seed=self.seed)
+            else:
+                split = ratio_split(
+                    items_from_records(records), dict(zip(PARTS, self.ratios)), seed=self.seed
+                )
+            split.save(path)
+        if set(split.parts) <= set(PARTS):
+            parts = {p: [u for u in split.uids(p) if u in cached] if p in split.parts else [] for p in PARTS}
+        else:
+            folds = [p for p in split.parts if split.uids(p)]
+            present = Split([a for a in split.assignments if a.part in folds], split.meta)
+            parts = {
+                k: [u for u in v if u in cached] for k, v in present.fold(self.fold % len(folds)).items()
+            }
+        return parts
+
+    @abc.abstractmethod
+    def build_dataset(self, part: str, uids: list[str], cache: PreprocessedCache) -> Dataset:
+        """The dataset of one part ("train", "val", "test" or "predict"); subclasses decide what a sample is."""
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, part: str, shuffle: bool, batch_size: int | None = None, collate_fn=None) -> DataLoader:
+        return DataLoader(
+            self.datasets[part],
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_fn or getattr(self.datasets[part], "collate_fn", None),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)
