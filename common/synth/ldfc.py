@@ -17,6 +17,8 @@ Each patient gets ``nodules_per_scan`` nodules (default 3, the release averages 
 the class follows from the LIDC ratings of the real nodule (see `common.synth.pathology`). The train:test
 split of the 2D sets is 4:1 by patient, never by image. The release's BMP_3D and DICOM parts are not
 generated (no adapter reads them). Images keep the phantom's matrix (160 × 160 at the small preset).
+Every fourth patient from the second on is stored with the flipped LUNA16 direction (−1, −1, 1), so
+world↔voxel code is exercised on both orientations even in a two-scan tree.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from common.datasets.lidc_db import RATING_NAMES, LIDCDatabase
 
 log = logging.getLogger(__name__)
 
-BANK_VERSION = 1
+BANK_VERSION = 2
 #: Scans taken into the bank pool, in the order of sha256(series UID) (a fixed, unbiased selection).
 DEFAULT_POOL_SCANS = 160
 #: Extra scans holding ground-glass readings (median texture ≤ 2), which LIDC has few of (≈ 9%).
@@ -146,8 +146,8 @@ class BankNodule:
             "cluster_index": self.cluster_index,
             "annotation_ids": list(self.annotation_ids),
             "reader_ratings": [dict(r) for r in self.reader_ratings],
-            "reader_diameters_mm": [round(d, 4) for d in self.reader_diameters_mm],
-            "diameter_mm": round(self.diameter_mm, 4),
+            "reader_diameters_mm": list(self.reader_diameters_mm),
+            "diameter_mm": self.diameter_mm,
             "spacing": list(self.spacing),
         }
 

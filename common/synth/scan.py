@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from common.synth.nodules import (
     TEXTURE_CLASSES,
@@ -253,8 +254,19 @@ class _Placer:
         self.occupied = np.zeros(geometry.shape, dtype=bool)
         sx, sy, sz = geometry.spacing
         self.spacing_zyx = np.array([sz, sy, sx])
-        coarse = self.lung[:, ::2, ::2]
-        self.wall_distance = ndimage.distance_transform_edt(coarse, sampling=(sz, 2 * sy, 2 * sx))
+        # Distance to the lung wall for candidate screening (contacts are verified on the full grid later):
+        # lung voxels on a grid of about 1.6 mm, and a KD-tree of the wall voxels of that grid, which is far
+        # cheaper than a distance transform of the whole lung at the medium and large presets.
+        self.stride = np.array([max(1, round(1.6 / sz)), max(2, round(1.6 / sy)), max(2, round(1.6 / sx))])
+        kz, ky, kx = (int(v) for v in self.stride)
+        coarse = self.lung[::kz, ::ky, ::kx]
+        interior = coarse.copy()
+        for axis in range(3):
+            for shift in (1, -1):
+                interior &= np.roll(coarse, shift, axis=axis)
+        wall_voxels = np.argwhere(coarse & ~interior)
+        self.coarse_spacing = np.array([kz * sz, ky * sy, kx * sx])
+        self.wall_tree = cKDTree(wall_voxels * self.coarse_spacing)
         self.coarse_lung_index = np.flatnonzero(coarse)
         self.coarse_shape = coarse.shape
         segs = anatomy.segments
@@ -265,8 +277,13 @@ class _Placer:
 
     def _candidates(self, n: int) -> np.ndarray:
         picks = self.rng.integers(0, len(self.coarse_lung_index), size=n)
-        z, y, x = np.unravel_index(self.coarse_lung_index[picks], self.coarse_shape)
-        return np.stack([z, 2 * y, 2 * x], axis=1)
+        coarse = np.stack(np.unravel_index(self.coarse_lung_index[picks], self.coarse_shape), axis=1)
+        return coarse * self.stride
+
+    def _wall_distance_at(self, points: np.ndarray) -> np.ndarray:
+        """Distance (mm) from full-grid points to the nearest wall voxel of the coarse lung grid."""
+        distance, _ = self.wall_tree.query((points // self.stride) * self.coarse_spacing)
+        return distance
 
     def _vessel_distance(self, points_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Distance (mm) from points to the nearest vessel surface, and that vessel's local radius."""
@@ -311,7 +328,7 @@ class _Placer:
         centroid = np.argwhere(consensus).mean(axis=0)
         radius = template.entry.diameter_mm / 2.0
         points = self._candidates(n_candidates)
-        wall = self.wall_distance[points[:, 0], points[:, 1] // 2, points[:, 2] // 2]
+        wall = self._wall_distance_at(points)
         vdist, vrad = self._vessel_distance(points.astype(np.float64))
         if location == "isolated":
             keep = (wall >= radius + 2.5) & (vdist >= radius + 1.0)
@@ -367,7 +384,7 @@ class _Placer:
         """A free spot for a small finding inside the lung, away from the wall; returns its start."""
         half = np.asarray(mask.shape) // 2
         points = self._candidates(n_candidates)
-        wall = self.wall_distance[points[:, 0], points[:, 1] // 2, points[:, 2] // 2]
+        wall = self._wall_distance_at(points)
         for point in points[wall >= 4.0]:
             start = point - half
             box = self._box(start, mask.shape)

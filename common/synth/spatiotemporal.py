@@ -17,7 +17,8 @@ Each patient has ``nodules_per_scan`` nodules (default 3) of the six pathology c
 both the training and the validation patients cover all six; the class follows from the LIDC ratings of
 the real nodule (`common.synth.pathology.stpd_class`). Classification, 2D detection and 3D detection all
 split 5:1 / 4:1 *by patient*, so a patient's time points never straddle parts. The 5 mm and 1.25 mm
-variants of the release are not distinguished (the phantom draws 1.25–2.5 mm slices).
+variants of the release are not distinguished (the phantom draws 1.25–2.5 mm slices). Every fourth
+patient from the second on is stored with the flipped LUNA16 direction (−1, −1, 1).
 """
 
 from __future__ import annotations
