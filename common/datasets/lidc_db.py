@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import sqlite3
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -33,8 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.sparse.csgraph import connected_components
-from scipy.spatial import cKDTree
-from scipy.spatial.distance import pdist
+from scipy.spatial import ConvexHull, QhullError, cKDTree
 from skimage.draw import line as draw_line
 
 #: The nine characteristic ratings of an LIDC reading, in pylidc's order (malignancy last).
@@ -192,6 +192,20 @@ def _is_point_list(text: str) -> bool:
         return False
 
 
+def _max_pairwise_distance(points: np.ndarray) -> float:
+    """Largest distance between two of the points (0 for a single distinct point).
+
+    The farthest pair always lies on the convex hull, so long outlines are first reduced to their hull.
+    """
+    pts = points.astype(np.float64)
+    if len(pts) > 64:
+        try:
+            pts = pts[ConvexHull(pts).vertices]
+        except QhullError:  # all points on one line: the hull is degenerate, use them all
+            pass
+    return float(np.sqrt(((pts[:, None, :] - pts[None, :, :]) ** 2).sum(axis=2).max()))
+
+
 def _outline_pixels(
     rows: np.ndarray, cols: np.ndarray, nxt_r: np.ndarray, nxt_c: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -290,6 +304,7 @@ class LIDCDatabase:
         self._diameter_cache: dict[int, float] = {}
         self._centroid_cache: dict[int, tuple[float, float, float]] = {}
         self._cluster_cache: dict[tuple, list[list[int]]] = {}
+        self._nodule_tables: dict[float | None, pd.DataFrame] = {}
 
     # ------------------------------------------------------------------ raw tables
     def _read(self, sql: str) -> pd.DataFrame:
@@ -342,8 +357,9 @@ class LIDCDatabase:
         return self._read(f"SELECT id, scan_id, {cols} FROM annotations ORDER BY id")
 
     @cached_property
-    def _contour_table(self) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-        """All contours parsed at once: rows, point offsets, (x, y) points, row numbers per annotation."""
+    def _contour_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+        """All contours parsed at once: inclusion flags, z positions, point offsets, (x, y) points and the
+        contour rows of each annotation."""
         table = self._read(
             "SELECT id, annotation_id, inclusion, image_z_position, coords FROM contours "
             "ORDER BY annotation_id, id"
@@ -359,7 +375,9 @@ class LIDCDatabase:
             )
         offsets = np.r_[0, np.cumsum(counts)]
         rows_by_annotation = {int(aid): idx for aid, idx in table.groupby("annotation_id").indices.items()}
-        return table.drop(columns="coords"), offsets, points.reshape(-1, 2), rows_by_annotation
+        inclusion = table["inclusion"].to_numpy().astype(bool)
+        z_pos = table["image_z_position"].to_numpy(np.float64)
+        return inclusion, z_pos, offsets, points.reshape(-1, 2), rows_by_annotation
 
     @cached_property
     def _scan_info(self) -> dict[int, dict]:
@@ -438,22 +456,21 @@ class LIDCDatabase:
         if cached is not None:
             return cached
         scan_id = self.scan_of(annotation_id)
-        table, offsets, points, rows_by_annotation = self._contour_table
+        inclusion, z_pos, offsets, points, rows_by_annotation = self._contour_table
         rows = rows_by_annotation.get(annotation_id)
         if rows is None:
             raise ValueError(f"{self.path}: annotation id={annotation_id} has no contours rows")
         zs = self._zvals[scan_id]
-        inclusion = table["inclusion"].to_numpy()
-        z_pos = table["image_z_position"].to_numpy(np.float64)
+        slice_index = np.abs(zs[None, :] - z_pos[rows][:, None]).argmin(axis=1)
         out = []
-        for r in rows:
+        for r, k in zip(rows, slice_index):
             pts = points[offsets[r] : offsets[r + 1]]
             pts.setflags(write=False)
             out.append(
                 Contour(
                     points_xy=pts,
                     z_position=float(z_pos[r]),
-                    slice_index=int(np.abs(zs - z_pos[r]).argmin()),
+                    slice_index=int(k),
                     inclusion=bool(inclusion[r]),
                 )
             )
@@ -466,7 +483,9 @@ class LIDCDatabase:
         cached = self._points_cache.get(annotation_id)
         if cached is None:
             parts = [
-                np.c_[np.full(len(c.points_xy), c.slice_index), c.points_xy[:, 1], c.points_xy[:, 0]]
+                np.column_stack(
+                    (np.full(len(c.points_xy), c.slice_index), c.points_xy[:, 1], c.points_xy[:, 0])
+                )
                 for c in self.contours(annotation_id)
             ]
             cached = np.vstack(parts)
@@ -478,7 +497,7 @@ class LIDCDatabase:
     def _contour_box(self, annotation_id: int) -> np.ndarray:
         """[[zmin, zmax], [ymin, ymax], [xmin, xmax]] of the outline points (inclusive)."""
         pts = self.contour_points_voxel(annotation_id)
-        return np.c_[pts.min(axis=0), pts.max(axis=0)]
+        return np.stack((pts.min(axis=0), pts.max(axis=0)), axis=1)
 
     def _padded_box(self, box: np.ndarray, scan_id: int, pad: int | tuple[int, int, int]) -> np.ndarray:
         pads = np.broadcast_to(np.asarray(pad, dtype=np.int64), (3,))
@@ -487,7 +506,7 @@ class LIDCDatabase:
         limits = np.array([len(self._zvals[scan_id]) - 1, IMAGE_SIZE - 1, IMAGE_SIZE - 1])
         lo = np.maximum(box[:, 0] - pads, 0)
         hi = np.minimum(box[:, 1] + pads, limits)
-        return np.c_[lo, hi]
+        return np.stack((lo, hi), axis=1)
 
     def annotation_mask(
         self,
@@ -563,14 +582,16 @@ class LIDCDatabase:
         scan_id = self.scan_of(annotation_id)
         row = self.scan(scan_id)
         contours = self.contours(annotation_id)
-        zvals = np.unique([c.z_position for c in contours])
+        zvals = np.unique(np.array([c.z_position for c in contours]))
         if len(zvals) > 1:
-            zvals = np.r_[2 * zvals[0] - zvals[1], zvals, 2 * zvals[-1] - zvals[-2]]
+            zvals = np.concatenate(([2 * zvals[0] - zvals[1]], zvals, [2 * zvals[-1] - zvals[-2]]))
         volume = 0.0
         for contour in contours:
             xy = contour.points_xy.astype(np.float64) * float(row["pixel_spacing"])
             x, y = xy[:, 0], xy[:, 1]
-            area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+            x_prev = np.concatenate((x[-1:], x[:-1]))
+            y_prev = np.concatenate((y[-1:], y[:-1]))
+            area = 0.5 * abs(np.dot(x, y_prev) - np.dot(y, x_prev))
             if len(zvals) > 1:
                 j = int(np.abs(zvals - contour.z_position).argmin())
                 slab = 0.5 * (zvals[j + 1] - zvals[j - 1])
@@ -591,11 +612,9 @@ class LIDCDatabase:
         spacing = float(self.scan(self.scan_of(annotation_id))["pixel_spacing"])
         best = np.nan
         for contour in self.contours(annotation_id):
-            pts = np.unique(contour.points_xy, axis=0)
-            if len(pts) < 2:
-                continue
-            d = float(pdist(pts.astype(np.float64)).max()) * spacing
-            best = d if not best >= d else best
+            d = _max_pairwise_distance(contour.points_xy) * spacing
+            if d > 0 and not best >= d:
+                best = d
         self._diameter_cache[annotation_id] = best
         return best
 
@@ -697,15 +716,14 @@ class LIDCDatabase:
         n = len(ids)
         dist = np.full((n, n), np.inf)
         np.fill_diagonal(dist, 0.0)
+        gaps = np.maximum(0.0, np.maximum(lows[:, None, :] - highs[None], lows[None] - highs[:, None, :]))
+        near = np.linalg.norm(gaps, axis=2) <= tol
         trees: dict[int, cKDTree] = {}
-        for i in range(n):
-            gaps = np.maximum(0.0, np.maximum(lows[i] - highs, lows - highs[i]))
-            for j in np.flatnonzero(np.linalg.norm(gaps, axis=1) <= tol):
-                if j > i:
-                    if j not in trees:
-                        trees[j] = cKDTree(points[j])
-                    d, _ = trees[j].query(points[i], k=1, distance_upper_bound=tol * (1 + 1e-9) + 1e-9)
-                    dist[i, j] = dist[j, i] = float(d.min())
+        for i, j in zip(*np.nonzero(np.triu(near, k=1))):
+            if j not in trees:
+                trees[j] = cKDTree(points[j])
+            d, _ = trees[j].query(points[i], k=1, distance_upper_bound=tol * (1 + 1e-9) + 1e-9)
+            dist[i, j] = dist[j, i] = float(d.min())
         return dist
 
     def nodules(self, scan_id: int, tol: float | None = None) -> list[ClusteredNodule]:
@@ -727,6 +745,99 @@ class LIDCDatabase:
             )
         return out
 
+    @cached_property
+    def _annotation_geometry(self) -> pd.DataFrame:
+        rows = []
+        for annotation_id, scan_id in self._annotations[["id", "scan_id"]].itertuples(index=False):
+            z, y, x = self.centroid_voxel(annotation_id)
+            mm = self.voxel_to_mm(scan_id, (z, y, x))
+            rows.append(
+                {
+                    "id": int(annotation_id),
+                    "scan_id": int(scan_id),
+                    "diameter_mm": self.diameter_mm(annotation_id),
+                    "volume_mm3": self.contour_volume_mm3(annotation_id),
+                    "z": z,
+                    "y": y,
+                    "x": x,
+                    "x_mm": mm[0],
+                    "y_mm": mm[1],
+                    "z_mm": mm[2],
+                    "world_z": self.world_z(scan_id, z),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def annotation_geometry(self) -> pd.DataFrame:
+        """Per annotation: id, scan_id, diameter_mm, volume_mm3 (contour-derived), centroid (z, y, x) in
+        voxels, (x_mm, y_mm, z_mm) relative to the first pixel / slice, and world_z (exact slice position).
+
+        Computed once for the whole database (a few seconds) and cached.
+        """
+        return self._annotation_geometry.copy()
+
+    def nodule_table(self, tol: float | None = None) -> pd.DataFrame:
+        """Every clustered nodule of every scan, one row each (cached per `tol`).
+
+        The clusters are `cluster_annotations(scan_id, tol)`; the columns are those of `group_table`.
+        """
+        key = None if tol is None else float(tol)
+        if key not in self._nodule_tables:
+            groups = {int(s): self.cluster_annotations(s, tol=tol) for s in self._scans["id"]}
+            self._nodule_tables[key] = self.group_table(groups)
+        return self._nodule_tables[key].copy()
+
+    def group_table(self, groups: Mapping[int, Sequence[Sequence[int]]]) -> pd.DataFrame:
+        """Summarise given groups of annotations (scan id → list of annotation-id groups) as nodules.
+
+        Columns: scan_id, series_uid, patient_id, nodule_index (position of the group in its scan's
+        list), annotation_ids (tuple), n_readers, diameter_mm (mean over readers), volume_mm3 (mean
+        contour volume), centre z / y / x (mean of the readers' centroids, voxels), x_mm / y_mm / z_mm,
+        world_z, and the nine mean ratings under their `RATING_NAMES`.
+        """
+        geometry = self._annotation_geometry
+        position = {int(a): k for k, a in enumerate(geometry["id"])}
+        centres = geometry[["z", "y", "x"]].to_numpy(np.float64)
+        diameters = geometry["diameter_mm"].to_numpy(np.float64)
+        volumes = geometry["volume_mm3"].to_numpy(np.float64)
+        ratings = (
+            self._annotations.set_index("id").loc[geometry["id"], list(RATING_NAMES)].to_numpy(np.float64)
+        )
+        rows = []
+        for scan_id, scan_groups in groups.items():
+            info = self.scan(scan_id)
+            for index, group in enumerate(scan_groups):
+                try:
+                    at = [position[int(a)] for a in group]
+                except KeyError as err:
+                    raise KeyError(f"{self.path}: no annotation with id {err.args[0]}") from None
+                z, y, x = (float(v) for v in centres[at].mean(axis=0))
+                x_mm, y_mm, z_mm = self.voxel_to_mm(scan_id, (z, y, x))
+                row = {
+                    "scan_id": int(scan_id),
+                    "series_uid": info["series_uid"],
+                    "patient_id": info["patient_id"],
+                    "nodule_index": index,
+                    "annotation_ids": tuple(int(a) for a in group),
+                    "n_readers": len(group),
+                    "diameter_mm": float(np.nanmean(diameters[at])),
+                    "volume_mm3": float(volumes[at].mean()),
+                    "z": z,
+                    "y": y,
+                    "x": x,
+                    "x_mm": x_mm,
+                    "y_mm": y_mm,
+                    "z_mm": z_mm,
+                    "world_z": self.world_z(scan_id, z),
+                }
+                row.update(zip(RATING_NAMES, (float(v) for v in ratings[at].mean(axis=0))))
+                rows.append(row)
+        columns = [
+            "scan_id", "series_uid", "patient_id", "nodule_index", "annotation_ids", "n_readers",
+            "diameter_mm", "volume_mm3", "z", "y", "x", "x_mm", "y_mm", "z_mm", "world_z", *RATING_NAMES,
+        ]  # fmt: skip
+        return pd.DataFrame(rows, columns=columns)
+
     # ------------------------------------------------------------------ consensus
     def reader_masks(
         self,
@@ -747,7 +858,7 @@ class LIDCDatabase:
             raise ValueError(f"annotations {ids} belong to different scans {sorted(scans)}")
         scan_id = scans.pop()
         boxes = np.stack([self._contour_box(a) for a in ids])
-        box = np.c_[boxes[:, :, 0].min(axis=0), boxes[:, :, 1].max(axis=0)]
+        box = np.stack((boxes[:, :, 0].min(axis=0), boxes[:, :, 1].max(axis=0)), axis=1)
         box = self._padded_box(box, scan_id, pad)
         masks = np.stack([self.annotation_mask(a, box=box, outline=outline).mask for a in ids])
         return masks, tuple(int(v) for v in box[:, 0])
