@@ -329,14 +329,17 @@ def _trace_airways(
     threshold_hu: float,
     seed_search_mm: float = 80.0,
     seed_area_mm2: tuple[float, float] = (40.0, 800.0),
-) -> np.ndarray:
+) -> tuple[np.ndarray, float]:
     """Trace the trachea and extra-pulmonary bronchi slice by slice from the superior end.
 
     The seed is a small, roughly central air region in the first `seed_search_mm` of the scan (lung apices
     are lateral). Below it, every 2D air region that overlaps the previous slice's airway and stays small
     (≤ max(3 × seed area, 400 mm²)) is airway. Once a branch meets a lung its 2D region becomes large and the
     branch stops there, so intra-pulmonary bronchi stay in the lung. A bronchus that runs into the lung
-    within one working slice keeps that last stretch (a centimetre or two at the hilum) attached to the lung.
+    within a slice or two leaves a stub attached to the lung; `_cut_airway_stubs` removes it.
+
+    Returns:
+        The airway mask and the trachea's equivalent radius in mm (0 when no trachea was found).
     """
     sz, sy, sx = spacing_zyx
     pixel_area = sy * sx
@@ -345,6 +348,7 @@ def _trace_airways(
     airway = np.zeros_like(candidate)
     previous: np.ndarray | None = None
     max_area = 0.0
+    trachea_radius = 0.0
     for step, z in enumerate(order):
         labels, n = ndi.label(candidate[z])
         if previous is None:
@@ -354,14 +358,64 @@ def _trace_airways(
             if seed:
                 previous = labels == seed
                 airway[z] = previous
-                max_area = max(3.0 * float(previous.sum()) * pixel_area, 400.0)
+                seed_area = float(previous.sum()) * pixel_area
+                max_area = max(3.0 * seed_area, 400.0)
+                trachea_radius = float(np.sqrt(seed_area / np.pi))
             continue
         current = _follow(labels, previous, pixel_area, max_area)
         if not current.any():
             break
         airway[z] = current
         previous = current
-    return airway
+    return airway, trachea_radius
+
+
+def _airway_shell(airway: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    """Voxels 6-adjacent to the traced airway, as (box, mask within the box); None without an airway."""
+    if not airway.any():
+        return None
+    box = _bbox(airway, 1)
+    return box, ndi.binary_dilation(airway[box]) & ~airway[box]
+
+
+def _cut_airway_stubs(
+    lung: np.ndarray,
+    shell: tuple[tuple[slice, ...], np.ndarray],
+    spacing_zyx: tuple[float, float, float],
+    radius_mm: float,
+) -> np.ndarray:
+    """Remove bronchus stubs: parts of `lung` next to the traced airway too thin to hold a `radius_mm` ball.
+
+    A morphological opening (Euclidean ball, via two distance transforms) of the lung near where the airway
+    tracing stopped keeps the parenchyma and drops tube-like protrusions; only the thin pieces that touch the
+    airway are removed, so sharp lung edges elsewhere are untouched. Works in a small box around the contact.
+    """
+    shell_box, shell_mask = shell
+    contact = np.zeros(lung.shape, dtype=bool)
+    contact[shell_box] = shell_mask & lung[shell_box]
+    if not contact.any():
+        return lung
+    margin = [int(np.ceil(3 * radius_mm / s)) for s in spacing_zyx]
+    box = []
+    for axis, contact_box in enumerate(_bbox(contact[shell_box], 0)):
+        start = shell_box[axis].start + contact_box.start
+        stop = shell_box[axis].start + contact_box.stop
+        box.append(slice(max(0, start - margin[axis]), min(lung.shape[axis], stop + margin[axis])))
+    box = tuple(box)
+    part = lung[box]
+    inside = ndi.distance_transform_edt(part, sampling=spacing_zyx) > radius_mm
+    if inside.any():
+        opened = ndi.distance_transform_edt(~inside, sampling=spacing_zyx) <= radius_mm
+    else:
+        opened = np.zeros_like(part)
+    labels, _ = ndi.label(part & ~opened)
+    touching = np.unique(labels[contact[box]])
+    touching = touching[touching > 0]
+    if touching.size == 0:
+        return lung
+    out = lung.copy()
+    out[box] = part & ~np.isin(labels, touching)
+    return out
 
 
 def _airway_seed(
@@ -451,7 +505,8 @@ def lung_mask(
     """Lung parenchyma mask (CLAF recipe), uint8 (z, y, x) on the input grid.
 
     Steps: block-mean to ~`work_spacing_mm` → per-slice Gaussian (`sigma_mm`) → `threshold_hu` → drop air that
-    touches the in-plane border → trace and drop trachea/main bronchi → keep the largest component and the
+    touches the in-plane border → trace and drop trachea/main bronchi, and cut the bronchus stubs where the
+    tracing met the lungs → keep the largest component and the
     second largest when it has ≥ `min_second_fraction` of the largest's volume (otherwise bowel gas could
     pass as a lung) → per lung: closing (`closing_mm`) and per-slice hole filling → back to full resolution,
     re-deciding voxels within one working voxel of the surface by the full-resolution threshold.
@@ -491,8 +546,15 @@ def lung_mask(
         )
     candidate = _remove_border_air(coarse < threshold_hu)
     if remove_airways:
-        airway = _trace_airways(candidate, coarse, coarse_spacing, superior_last, threshold_hu)
+        airway, trachea_radius = _trace_airways(
+            candidate, coarse, coarse_spacing, superior_last, threshold_hu
+        )
         candidate &= ~airway
+        shell = _airway_shell(airway)
+        if shell is not None:
+            # Cut the bronchus stubs before choosing components: they may still join the two lungs.
+            # The opening ball must not fit in a main bronchus (≈ 0.7 trachea radius) but fit in the lung.
+            candidate = _cut_airway_stubs(candidate, shell, coarse_spacing, max(6.0, 1.2 * trachea_radius))
 
     labels, n = ndi.label(candidate)
     empty = np.zeros(array.shape, dtype=np.uint8)

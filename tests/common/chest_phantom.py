@@ -5,7 +5,7 @@ the head end, as with an identity direction in LPS):
 body ellipse (+40 HU) with a vertebra (+700 HU) inside the scanner's circular field of view (−3024 HU
 padding outside), two lung ellipsoids (−850 HU) with a few vessels (+40 HU spheres), a trachea tube of air
 (−1000 HU) from the top down to the carina, two main bronchi from the carina into the lungs, a pocket of
-bowel gas below the lungs, and Gaussian noise. Built slice by slice so a 512×512×300 scan takes seconds.
+bowel gas below and between the lungs, and Gaussian noise. Built slice by slice so a 512×512×300 scan takes seconds.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def chest_phantom(
                     3.5,
                 )
             )
-    gas = (np.array([cx + 0.1 * width, cy, 0.03 * length]), 12.0)
+    gas = (np.array([cx, cy + 0.05 * height, 0.03 * length]), min(12.0, 0.06 * width))
 
     hu = np.empty(shape, dtype=np.float32)
     lungs = np.zeros(shape, dtype=bool)
