@@ -38,7 +38,15 @@ import pandas as pd
 
 from common.datasets.base import Nodule, ScanDataset, ScanRecord
 from common.datasets.geometry import ScanGeometry
-from common.datasets.tables import AnnotationError, RowPolicy, cell_float, csv_line, find_scans, read_table
+from common.datasets.tables import (
+    AnnotationError,
+    RowPolicy,
+    cell_float,
+    csv_line,
+    find_scans,
+    mhd_data_file,
+    read_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +163,17 @@ class LUNA16Dataset(ScanDataset):
         selected: dict[str, tuple[Path, int]] = {}
         known: set[str] = set(self.series_uids())
         for index, folder in folders.items():
-            for uid, header in find_scans(folder, "*.mhd").items():
+            for uid, header in find_scans(folder, "*.mhd", check_data_files=False).items():
                 known.add(uid)
-                if self.subsets is None or index in self.subsets:
-                    selected[uid] = (header, index)
+                if self.subsets is not None and index not in self.subsets:
+                    continue
+                data = mhd_data_file(header)
+                if data is not None and not data.is_file():
+                    self.policy.bad_row(
+                        f"{header} points to pixel data {data.name} which is missing; re-extract subset{index}"
+                    )
+                    continue
+                selected[uid] = (header, index)
         return selected, known
 
     def _read_findings(
