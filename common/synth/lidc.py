@@ -45,7 +45,14 @@ from scipy import ndimage
 from common.datasets.lidc_db import RATING_NAMES
 from common.io import write_dicom_series, write_nifti
 from common.synth.luna16 import scan_volume
-from common.synth.manifest import atomic_write_text, manifest, scan_entry, write_manifest
+from common.synth.manifest import (
+    atomic_write_text,
+    manifest,
+    previous_files,
+    remove_stale,
+    scan_entry,
+    write_manifest,
+)
 from common.synth.nodules import ShapeBank
 from common.synth.scan import Finding, SynthScan, default_bank, generate_scan
 
@@ -322,6 +329,8 @@ def make_lidc(
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     bank = bank if bank is not None else default_bank()
+    before = previous_files(root)
+    written: set[Path] = set()
     rows: dict[str, list[tuple]] = {
         "scans": [],
         "annotations": [],
@@ -336,6 +345,8 @@ def make_lidc(
         scan = generate_scan(seed, index, size, bank)
         scan_id = index + 1
         series_dir = root / f"LIDC-IDRI-{scan_id:04d}" / scan.study_uid / scan.series_uid
+        for stale in series_dir.glob("*.dcm") if series_dir.is_dir() else ():
+            stale.unlink()  # our own series folder: a previous run may have had more slices
         files = write_dicom_series(
             scan_volume(scan),
             series_dir,
@@ -414,6 +425,7 @@ def make_lidc(
                 box = tuple(slice(s, s + n) for s, n in zip(rm.start, rm.mask.shape))
                 full[box][rm.mask] = 1
                 write_nifti(scan_volume(scan, full), mask_path)
+                written.add(mask_path)
                 reads.setdefault(session, []).append(
                     {
                         "finding": finding,
@@ -438,9 +450,11 @@ def make_lidc(
             "dicom_series": series_dir.relative_to(root).as_posix(),
             "xml": xml_path.relative_to(root).as_posix(),
         }
+        written |= {series_dir, xml_path}
         entries.append(entry)
         uids.append(scan.series_uid)
 
     _write_database(root / DATABASE_NAME, rows)
     write_manifest(root, manifest("lidc", seed, size, entries, bank, {"database": DATABASE_NAME}))
+    remove_stale(root, before, written)
     return LidcTree(root, tuple(uids), n_nodules, len(rows["annotations"]))

@@ -27,7 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from common.io import CTVolume, write_mhd
-from common.synth.manifest import atomic_write_text, manifest, scan_entry, write_manifest
+from common.synth.manifest import (
+    atomic_write_text,
+    manifest,
+    previous_files,
+    remove_stale,
+    scan_entry,
+    write_manifest,
+)
 from common.synth.nodules import ShapeBank
 from common.synth.scan import SynthScan, default_bank, generate_scan
 
@@ -110,6 +117,8 @@ def make_luna16(
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     bank = bank if bank is not None else default_bank()
+    before = previous_files(root)
+    written: set[Path] = set()
     annotations: list[tuple] = []
     excluded: list[tuple] = []
     candidates: list[tuple] = []
@@ -122,6 +131,7 @@ def make_luna16(
         mask_path = root / LUNG_MASK_DIR / f"{scan.series_uid}.mhd"
         write_mhd(scan_volume(scan), image_path)
         write_mhd(scan_volume(scan, scan.lung_labels), mask_path, compress=True)
+        written |= {image_path, mask_path}
         uids.append(scan.series_uid)
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index, 0xCA4D])))
         for finding in scan.findings:
@@ -152,4 +162,5 @@ def make_luna16(
     atomic_write_text(root / "candidates_V2.csv", _rows_to_csv(CANDIDATE_COLUMNS, candidates))
     atomic_write_text(root / "seriesuids.csv", _rows_to_csv(None, [(uid,) for uid in uids]))
     write_manifest(root, manifest("luna16", seed, size, entries, bank, {"subsets": subsets}))
+    remove_stale(root, before, written)
     return Luna16Tree(root, tuple(uids), len(annotations), len(excluded), len(candidates), subsets)

@@ -95,6 +95,59 @@ def write_manifest(folder: Path, document: dict[str, Any]) -> Path:
     return path
 
 
+def previous_files(folder: Path) -> set[Path]:
+    """Files and folders a previous synthetic tree in `folder` listed (empty when there is none).
+
+    Used to remove what a rerun with fewer scans no longer writes, so a tree never mixes runs; only
+    paths the previous manifest itself names, inside `folder`, are ever considered.
+    """
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return set()
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    root = folder.resolve()
+    found: set[Path] = set()
+    for scan in document.get("scans", []):
+        listed = list(scan.get("files", {}).values())
+        listed += [r.get("mask") for f in scan.get("findings", []) for r in f.get("readers", [])]
+        for relative in listed:
+            if not isinstance(relative, str):
+                continue
+            candidate = (folder / relative).resolve()
+            if candidate.is_relative_to(root) and candidate != root:
+                found.add(candidate)
+    return found
+
+
+def remove_stale(folder: Path, before: set[Path], written: set[Path]) -> None:
+    """Delete what the previous tree listed and this run did not write (MHD data files included)."""
+    import shutil
+
+    kept = {p.resolve() for p in written}
+    root = folder.resolve()
+    for path in sorted(before - kept):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            if path.suffix == ".mhd":
+                for data in (path.with_suffix(".raw"), path.with_suffix(".zraw")):
+                    data.unlink(missing_ok=True)
+            path.unlink()
+        # Drop the folders above it (subset, study, patient) that this left empty, up to the tree root.
+        for parent in path.parents:
+            if (
+                parent == root
+                or not parent.is_relative_to(root)
+                or not parent.is_dir()
+                or any(parent.iterdir())
+            ):
+                break
+            parent.rmdir()
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """Load the manifest of a synthetic tree.
 

@@ -11,12 +11,12 @@ the nodule's morphology and density, as on the real data.
 
 Class rules (mean reader ratings, LIDC scales; "calcified" = median calcification rating < 6):
 
-* LDFC — 0 benign: calcified or malignancy ≤ 2.5; 1 adenocarcinoma: otherwise subsolid (ground-glass or
-  part-solid texture) or smaller than 8 mm; 2 squamous: otherwise (solid, ≥ 8 mm, malignancy > 2.5).
+* LDFC — 0 benign: calcified, or solid with malignancy ≤ 2.5; 1 adenocarcinoma: uncalcified subsolid
+  (ground-glass or part-solid texture; adenocarcinomas are the subsolid cancers); 2 squamous: uncalcified
+  solid with malignancy > 2.5.
 * spatio-temporal — 6 other benign: calcified; 3 adenocarcinoma in situ: ground-glass; 2 minimally
   invasive adenocarcinoma: part-solid; solid with malignancy > 2.5: 1 invasive adenocarcinoma if ≥ 10 mm,
-  else 4 other malignant; solid with malignancy ≤ 2.5: 5 inflammation if irregular (margin < 4,
-  sphericity < 3.5 or lobulation ≥ 2), else 6.
+  else 4 other malignant; solid with malignancy ≤ 2.5: 5 inflammation.
 
 Scans are built from B2's phantom (`build_anatomy`, `finish_scan`) and placed with B2's verified placer,
 so anatomy, noise, flipped directions and juxta-pleural/vascular placements match the LUNA16 stand-in.
@@ -50,27 +50,24 @@ def _calcified(entry: BankNodule) -> bool:
 
 def ldfc_class(entry: BankNodule) -> int:
     """LDFC class of a bank nodule: 0 benign, 1 adenocarcinoma, 2 squamous cell carcinoma."""
-    ratings = entry.mean_ratings()
-    if _calcified(entry) or ratings["malignancy"] <= 2.5:
+    if _calcified(entry):
         return 0
-    if entry.texture_class != "solid" or entry.diameter_mm < 8.0:
+    if entry.texture_class != "solid":
         return 1
-    return 2
+    return 2 if entry.mean_ratings()["malignancy"] > 2.5 else 0
 
 
 def stpd_class(entry: BankNodule) -> int:
     """Spatio-temporal class (1…6) of a bank nodule; see the module docstring."""
-    ratings = entry.mean_ratings()
     if _calcified(entry):
         return 6
     if entry.texture_class == "ggo":
         return 3
     if entry.texture_class == "part-solid":
         return 2
-    if ratings["malignancy"] > 2.5:
+    if entry.mean_ratings()["malignancy"] > 2.5:
         return 1 if entry.diameter_mm >= 10.0 else 4
-    irregular = ratings["margin"] < 4.0 or ratings["sphericity"] < 3.5 or ratings["lobulation"] >= 2.0
-    return 5 if irregular else 6
+    return 5
 
 
 def class_decks(
@@ -325,17 +322,29 @@ def generate_patient(
 
 
 def balanced_labels(
-    classes: Sequence[int], n_patients: int, per_patient: int, held_out: Sequence[int]
+    classes: Sequence[int],
+    n_patients: int,
+    per_patient: int,
+    held_out: Sequence[int],
+    weights: Sequence[int] | None = None,
 ) -> list[list[int]]:
-    """Nodule classes per patient so that the training and the held-out patients each cycle through
-    every class (a part with a missing class is an error for the classification folders)."""
+    """Nodule classes per patient, balanced within the training and within the held-out patients.
+
+    Each patient gets `per_patient` distinct classes: those with the fewest images so far in its part
+    (a patient adds `weights[p]` images per nodule — its number of time points), ties broken in a class
+    order rotated per patient so that classes mix. Both parts therefore cycle through every class (a part with a missing class is an error for the
+    classification folders) and classes stay balanced even when patients have different numbers of scans.
+    """
     held = set(held_out)
-    counters = {True: 0, False: 0}
+    weights = list(weights) if weights is not None else [1] * n_patients
+    counts = {part: dict.fromkeys(classes, 0) for part in (True, False)}
     out = []
     for p in range(n_patients):
-        key = p in held
-        labels = [classes[(counters[key] + j) % len(classes)] for j in range(per_patient)]
-        counters[key] += per_patient
+        part = counts[p in held]
+        order = sorted(classes, key=lambda c, p=p: (part[c], (classes.index(c) - p) % len(classes)))
+        labels = sorted(order[: min(per_patient, len(classes))], key=classes.index)
+        for c in labels:
+            part[c] += weights[p]
         out.append(labels)
     return out
 

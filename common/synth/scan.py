@@ -67,9 +67,14 @@ FLIP_EVERY, FLIP_AT = 7, 3
 UID_DIGITS = 20
 
 
-def synthetic_uid(seed: int, index: int, kind: str) -> str:
-    """A DICOM-valid UID derived from (seed, scan index, kind) under `SYNTH_UID_ROOT`."""
-    digest = hashlib.sha256(f"lungcad-synth/{seed}/{index}/{kind}".encode()).hexdigest()
+def synthetic_uid(seed: int, index: int, kind: str, size: str = "small") -> str:
+    """A DICOM-valid UID derived from (seed, scan index, size preset, kind) under `SYNTH_UID_ROOT`.
+
+    The size is part of the key because a different preset is a different image: two phantoms never
+    share a series UID.
+    """
+    key = f"lungcad-synth/{seed}/{index}/{kind}" + ("" if size == "small" else f"/{size}")
+    digest = hashlib.sha256(key.encode()).hexdigest()
     number = str(int(digest, 16) % 10**UID_DIGITS).rjust(UID_DIGITS, "0")
     return f"{SYNTH_UID_ROOT}.{'1' + number[1:] if number[0] == '0' else number}"
 
@@ -228,14 +233,13 @@ def _make_deck(bank: ShapeBank, seed: int, size: str) -> _Deck:
     return _Deck(decks)
 
 
-_DECK_CACHE: dict[tuple[int, int, str], _Deck] = {}
-
-
 def _deck_for(bank: ShapeBank, seed: int, size: str) -> _Deck:
-    key = (id(bank), seed, size)
-    if key not in _DECK_CACHE:
-        _DECK_CACHE[key] = _make_deck(bank, seed, size)
-    return _DECK_CACHE[key]
+    """The deck of (seed, size), kept on the bank object (it depends only on the bank's entries)."""
+    decks = bank.__dict__.setdefault("_synth_decks", {})
+    key = (int(seed), size)
+    if key not in decks:
+        decks[key] = _make_deck(bank, seed, size)
+    return decks[key]
 
 
 # ------------------------------------------------------------------------------------------ placement
@@ -414,7 +418,7 @@ def generate_scan(seed: int, index: int, size: str = "small", bank: ShapeBank | 
     anatomy = build_anatomy(rng_anatomy, geometry)
     hu = anatomy.hu.copy()
     placer = _Placer(rng_findings, anatomy, geometry, hu)
-    series_uid = synthetic_uid(seed, index, "series")
+    series_uid = synthetic_uid(seed, index, "series", size)
     canonical: list[dict[str, Any]] = []
 
     n_accepted = _count(rng_findings, (0.1, 0.35, 0.35, 0.2))
@@ -530,7 +534,7 @@ def generate_scan(seed: int, index: int, size: str = "small", bank: ShapeBank | 
         index=int(index),
         size=size,
         series_uid=series_uid,
-        study_uid=synthetic_uid(seed, index, "study"),
+        study_uid=synthetic_uid(seed, index, "study", size),
         patient_id=patient_id(index),
         geometry=geometry,
         image=np.ascontiguousarray(image),

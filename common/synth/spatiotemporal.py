@@ -116,7 +116,7 @@ def make_spatiotemporal(
         held = held_out_patients(n_patients, VALIDATE_FRACTION, minimum)
     except ValueError as err:
         raise ValueError(f"{err} (the {n_scans} scans make {n_patients} patients)") from None
-    labels = balanced_labels(CLASSES, n_patients, nodules_per_scan, held)
+    labels = balanced_labels(CLASSES, n_patients, nodules_per_scan, held, weights=per_patient)
 
     rows, entries = [], []
     class_counts = {part: {str(c): 0 for c in CLASSES} for part in ("train", "validate")}

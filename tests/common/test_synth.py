@@ -85,7 +85,12 @@ def test_synthetic_uids_are_valid_and_never_real_lidc_uids():
     uid = synthetic_uid(0, 0, "series")
     assert uid.startswith(SYNTH_UID_ROOT + ".") and len(uid) + len(".9999") <= 64
     assert all(part.isdigit() and (part == "0" or not part.startswith("0")) for part in uid.split("."))
-    assert uid != synthetic_uid(1, 0, "series") != synthetic_uid(0, 1, "series")
+    others = {
+        synthetic_uid(1, 0, "series"),
+        synthetic_uid(0, 1, "series"),
+        synthetic_uid(0, 0, "series", "medium"),
+    }
+    assert uid not in others and len(others) == 3
     real = LIDCDatabase().scans()["series_uid"]
     # Every real LIDC/LUNA16 UID has exactly one arc after the LIDC root; ours have two.
     root = SYNTH_UID_ROOT.rsplit(".", 1)[0] + "."

@@ -214,3 +214,17 @@ def test_bad_arguments_are_refused(tmp_path):
         _run_cli(["synth", "luna16", "--out", str(tmp_path / "x"), "--scans", "0"])
     with pytest.raises(SystemExit):
         _run_cli(["synth", "luna16", "--out", str(tmp_path / "x"), "--size", "huge"])
+
+
+def test_rerun_with_fewer_scans_leaves_no_stale_files(tmp_path):
+    from common.synth.lidc import make_lidc
+    from common.synth.luna16 import make_luna16
+
+    make_luna16(tmp_path / "luna", n_scans=2, seed=5)
+    make_luna16(tmp_path / "luna", n_scans=1, seed=5)
+    images = sorted(p.stem for p in (tmp_path / "luna").glob("subset*/*.mhd"))
+    assert images == (tmp_path / "luna" / "seriesuids.csv").read_text().split()
+    assert not (tmp_path / "luna" / "subset1").exists() and len(list((tmp_path / "luna").rglob("*.raw"))) == 1
+    make_lidc(tmp_path / "lidc", n_scans=2, seed=5)
+    make_lidc(tmp_path / "lidc", n_scans=1, seed=5)
+    assert [p.name for p in (tmp_path / "lidc").glob("LIDC-IDRI-*")] == ["LIDC-IDRI-0001"]
