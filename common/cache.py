@@ -222,7 +222,7 @@ def _finding_entries(
         xyz = np.asarray(finding.world_xyz, dtype=np.float64)
         if not original.contains(original.world_to_voxel(xyz)):
             message = (
-                f"{finding.extras.get('source', 'annotation')}: finding at world {tuple(np.round(xyz, 2))} lies "
+                f"{finding.extras.get('source', 'annotation')}: finding at world {tuple(round(float(v), 2) for v in xyz)} lies "
                 f"outside scan {uid} (size {original.size_xyz} voxels at spacing {original.spacing})"
             )
             if strict:
@@ -320,6 +320,8 @@ def preprocess_scan(
     entry.update(_annotations(record, entry, strict))
 
     resampled = preprocess.resample_isotropic(volume, settings.spacing, order=settings.order, dtype=np.int16)
+    # The cubic B-spline overshoots at sharp edges (air/FOV border, bone): clip again to the HU range.
+    resampled = resampled.with_array(preprocess.clip_hu(resampled.array))
     use_provided = settings.lung_mask != "computed" and record.lung_mask_path is not None
     if settings.lung_mask == "provided" and record.lung_mask_path is None:
         raise FileNotFoundError(

@@ -33,7 +33,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from common.datasets.base import Nodule, ScanDataset, ScanRecord
@@ -286,8 +285,8 @@ class LUNA16Dataset(ScanDataset):
                     continue
                 where = finding.extras.get("source", "annotation")
                 message = (
-                    f"{where}: finding at world {tuple(round(v, 2) for v in finding.world_xyz)} lies "
-                    f"outside scan {record.uid} (voxel {tuple(np.round(zyx, 1))}, shape {geo.shape_zyx})"
+                    f"{where}: finding at world {tuple(round(float(v), 2) for v in finding.world_xyz)} lies "
+                    f"outside scan {record.uid} (voxel {tuple(round(float(v), 1) for v in zyx)}, shape {geo.shape_zyx})"
                 )
                 self.policy.bad_row(message)
                 problems.append(message)
