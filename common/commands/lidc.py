@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.datasets.lidc_db import LIDCDatabase
+from common.datasets.lidc_db import LIDCDatabase, default_database
 from common.datasets.lidc_derive import (
     GROUPINGS,
     LUNA16_PUBLISHED,
@@ -78,7 +78,7 @@ def _versus(value: int, published: int) -> str:
 
 
 def run_luna16(args: argparse.Namespace) -> int:
-    db = LIDCDatabase(args.database)
+    db = default_database() if args.database is None else LIDCDatabase(args.database)
     scans, nodules = derive_luna16(
         db,
         max_thickness=args.max_thickness,
@@ -102,7 +102,7 @@ def run_luna16(args: argparse.Namespace) -> int:
 
 
 def run_m3net(args: argparse.Namespace) -> int:
-    db = LIDCDatabase(args.database)
+    db = default_database() if args.database is None else LIDCDatabase(args.database)
     table = derive_m3net(
         db,
         min_diameter=_option(args, "min_diameter"),

