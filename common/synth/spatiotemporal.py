@@ -114,8 +114,13 @@ def make_spatiotemporal(
     minimum = math.ceil(len(CLASSES) / nodules_per_scan)
     try:
         held = held_out_patients(n_patients, VALIDATE_FRACTION, minimum)
-    except ValueError as err:
-        raise ValueError(f"{err} (the {n_scans} scans make {n_patients} patients)") from None
+    except ValueError:
+        needed = next(n for n in range(n_scans, 10 * n_scans + 100) if len(time_points(n)) >= 2 * minimum)
+        raise ValueError(
+            f"{n_scans} scans make {n_patients} patient(s), but the training and the validation part need "
+            f"{minimum} patients each to hold all {len(CLASSES)} classes with {nodules_per_scan} nodules per "
+            f"scan; use at least --scans {needed}"
+        ) from None
     labels = balanced_labels(CLASSES, n_patients, nodules_per_scan, held, weights=per_patient)
 
     rows, entries = [], []
