@@ -459,13 +459,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="batch size for --memory")
     parser.add_argument("--steps", type=int, default=1, help="training steps for --memory")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing for --memory")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads for --memory")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.widths:
         overrides["widths"] = tuple(args.widths)
     if args.memory:
         result = measure_training_memory(
-            args.variant, args.size, args.batch, args.steps, args.checkpointing, **overrides
+            args.variant, args.size, args.batch, args.steps, args.checkpointing, args.threads, **overrides
         )
         print(json.dumps(result, indent=2))
         return 0

@@ -287,3 +287,28 @@ def test_complexity_report_small() -> None:
     text = format_markdown(rep)
     assert "| CSCF |" in text and "Eq. 2 ratio" in text
     assert "| GCT |" in report("wo_cscf", image_size=SIZE, reference_variant=None, **SMALL)
+
+
+@pytest.mark.slow
+def test_full_model_learns_planted_disk() -> None:
+    """Longer check: GLANCE segments the disk and puts its heatmap peak on the centre."""
+    model = small("full")
+    image, targets = planted_disk(batch=2)
+    loss_fn = GlanceLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    for _ in range(150):
+        optimizer.zero_grad()
+        loss_fn(model(image), targets)["loss"].backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(image)
+    pred = (torch.sigmoid(out["seg"]) > 0.5).float()
+    inter = (pred * targets["mask"]).sum((1, 2, 3))
+    dice = 2 * inter / (pred.sum((1, 2, 3)) + targets["mask"].sum((1, 2, 3)))
+    assert dice.min() > 0.8, dice
+    for b in range(2):
+        peak = torch.argmax(out["heatmap"][b, 0])
+        true = torch.argmax(targets["heatmap"][b, 0])
+        (py, px), (ty, tx) = divmod(int(peak), SIZE), divmod(int(true), SIZE)
+        assert abs(py - ty) <= 2 and abs(px - tx) <= 2
