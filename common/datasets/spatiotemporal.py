@@ -62,7 +62,7 @@ DEFAULT_PATIENT_PATTERN = r"^(?P<patient>.+?)[_-]T(?P<time>\d+)$"
 # named the same way and leaves others unassigned (None).
 DEFAULT_IMAGE_PATIENT_PATTERN = r"^(?P<patient>.+?)[_-]T\d+(?:[_-]|$)"
 LUNG_MASK_DIR = "lung_mask"
-NON_SCAN_DIRS = (LUNG_MASK_DIR, "class_dataset", "JPEGImages", "Annotations", "ImageSets")
+NON_SCAN_DIRS = ("class_dataset", "JPEGImages", "Annotations", "ImageSets")
 
 
 class SpatioTemporalDataset(ScanDataset):
@@ -75,6 +75,7 @@ class SpatioTemporalDataset(ScanDataset):
         columns: CSV column names if your copy differs.
         patient_pattern: regex on the scan uid with groups ``patient`` (and optional ``time``).
         patient_table: CSV mapping ``seriesuid`` → ``patient_id`` (and ``time_point``); wins over the regex.
+        lung_mask_dir: name of the folder(s) holding the lung-segmented copies (not scans of their own).
         class_dir / voc_dir: the classification and 2D detection folders (VOC found automatically).
         image_patient_pattern: regex with a ``patient`` group for 2D image names.
         strict: bad rows are errors (default) or logged skips.
@@ -92,6 +93,7 @@ class SpatioTemporalDataset(ScanDataset):
         columns: WorldColumns | None = None,
         patient_pattern: str | None = DEFAULT_PATIENT_PATTERN,
         patient_table: str | Path | None = None,
+        lung_mask_dir: str = LUNG_MASK_DIR,
         class_dir: str = "class_dataset",
         voc_dir: str | None = None,
         image_patient_pattern: str | None = DEFAULT_IMAGE_PATIENT_PATTERN,
@@ -109,6 +111,7 @@ class SpatioTemporalDataset(ScanDataset):
         self.patient_table = Path(patient_table) if patient_table else None
         if self.patient_table is not None and not self.patient_table.is_absolute():
             self.patient_table = self.root / self.patient_table
+        self.lung_mask_dir = lung_mask_dir
         self.class_dir = class_dir
         self.voc_dir = voc_dir
         self.image_patient_pattern = image_patient_pattern
@@ -119,7 +122,7 @@ class SpatioTemporalDataset(ScanDataset):
     def _load_records(self) -> list[ScanRecord]:
         if not self.scan_dir.is_dir():
             raise FileNotFoundError(f"scan folder {self.scan_dir} does not exist")
-        scans = find_scans(self.scan_dir, "*.mhd", exclude_dirs=NON_SCAN_DIRS)
+        scans = find_scans(self.scan_dir, "*.mhd", exclude_dirs=(self.lung_mask_dir, *NON_SCAN_DIRS))
         if not scans:
             raise FileNotFoundError(
                 f"no .mhd scans under {self.scan_dir}; point {ENV_VAR} at the extracted download or make a "
@@ -130,7 +133,7 @@ class SpatioTemporalDataset(ScanDataset):
         lung_copies = {
             p.stem: p
             for p in self.root.rglob("*.mhd")
-            if LUNG_MASK_DIR in p.relative_to(self.root).parts[:-1]
+            if self.lung_mask_dir in p.relative_to(self.root).parts[:-1]
         }
         geometry = GeometryCache(scans)
         nodules: dict[str, list] = {}
