@@ -20,6 +20,7 @@ known (from its MHD or DICOM header).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -33,6 +34,9 @@ LUNA16_PUBLISHED = {"scans": 888, "nodules": 1186}
 M3NET_PUBLISHED = {"nodules": 2625, "benign": 1992, "malignant": 633}
 
 GROUPINGS = ("radii", "pylidc")
+
+#: LUNA16-merged nodules of every scan, computed once per database (the filters then only select rows).
+_RADII_TABLES: weakref.WeakKeyDictionary[LIDCDatabase, dict[str, pd.DataFrame]] = weakref.WeakKeyDictionary()
 
 LUNA16_SCAN_COLUMNS = [
     "seriesuid",
@@ -126,8 +130,12 @@ def _grouped_nodules(db: LIDCDatabase, scan_ids: Sequence[int], grouping: str) -
         raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
     if grouping == "pylidc":
         table = db.nodule_table()
-        return table[table["scan_id"].isin(scan_ids)].reset_index(drop=True)
-    return db.group_table(_radii_groups(scan_ids, db.annotation_geometry()))
+    else:
+        per_db = _RADII_TABLES.setdefault(db, {})
+        if "all" not in per_db:
+            per_db["all"] = db.group_table(_radii_groups(db.scans()["id"].tolist(), db.annotation_geometry()))
+        table = per_db["all"]
+    return table[table["scan_id"].isin(scan_ids)].reset_index(drop=True)
 
 
 def _centre_columns(table: pd.DataFrame) -> pd.DataFrame:
