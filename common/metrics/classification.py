@@ -11,7 +11,9 @@ With C classes, N_c test samples of class c and class weight w_c = N_c / N (pape
   F1 = Σ w_c F1_c; an undefined per-class ratio counts as 0 (scikit-learn's ``zero_division=0``).
   Weighted recall always equals ACC.
 - ROC-AUC = Σ w_c AUC_c and PR-AUC = Σ w_c AP_c, one-vs-rest on the class probabilities; AP is
-  the step-wise area under the precision-recall curve (scikit-learn ``average_precision_score``).
+  the step-wise area under the precision-recall curve (scikit-learn's ``average_precision_score``;
+  AUC, AP and QWK are computed here in numpy so that the bootstrap stays fast, and the tests check
+  them against scikit-learn).
   In the binary case both classes enter with their weights, as the formula says (ROC-AUC then
   equals the usual binary AUC; PR-AUC does not equal the positive-class AP).
 - QWK: Cohen's kappa with quadratic weights (papers/003, 004).
@@ -28,7 +30,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import average_precision_score, cohen_kappa_score, roc_auc_score
+from scipy.stats import rankdata
 
 CLASSIFICATION_KEYS = ("acc", "bacc", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc", "qwk")
 
@@ -59,6 +61,36 @@ def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
     return np.bincount(y * num_classes + q, minlength=num_classes * num_classes).reshape(
         num_classes, num_classes
     )
+
+
+def _roc_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """Binary ROC-AUC by the rank-sum (Mann-Whitney) identity, ties counted half (= scikit-learn)."""
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _average_precision(positive: np.ndarray, score: np.ndarray) -> float:
+    """Step-wise area under the precision-recall curve, Σ (R_k − R_k−1) P_k (= scikit-learn's AP)."""
+    order = np.argsort(-score, kind="mergesort")
+    s, y = score[order], positive[order]
+    last = np.r_[s[1:] != s[:-1], True]  # one operating point per distinct score
+    tp = np.cumsum(y)[last]
+    seen = (np.flatnonzero(last) + 1).astype(np.float64)
+    precision = tp / seen
+    recall = tp / tp[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def _quadratic_kappa(cm: np.ndarray) -> float:
+    """Cohen's kappa with weights (i − j)² on a confusion matrix (= scikit-learn, textbook formula)."""
+    c = cm.shape[0]
+    i, j = np.indices((c, c))
+    w = (i - j) ** 2
+    expected = np.outer(cm.sum(axis=1), cm.sum(axis=0)) / cm.sum()
+    den = (w * expected).sum()
+    return float(1.0 - (w * cm).sum() / den) if den > 0 else float("nan")
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -99,18 +131,14 @@ def classification_scores(y_true: Any, probs: Any, num_classes: int | None = Non
         "recall": float((w * rec_c).sum()),
         "specificity": float((w * spec_c).sum()),
         "f1": float((w * f1_c).sum()),
-        "qwk": float(cohen_kappa_score(y, pred, labels=list(range(c)), weights="quadratic"))
-        if np.unique(np.concatenate((y, pred))).size > 1
-        else float("nan"),
+        "qwk": _quadratic_kappa(cm),
     }
     if present.sum() < 2:
         scores["roc_auc"] = scores["pr_auc"] = float("nan")
     else:
-        onehot = np.eye(c)[y]
-        auc = np.array([roc_auc_score(onehot[:, k], p[:, k]) if present[k] else 0.0 for k in range(c)])
-        ap = np.array(
-            [average_precision_score(onehot[:, k], p[:, k]) if present[k] else 0.0 for k in range(c)]
-        )
+        onehot = np.eye(c, dtype=bool)[y]
+        auc = np.array([_roc_auc(onehot[:, k], p[:, k]) if present[k] else 0.0 for k in range(c)])
+        ap = np.array([_average_precision(onehot[:, k], p[:, k]) if present[k] else 0.0 for k in range(c)])
         scores["roc_auc"] = float((w * auc).sum())
         scores["pr_auc"] = float((w * ap).sum())
     return {k: scores[k] for k in CLASSIFICATION_KEYS}

@@ -594,6 +594,8 @@ def bootstrap_froc(
         grid: FP rates of the full mean/CI curves (None to skip them).
         chunk: samples processed per sparse product.
     """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be at least 1, got {n_samples}")
     groups = _sort_groups(entries)
     n_groups = groups.thresholds.shape[0]
     n_scans = entries.n_scans

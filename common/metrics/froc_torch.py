@@ -134,15 +134,20 @@ class LUNA16FROC(Metric):
         for i in range(n):
             c = _rows(candidates[i], 4, "candidates", i)
             cand_rows.append(c)
-            cand_tok.append(torch.full((c.shape[0],), int(tokens[i]), dtype=torch.int64))
+            cand_tok.append(torch.full((c.shape[0],), int(tokens[i]), dtype=torch.int64, device=c.device))
             parts = [(_rows(nodules[i], 4, "nodules", i), 1.0)]
             if excluded is not None:
                 parts.append((_rows(excluded[i], 4, "excluded", i), 0.0))
             for rows, flag in parts:
                 nod_rows.append(
-                    torch.cat((rows, torch.full((rows.shape[0], 1), flag, dtype=torch.float64)), 1)
+                    torch.cat(
+                        (rows, torch.full((rows.shape[0], 1), flag, dtype=torch.float64, device=rows.device)),
+                        1,
+                    )
                 )
-                nod_tok.append(torch.full((rows.shape[0],), int(tokens[i]), dtype=torch.int64))
+                nod_tok.append(
+                    torch.full((rows.shape[0],), int(tokens[i]), dtype=torch.int64, device=rows.device)
+                )
         device = self.device
         self.scan_key.append(keys.to(device))
         self.scan_token.append(tokens.to(device))

@@ -163,7 +163,10 @@ class SegmentationScores(Metric):
         rows = []
         for i in range(n):
             p = preds[i]
-            if isinstance(p, torch.Tensor) and p.is_floating_point():
+            if isinstance(p, torch.Tensor):
+                p = p.detach().cpu().numpy()
+            p = np.asarray(p)
+            if p.dtype.kind == "f":
                 p = p > self.threshold
             s = segmentation_scores(
                 p, targets[i], None if spacings is None else spacings[i], with_hd95=self.with_hd95
