@@ -305,10 +305,11 @@ class LIDCDataset(ScanDataset):
     def _nodules(self, db: LIDCDatabase, scan_id: int, info: SeriesInfo) -> list[Nodule]:
         zvals = db.slice_positions(scan_id)
         if len(zvals) != info.shape[0] or not np.allclose(zvals, np.sort(info.slice_positions), atol=0.05):
-            raise AnnotationError(
+            self.policy.bad_row(
                 f"{info.folder}: the annotation database lists {len(zvals)} slice positions that do not "
                 f"match the {info.shape[0]} DICOM slices of series {info.series_uid}; is the series complete?"
             )
+            return []
         out = []
         for cluster in db.nodules(scan_id, tol=self.cluster_tol):
             zyx = np.asarray(cluster.centroid_voxel)

