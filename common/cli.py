@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "common.commands.prepare",
     "common.commands.lidc",
     "common.commands.evaluate_froc",
+    "common.commands.split",
 )
 
 
