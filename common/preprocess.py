@@ -33,12 +33,15 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.ndimage as ndi
-import torch
 
 from common.io import CTVolume, read_volume
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +167,7 @@ def _axis_operator(
         r1 = min(r0 + _BLOCK_ROWS, n_out)
         cols = np.flatnonzero((np.abs(dense[r0:r1]) > threshold).any(axis=0))
         c0, c1 = int(cols[0]), int(cols[-1]) + 1
-        block = torch.from_numpy(np.ascontiguousarray(dense[r0:r1, c0:c1], dtype=np.float32))
+        block = _torch().from_numpy(np.ascontiguousarray(dense[r0:r1, c0:c1], dtype=np.float32))
         blocks.append((r0, r1, block, c0))
     return tuple(blocks)
 
@@ -173,11 +176,20 @@ _BLOCK_ROWS = 64
 _TOLERANCE = 1e-7
 
 
+def _torch():
+    """torch, imported on first use: the matrix products run on its multithreaded BLAS, but commands that
+    never resample (`lungdata synth`, `evaluate-froc`) should not pay its import time."""
+    import torch
+
+    return torch
+
+
 def _contract_last_axis(x: torch.Tensor, n_out: int, blocks: tuple) -> torch.Tensor:
     """Apply a 1D operator to the last axis of `x`, putting the new axis first: (..., n) → (n_out, ...)."""
     n = x.shape[-1]
     rest = x.shape[:-1]
     flat = x.reshape(-1, n)
+    torch = _torch()
     out = torch.empty((n_out, flat.shape[0]), dtype=torch.float32)
     for r0, r1, block, c0 in blocks:
         torch.matmul(block, flat[:, c0 : c0 + block.shape[1]].T, out=out[r0:r1])
@@ -220,7 +232,7 @@ def resample_array(
             )  # ties round up, as ITK
             out = np.take(out, np.clip(idx, 0, array.shape[axis] - 1), axis=axis)
         return out.astype(dtype, copy=False)
-    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    x = _torch().from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     for axis in (2, 1, 0):  # contract x, then y, then z: each contraction moves the new axis to the front
         blocks = _axis_operator(array.shape[axis], out_shape[axis], steps[axis], order)
         x = _contract_last_axis(x, out_shape[axis], blocks)
