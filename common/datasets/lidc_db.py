@@ -5,9 +5,10 @@
 module locates the file without executing the package and re-implements the geometry that matters
 for us with numpy / scipy / scikit-image:
 
-- per-reader 3D masks from the contour polygons (`annotation_mask`), with pylidc's convention that the
-  drawn outline lies *just outside* the nodule (LIDC reader instructions), so outline pixels are not
-  part of the mask unless asked for;
+- per-reader 3D masks from the contour polygons (`annotation_mask`): by default the area-preserving
+  rasterisation of the outline polygon (mask volume = contour volume); `outline="exclude"` gives
+  pylidc's `boolean_mask` (outline pixels dropped: LIDC readers drew the outline just outside the
+  lesion), `outline="include"` keeps the outline pixels;
 - pylidc's contour-derived measures: greatest in-plane diameter (`diameter_mm`) and the slab-summed
   polygon volume (`contour_volume_mm3`);
 - pylidc's grouping of the anonymous reader annotations into physical nodules
@@ -320,7 +321,7 @@ class LIDCDatabase:
 
     # ------------------------------------------------------------------ raw tables
     def _read(self, sql: str) -> pd.DataFrame:
-        con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
         try:
             return pd.read_sql_query(sql, con)
         except (sqlite3.DatabaseError, pd.errors.DatabaseError) as err:
@@ -425,7 +426,7 @@ class LIDCDatabase:
     def scan(self, scan_id: int) -> dict:
         """The `scans()` row of one scan as a dict (without the id)."""
         try:
-            return self._scan_info[int(scan_id)]
+            return dict(self._scan_info[int(scan_id)])
         except KeyError:
             raise KeyError(f"{self.path}: no scan with id {scan_id}") from None
 
@@ -471,7 +472,7 @@ class LIDCDatabase:
         annotation_id = int(annotation_id)
         cached = self._contour_cache.get(annotation_id)
         if cached is not None:
-            return cached
+            return list(cached)
         scan_id = self.scan_of(annotation_id)
         inclusion, z_pos, offsets, points, rows_by_annotation = self._contour_table
         rows = rows_by_annotation.get(annotation_id)
@@ -492,7 +493,7 @@ class LIDCDatabase:
                 )
             )
         self._contour_cache[annotation_id] = out
-        return out
+        return list(out)
 
     def contour_points_voxel(self, annotation_id: int) -> np.ndarray:
         """All outline points of an annotation as (N, 3) integer (z, y, x) voxel indices."""
@@ -594,7 +595,7 @@ class LIDCDatabase:
         Each outline contributes its polygon area (shoelace over the outline pixel centres, scaled by
         the pixel spacing) times the width of the slab it stands for: half the distance between the
         neighbouring outline slices, with the first and last slab mirrored outwards; exclusion outlines
-        subtract. A single-outline annotation uses the slice thickness.
+        subtract. An annotation outlined on a single slice uses the slice thickness as its slab.
         """
         scan_id = self.scan_of(annotation_id)
         row = self.scan(scan_id)
