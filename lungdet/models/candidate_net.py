@@ -138,8 +138,9 @@ class CandidateNet(nn.Module):
             last.bias.copy_(bias.reshape(-1))
 
     def output_shape(self, input_shape: Sequence[int]) -> tuple[int, int, int]:
-        """Spatial shape of the prediction grid for a (D, H, W) input."""
-        return tuple(int(s) // self.stride for s in input_shape[-3:])  # type: ignore[return-value]
+        """Spatial shape of the prediction grid for a (..., D, H, W) input shape."""
+        d, h, w = (int(s) // self.stride for s in input_shape[-3:])
+        return d, h, w
 
     def example_inputs(self, input_shape: Sequence[int]) -> tuple[Tensor, ...]:
         """Zero inputs of a (B, C, D, H, W) shape, with whole-scan coordinates when the net needs them.
