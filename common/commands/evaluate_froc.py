@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         bootstrap_grid=BOOTSTRAP_GRID,
         max_marks=args.max_marks if args.max_marks > 0 else None,
+        ignore_unlisted=args.ignore_unlisted,
     )
     results_path = Path(args.results)
     stem = results_path.name.split(".")[0]

@@ -166,6 +166,10 @@ def read_seriesuids(path: str | Path) -> list[str]:
         frame = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, usecols=[0])
     except pd.errors.EmptyDataError as err:
         raise FROCInputError(f"{path}: the series list is empty; it must name every evaluated scan") from err
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise FROCInputError(
+            f"{path}: cannot parse the series list ({err}); write one series UID per line"
+        ) from err
     uids = [u.strip() for u in frame[0].tolist()]
     if uids and uids[0].lower() == "seriesuid":
         uids = uids[1:]
@@ -197,9 +201,19 @@ def read_results(path: str | Path) -> pd.DataFrame:
 
 
 def load_froc_inputs(
-    annotations: str | Path, excluded: str | Path, seriesuids: str | Path, results: str | Path
+    annotations: str | Path,
+    excluded: str | Path,
+    seriesuids: str | Path,
+    results: str | Path,
+    ignore_unlisted: bool = False,
 ) -> FROCInputs:
-    """Read, check and index the four official inputs."""
+    """Read, check and index the four official inputs.
+
+    Args:
+        annotations, excluded, seriesuids, results: the four files.
+        ignore_unlisted: drop result rows of scans that are not in the series list (what the
+            official script does silently) instead of raising; the number dropped is logged.
+    """
     uids = read_seriesuids(seriesuids)
     index = {uid: i for i, uid in enumerate(uids)}
     ann = read_annotations(annotations, "annotations")
@@ -207,6 +221,12 @@ def load_froc_inputs(
     res = read_results(results)
 
     res_scan = res["seriesuid"].map(index)
+    if ignore_unlisted and res_scan.isna().any():
+        log.warning(
+            "%s: ignoring %d marks of scans not in the series list", results, int(res_scan.isna().sum())
+        )
+        res = res.loc[res_scan.notna()]
+        res_scan = res_scan.loc[res_scan.notna()]
     if res_scan.isna().any():
         # Re-read as text so that the rows are named by their place in the file.
         text = _read_careful(Path(results), RESULT_COLUMNS, "results")
@@ -249,9 +269,10 @@ def evaluate_froc_files(
     bootstrap_grid: np.ndarray | None = BOOTSTRAP_GRID,
     max_marks: int | None = MAX_MARKS_PER_SCAN,
     fp_rates: tuple[float, ...] = FP_RATES,
+    ignore_unlisted: bool = False,
 ) -> FROCResult:
     """The official LUNA16 evaluation of a results CSV (see :func:`common.metrics.froc.evaluate_froc`)."""
-    inputs = load_froc_inputs(annotations, excluded, seriesuids, results)
+    inputs = load_froc_inputs(annotations, excluded, seriesuids, results, ignore_unlisted=ignore_unlisted)
     result = evaluate_froc(
         inputs.cand_scan,
         inputs.cand_xyz,

@@ -296,6 +296,8 @@ def test_unknown_seriesuid_in_results(small_inputs: dict[str, Path]) -> None:
     _rewrite_results(small_inputs["results"], edit)
     with pytest.raises(FROCInputError, match=r"series UID not in the series list .*1\.2\.3\.4\.not\.listed"):
         evaluate_froc_files(**small_inputs, n_bootstrap=0)
+    ignored = evaluate_froc_files(**small_inputs, n_bootstrap=0, ignore_unlisted=True)
+    assert ignored.counts.n_candidates == len(small_inputs["results"].read_text().splitlines()) - 2
 
 
 def test_series_list_problems(small_inputs: dict[str, Path]) -> None:
