@@ -50,6 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="keep at most this many marks per scan (0: no cap)",
     )
     parser.add_argument(
+        "--ignore-unlisted",
+        action="store_true",
+        help="drop marks of scans missing from the series list (the official script does) instead of failing",
+    )
+    parser.add_argument(
         "--name", default=None, help="system name for the figure (default: results file stem)"
     )
     parser.set_defaults(func=run)
