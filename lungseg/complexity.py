@@ -111,8 +111,8 @@ class ComplexityReport:
         return self.total_flops / self.reference_flops if self.reference_flops else None
 
 
-def _component_of(name: str, model: GlanceNet) -> str | None:
-    """Map a parameter/module path to one of :data:`COMPONENTS`."""
+def _component_of(name: str) -> str | None:
+    """Map a parameter/module path to one of :data:`COMPONENTS` (``None`` if it belongs to none)."""
     parts = name.split(".")
     if parts[0] == "encoder":
         if parts[1] == "stem":
@@ -142,7 +142,7 @@ def _leaf_prefixes(model: GlanceNet) -> dict[str, str]:
     for k in range(len(enc.widths)):
         prefixes[f"encoder.fusions.{k}"] = "CSCF"
         for name in enc.names:
-            prefixes[f"encoder.streams.{name}.{k}"] = _component_of(f"encoder.streams.{name}", model)
+            prefixes[f"encoder.streams.{name}.{k}"] = _component_of(f"encoder.streams.{name}")
     for head in ("seg_head", "heatmap_head"):
         if getattr(model, head) is not None:
             prefixes[head] = "Heads"
@@ -170,9 +170,7 @@ def _count_flops(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]
     return counter.get_total_flops(), per_module
 
 
-def _paper_estimates(
-    model: GlanceNet, image_size: int, heads_present: bool = True
-) -> dict[str, tuple[int, int]]:
+def _paper_estimates(model: GlanceNet, image_size: int) -> dict[str, tuple[int, int]]:
     """Evaluate the paper's cost formulas at our configuration; returns ``{component: (params, flops)}``."""
     est: dict[str, list[int]] = {}
     enc = model.encoder
@@ -252,7 +250,7 @@ def measure_complexity(
 
     params = dict.fromkeys(COMPONENTS, 0)
     for name, p in model.named_parameters():
-        component = _component_of(name, model)
+        component = _component_of(name)
         if component is None:
             raise RuntimeError(f"Parameter {name} belongs to no complexity component; extend _component_of.")
         params[component] += p.numel()
