@@ -42,7 +42,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lungcls.models.backbones import BackboneFeatures, ScaleBackbone, create_backbone
+from lungcls.models.backbones import BackboneFeatures, ScaleBackbone, count_parameters, create_backbone
 from lungcls.models.fusion import HierarchicalFusion
 
 __all__ = [
@@ -490,14 +490,10 @@ def create_m3net(
     )
 
 
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def parameter_breakdown(model: M3Net) -> dict[str, int]:
     """Parameters per part: one entry per branch ("branch32", …), "projections", "fusion_head", "total"."""
-    parts = {f"branch{s}": _count(model.branch(s)) for s in model.scales}
-    parts["projections"] = _count(model.projections)
-    parts["fusion_head"] = _count(model.fusion) + _count(model.norm) + _count(model.head)
-    parts["total"] = _count(model)
+    parts = {f"branch{s}": count_parameters(model.branch(s)) for s in model.scales}
+    parts["projections"] = count_parameters(model.projections)
+    parts["fusion_head"] = sum(count_parameters(m) for m in (model.fusion, model.norm, model.head))
+    parts["total"] = count_parameters(model)
     return parts
