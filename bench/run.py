@@ -19,6 +19,7 @@ from pathlib import Path
 BENCHMARKS = (
     "bench.preprocess_bench",
     "bench.froc_bench",
+    "bench.lungdet_bench",
 )
 
 
