@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ALGORITHM_VERSION", "BuildReport", "PreprocessedCache", "PrepareSettings", "prepare_cache"]
 
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2
 """Bump when resampling, clipping or lung masking change in a way that changes cached arrays."""
 MANIFEST_NAME = "manifest.json"
 IMAGE_DIR = "images"
@@ -167,7 +167,7 @@ def _input_files(record: ScanRecord, settings: PrepareSettings) -> tuple[list[Pa
     files: list[Path] = []
     header: Path | None = None
     paths = [record.image_path]
-    if record.lung_mask_path is not None and settings.lung_mask != "computed":
+    if _has_label_mask(record) and settings.lung_mask != "computed":
         paths.append(record.lung_mask_path)
     for i, path in enumerate(paths):
         path = Path(path)
@@ -277,6 +277,15 @@ def _json_safe(extras: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- one scan
 
 
+def _has_label_mask(record: ScanRecord) -> bool:
+    """Whether the record's `lung_mask_path` is a label mask (LUNA16 style), not e.g. a lung-segmented CT copy.
+
+    Adapters mark a provided file that is an image rather than labels with `extras["lung_segmented_ct"]`
+    (the spatio-temporal dataset); label values other than LUNA16's 3/4 go in `extras["lung_mask_labels"]`.
+    """
+    return record.lung_mask_path is not None and not record.extras.get("lung_segmented_ct", False)
+
+
 def _check_uid(uid: str) -> None:
     if not uid or uid.startswith(".") or "/" in uid or "\\" in uid or os.sep in uid:
         raise ValueError(f"scan uid {uid!r} cannot name a cache file; uids must be plain names")
@@ -322,14 +331,18 @@ def preprocess_scan(
     resampled = preprocess.resample_isotropic(volume, settings.spacing, order=settings.order, dtype=np.int16)
     # The cubic B-spline overshoots at sharp edges (air/FOV border, bone): clip again to the HU range.
     resampled = resampled.with_array(preprocess.clip_hu(resampled.array))
-    use_provided = settings.lung_mask != "computed" and record.lung_mask_path is not None
-    if settings.lung_mask == "provided" and record.lung_mask_path is None:
+    has_mask = _has_label_mask(record)
+    use_provided = settings.lung_mask != "computed" and has_mask
+    if settings.lung_mask == "provided" and not has_mask:
         raise FileNotFoundError(
-            f"scan {record.uid} has no provided lung mask and settings ask for provided masks; use "
+            f"scan {record.uid} has no provided lung label mask and settings ask for provided masks; use "
             "lung_mask='auto' or 'computed'"
         )
     if use_provided:
-        mask = preprocess.load_provided_lung_mask(record.lung_mask_path, reference=resampled).array
+        labels = tuple(record.extras.get("lung_mask_labels") or preprocess.LUNA16_LUNG_LABELS)
+        mask = preprocess.load_provided_lung_mask(
+            record.lung_mask_path, reference=resampled, lung_labels=labels
+        ).array
     else:
         mask = preprocess.lung_mask(resampled, threshold_hu=settings.mask_threshold_hu)
 
@@ -548,7 +561,7 @@ class PreprocessedCache:
                 _write_json_atomic(self.manifest_path, manifest)
                 report.built.append(entry["uid"])
                 log.info(
-                    "[%d/%d] %s: %s → %s in %.1f s",
+                    "[%d/%d] %s: %s -> %s in %.1f s",
                     len(report.built) + len(report.failed), len(todo), entry["uid"],
                     "x".join(map(str, entry["original_shape"])), "x".join(map(str, entry["shape"])), entry["seconds"],
                 )  # fmt: skip

@@ -16,7 +16,8 @@ The CSVs are looked up at the root and where the release archives unpack them (`
 Records: `uid` = `patient_id` = seriesuid (LUNA16 carries no patient ids; joining LIDC-IDRI patients is the
 LIDC adapter's job), `fold` = subset index, nodules from `annotations.csv` and `excluded` from
 `annotations_excluded.csv` (diameter −1 kept as published; the FROC code maps it to 10 mm), each with
-`extras["source"] = "<csv path>:<line>"`, and `lung_mask_path` when the provided mask exists.
+`extras["source"] = "<csv path>:<line>"`, and `lung_mask_path` when the provided mask exists (its lung labels
+3 and 4 in `extras["lung_mask_labels"]`).
 
 Rows whose seriesuid is unknown are errors (lenient mode: logged and skipped). Unknown means: not a scan
 on disk and not listed in `seriesuids.csv`. A listed scan that is simply not on disk (a partial download)
@@ -149,7 +150,7 @@ class LUNA16Dataset(ScanDataset):
         folders = self._subset_folders()
         if not folders:
             raise FileNotFoundError(
-                f"no subset0 … subset9 folders under {self.root}; point {ENV_VAR} at the LUNA16 download or make "
+                f"no subset0 ... subset9 folders under {self.root}; point {ENV_VAR} at the LUNA16 download or make "
                 f"a stand-in with `lungdata synth luna16 --out {self.root}`"
             )
         if self.subsets is not None:
@@ -230,7 +231,7 @@ class LUNA16Dataset(ScanDataset):
                     lung_mask_path=mask if mask.is_file() else None,
                     fold=subset,
                     series_uid=uid,
-                    extras={"subset": f"subset{subset}"},
+                    extras={"subset": f"subset{subset}", "lung_mask_labels": [3, 4]},
                 )
             )
         return records

@@ -47,8 +47,13 @@ def chest_phantom(
     spacing: tuple[float, float, float] = (2.0, 2.0, 2.5),
     noise_hu: float = 20.0,
     seed: int = 0,
+    chest_wall_mm: float | None = None,
 ) -> ChestPhantom:
-    """Build the phantom on a (z, y, x) grid with `spacing` (x, y, z) mm."""
+    """Build the phantom on a (z, y, x) grid with `spacing` (x, y, z) mm.
+
+    `chest_wall_mm` narrows the body so that the lateral chest wall is only that thick (a thin patient);
+    by default it is about a tenth of the width.
+    """
     rng = np.random.default_rng(seed)
     nz, ny, nx = shape
     sx, sy, sz = spacing
@@ -57,7 +62,8 @@ def chest_phantom(
     y = (np.arange(ny) * sy)[:, None]
     cx, cy = width / 2, height / 2
     fov = (x - cx) ** 2 + (y - cy) ** 2 > (0.5 * min(width, height)) ** 2
-    body2d = ((x - cx) / (0.42 * width)) ** 2 + ((y - cy) / (0.30 * height)) ** 2 <= 1
+    body_ax = 0.42 * width if chest_wall_mm is None else 0.33 * width + chest_wall_mm
+    body2d = ((x - cx) / body_ax) ** 2 + ((y - cy) / (0.30 * height)) ** 2 <= 1
     spine2d = (x - cx) ** 2 + (y - (cy + 0.2 * height)) ** 2 <= (0.05 * width) ** 2
     lung_centres = [(cx + side * 0.19 * width, cy - 0.02 * height) for side in (-1, 1)]
     lung_axes = (0.14 * width, 0.20 * height, 0.38 * length)

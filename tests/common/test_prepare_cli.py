@@ -145,7 +145,8 @@ def test_killed_prepare_resumes_without_redoing_finished_scans(luna, tmp_path):
         cwd=REPO,
         env=env,
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=300,
     )
     assert result.returncode == 0, result.stderr

@@ -143,6 +143,17 @@ def test_lung_mask_on_phantom_excludes_trachea_and_body(shape, spacing):
     assert not predicted[: int(0.05 * shape[0])].any()
 
 
+@pytest.mark.parametrize(
+    "shape, spacing, wall_mm",
+    [((100, 150, 150), (1.0, 1.0, 1.0), 3.0), ((80, 200, 200), (0.7, 0.7, 1.25), 2.0)],
+)
+def test_lung_mask_keeps_lungs_behind_a_thin_chest_wall(shape, spacing, wall_mm):
+    """A wall of two or three voxels must still separate the lung from the outside air on the 2 mm grid."""
+    phantom = chest_phantom(shape, spacing, noise_hu=25.0, seed=4, chest_wall_mm=wall_mm)
+    mask = lung_mask(CTVolume(clip_hu(phantom.hu), spacing, (0, 0, 0), np.eye(3))).astype(bool)
+    assert _dice(mask, phantom.lungs) >= 0.95
+
+
 def test_lung_mask_follows_the_direction_for_the_superior_end():
     shape, spacing = (64, 112, 112), (1.4, 1.4, 2.5)
     phantom = chest_phantom(shape, spacing, seed=3)
