@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -90,6 +91,9 @@ def test_a_bad_scan_stops_strict_runs_and_is_skipped_by_lenient_runs(luna, tmp_p
 
 def test_registry():
     assert dataset_class("luna16") is LUNA16Dataset
+    for name in DATASETS:  # every registered adapter imports and takes (root, strict=...)
+        cls = dataset_class(name)
+        assert cls.name == name and "strict" in inspect.signature(cls).parameters
     with pytest.raises(ValueError, match="unknown dataset 'nope'"):
         dataset_class("nope")
     register_dataset("luna16_alias", "common.datasets.luna16:LUNA16Dataset")
