@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import SimpleITK as sitk
-import torch
+from threadpoolctl import threadpool_info
 
 from common.io import CTVolume
 from common.preprocess import clip_hu, lung_mask, resample_isotropic
@@ -100,7 +100,9 @@ def run(shape: tuple[int, int, int] = SHAPE_ZYX, repeats: int = 3) -> dict[str, 
         "input_shape_zyx": "x".join(map(str, shape)),
         "output_shape_zyx": "x".join(map(str, resampled.shape)),
         "threads_sitk": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(),
-        "threads_torch": torch.get_num_threads(),
+        "threads_blas": max(
+            (pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"), default=0
+        ),
         "sitk_bspline_resample_s": sitk_s,
         "ours_resample_s": statistics.median(ours_resample),
         "ours_lung_mask_s": statistics.median(ours_mask),

@@ -364,9 +364,10 @@ def preprocess_scan(
 
 
 def _worker_init(threads: int) -> None:
-    import torch
+    """Give each worker process its share of the cores for BLAS (the resampling matrix products)."""
+    from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -509,7 +510,7 @@ class PreprocessedCache:
             records: the scans (e.g. `LUNA16Dataset(root).records`).
             settings: preprocessing settings; default 1 mm cubic B-spline with provided-or-computed masks.
             read_fn: volume reader `(path, series_uid=...) -> CTVolume`; default `common.io.read_volume`.
-            workers: scans processed in parallel (processes); each gets cores / workers torch threads.
+            workers: scans processed in parallel (processes); each gets cores / workers BLAS threads.
             strict: a bad scan stops the build with its error (default); lenient logs it and continues.
 
         Returns:

@@ -34,15 +34,11 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.ndimage as ndi
 
 from common.io import CTVolume, read_volume
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +133,7 @@ def _cubic_bspline_weights(t: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=64)
 def _axis_operator(
     n: int, n_out: int, step: float, order: int
-) -> tuple[tuple[int, int, torch.Tensor, int], ...]:
+) -> tuple[tuple[int, int, np.ndarray, int], ...]:
     """The 1D resampling operator for one axis as row blocks (row_lo, row_hi, block, col_lo).
 
     Output sample *i* sits at input index i·step. `block` holds rows row_lo:row_hi of the (n_out × n) matrix,
@@ -168,7 +164,7 @@ def _axis_operator(
         r1 = min(r0 + _BLOCK_ROWS, n_out)
         cols = np.flatnonzero((np.abs(dense[r0:r1]) > threshold).any(axis=0))
         c0, c1 = int(cols[0]), int(cols[-1]) + 1
-        block = _torch().from_numpy(np.ascontiguousarray(dense[r0:r1, c0:c1], dtype=np.float32))
+        block = np.ascontiguousarray(dense[r0:r1, c0:c1], dtype=np.float32)
         blocks.append((r0, r1, block, c0))
     return tuple(blocks)
 
@@ -177,23 +173,18 @@ _BLOCK_ROWS = 64
 _TOLERANCE = 1e-7
 
 
-def _torch():
-    """torch, imported on first use: the matrix products run on its multithreaded BLAS, but commands that
-    never resample (`lungdata synth`, `evaluate-froc`) should not pay its import time."""
-    import torch
+def _contract_last_axis(x: np.ndarray, n_out: int, blocks: tuple) -> np.ndarray:
+    """Apply a 1D operator to the last axis of `x`, putting the new axis first: (..., n) → (n_out, ...).
 
-    return torch
-
-
-def _contract_last_axis(x: torch.Tensor, n_out: int, blocks: tuple) -> torch.Tensor:
-    """Apply a 1D operator to the last axis of `x`, putting the new axis first: (..., n) → (n_out, ...)."""
+    Each block is one BLAS matrix product whose second operand is a column window of `x` read as a
+    transposed matrix, so nothing is copied or transposed in memory.
+    """
     n = x.shape[-1]
     rest = x.shape[:-1]
     flat = x.reshape(-1, n)
-    torch = _torch()
-    out = torch.empty((n_out, flat.shape[0]), dtype=torch.float32)
+    out = np.empty((n_out, flat.shape[0]), dtype=np.float32)
     for r0, r1, block, c0 in blocks:
-        torch.matmul(block, flat[:, c0 : c0 + block.shape[1]].T, out=out[r0:r1])
+        np.matmul(block, flat[:, c0 : c0 + block.shape[1]].T, out=out[r0:r1])
     return out.reshape(n_out, *rest)
 
 
@@ -228,16 +219,15 @@ def resample_array(
     if order == 0:
         out = array
         for axis in range(3):
-            idx = np.floor(np.arange(out_shape[axis]) * steps[axis] + 0.5 + 1e-9).astype(
-                np.int64
-            )  # ties round up, as ITK
+            # Nearest index; exact ties round up, as ITK's NearestNeighborInterpolateImageFunction does.
+            idx = np.floor(np.arange(out_shape[axis]) * steps[axis] + 0.5 + 1e-9).astype(np.int64)
             out = np.take(out, np.clip(idx, 0, array.shape[axis] - 1), axis=axis)
         return out.astype(dtype, copy=False)
-    x = _torch().from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    x = np.ascontiguousarray(array, dtype=np.float32)
     for axis in (2, 1, 0):  # contract x, then y, then z: each contraction moves the new axis to the front
         blocks = _axis_operator(array.shape[axis], out_shape[axis], steps[axis], order)
         x = _contract_last_axis(x, out_shape[axis], blocks)
-    out = x.numpy()
+    out = x
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         out = np.clip(np.rint(out, out=out), info.min, info.max, out=out)
