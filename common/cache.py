@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -519,7 +520,7 @@ class PreprocessedCache:
         settings = settings or PrepareSettings()
         records = list(records)
         uids = [r.uid for r in records]
-        duplicates = sorted({u for u in uids if uids.count(u) > 1})
+        duplicates = sorted(uid for uid, count in Counter(uids).items() if count > 1)
         if duplicates:
             raise ValueError(
                 f"records contain duplicate uids {duplicates[:5]}; every scan must have its own uid"
