@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "complexity":
         return efficiency_report(args[1:])
-    LungCLI(ClassificationTask, None, package="lungcls", args=args)
+    LungCLI(ClassificationTask, None, package="lungcls", args=None if argv is None else args)
     return 0
 
 
