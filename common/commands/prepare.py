@@ -5,45 +5,20 @@ a cubic B-spline, clipped to [−1024, 3071] HU and stored as int16 with its lun
 Re-running skips every scan whose inputs and settings are unchanged, so an interrupted run (Ctrl-C, a
 killed job) is finished by simply running the same command again.
 
-Datasets come from `DATASETS`: name → "module:Class" of a `ScanDataset` whose constructor takes
-`(root, strict=...)`. Adding a dataset is one entry (or `register_dataset(name, "module:Class")`); its root
-defaults to the class's `env_var` environment variable.
+Datasets come from `common.datasets.registry.DATASETS`: name → "module:Class" of a `ScanDataset` whose
+constructor takes `(root, strict=...)`; its root defaults to the class's `env_var` environment variable.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
-import os
 from pathlib import Path
 
 from common.cache import PrepareSettings, PreprocessedCache
-from common.datasets.base import ScanDataset
+from common.datasets.registry import DATASETS, dataset_class, resolve_root
 
 log = logging.getLogger(__name__)
-
-DATASETS: dict[str, str] = {
-    "luna16": "common.datasets.luna16:LUNA16Dataset",
-    "lidc": "common.datasets.lidc:LIDCDataset",
-    "lndb": "common.datasets.lndb:LNDbDataset",
-    "tianchi": "common.datasets.tianchi:TianchiDataset",
-    "ldfc": "common.datasets.ldfc:LDFCDataset",
-    "spatiotemporal": "common.datasets.spatiotemporal:SpatioTemporalDataset",
-}
-
-
-def register_dataset(name: str, target: str) -> None:
-    """Make `lungdata prepare NAME` use the adapter `target` ("package.module:ClassName")."""
-    DATASETS[name] = target
-
-
-def dataset_class(name: str) -> type[ScanDataset]:
-    """Import the adapter registered under `name`."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
-    module_name, _, class_name = DATASETS[name].partition(":")
-    return getattr(importlib.import_module(module_name), class_name)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -79,16 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cls = dataset_class(args.dataset)
-    root = args.root
-    if root is None:
-        env_var = getattr(cls, "env_var", None)
-        value = os.environ.get(env_var) if env_var else None
-        if not value:
-            raise FileNotFoundError(
-                f"no dataset root: pass --root or set {env_var or 'the dataset environment variable'}; for a "
-                f"synthetic stand-in run `lungdata synth {args.dataset} --out DIR`"
-            )
-        root = Path(value)
+    root = resolve_root(args.dataset, args.root)
     if len(args.spacing) not in (1, 3):
         raise ValueError(f"--spacing takes one value or three (x y z), got {args.spacing}")
     spacing = tuple(args.spacing * 3) if len(args.spacing) == 1 else tuple(args.spacing)

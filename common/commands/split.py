@@ -6,18 +6,15 @@
     lungdata split check splits/stpd.json --dataset spatiotemporal --root $STPD_ROOT
     lungdata split show splits/stpd.json
 
-Datasets are the adapters registered for `lungdata prepare` (`common.commands.prepare.DATASETS`); a
-dataset's root defaults to its environment variable.
+Datasets are the adapters of `common.datasets.registry`; a dataset's root defaults to its environment variable.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from common.commands.prepare import DATASETS, dataset_class
-from common.datasets.base import ScanDataset
+from common.datasets.registry import DATASETS, open_dataset
 from common.splits import (
     Split,
     SplitError,
@@ -35,20 +32,6 @@ METHODS = ("ratio", "kfold", "luna16-subsets", "claf6")
 STRATA = {"none": None, "label": max_nodule_label, "nodules": nodule_count_stratum}
 
 
-def open_dataset(name: str, root: str | Path | None, lenient: bool = False) -> ScanDataset:
-    """Instantiate a registered adapter (`lungdata prepare`'s `DATASETS`); root defaults to its env var."""
-    cls = dataset_class(name)
-    if root is None:
-        env = getattr(cls, "env_var", None) or f"{name.upper()}_ROOT"
-        root = os.environ.get(env)
-        if not root:
-            raise ValueError(
-                f"no --root given and ${env} is not set; point it at your {name} copy or make a stand-in "
-                f"with `lungdata synth {name} --out DIR`"
-            )
-    return cls(root, strict=not lenient)
-
-
 def _ratios(values: list[str]) -> dict[str, float]:
     out = {}
     for value in values:
@@ -61,7 +44,7 @@ def _ratios(values: list[str]) -> dict[str, float]:
 
 def make_split(args: argparse.Namespace) -> Split:
     """Build the split `args` asks for (also used by tests and scripts)."""
-    dataset = open_dataset(args.dataset, args.root, args.lenient)
+    dataset = open_dataset(args.dataset, args.root, strict=not args.lenient)
     records = dataset.records
     stratum = STRATA[args.stratify]
     if args.method == "ratio":

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from common.cli import main
-from common.commands.prepare import DATASETS, dataset_class, register_dataset
 from common.datasets.luna16 import LUNA16Dataset
+from common.datasets.registry import DATASETS, dataset_class, register_dataset
 from tests.common.luna_tree import write_tiny_luna16
 
 REPO = Path(__file__).resolve().parents[2]
