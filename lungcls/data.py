@@ -236,6 +236,10 @@ class NodulePatchDataModule(LightningDataModule):
         patch_sizes: scale key → in-plane size, where it differs from the key (reduced sizes, Table 2).
         depth: slices per crop.
         boundary: "shift" or "pad" (`lungcls.patches`).
+        context: in-plane size of the cached block; default: room for the largest crop to rotate and shift
+            (`lungcls.patches.context_for`; 140 for 96-voxel crops). Runs that give the same context and
+            depth share one cache (and its split file): the stage-1 configs name stage 2's block size.
+        context_depth: slices of the cached block (default `depth` + 2 · z_shift).
         normalization: "none" (native HU) or "window".
         window: HU window for "window".
         augment: augment the training part (`PatchAugmentation`).
@@ -267,6 +271,8 @@ class NodulePatchDataModule(LightningDataModule):
         patch_sizes: Mapping[int, int] | None = None,
         depth: int = PAPER_DEPTH,
         boundary: str = "shift",
+        context: int | None = None,
+        context_depth: int | None = None,
         normalization: str = "none",
         window: tuple[float, float] = GLANCE_WINDOW,
         augment: bool = True,
@@ -324,7 +330,14 @@ class NodulePatchDataModule(LightningDataModule):
         self.dataset_kwargs = dict(dataset_kwargs or {})
         max_shift = int(self.augmentation_kwargs.get("max_shift", 2))
         z_shift = int(self.augmentation_kwargs.get("z_shift", 2))
-        context, context_depth = context_for(max(self.sizes.values()), self.depth, True, max_shift, z_shift)
+        auto, auto_depth = context_for(max(self.sizes.values()), self.depth, True, max_shift, z_shift)
+        context = int(context or auto)
+        context_depth = int(context_depth or auto_depth)
+        if context < max(self.sizes.values()) or context_depth < self.depth:
+            raise ValueError(
+                f"context block {context_depth} × {context} × {context} is smaller than the crops "
+                f"({self.depth} × {max(self.sizes.values())}²); enlarge context / context_depth"
+            )
         self.patch_settings = PatchSettings(context, context_depth, boundary)
         self._cache_dir = cache_dir
         self.tables: dict[str, pd.DataFrame] = {}
@@ -539,6 +552,8 @@ class FewShotPatchDataModule(NodulePatchDataModule):
             patch_sizes=self.sizes,
             depth=self.depth,
             boundary=self.patch_settings.boundary,
+            context=self.patch_settings.context,
+            context_depth=self.patch_settings.context_depth,
             normalization=self.normalization,
             window=self.window,
             augment=self.augment,
