@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP) ## create .venv and install the toolkit with pinned versions (constraints.txt)
 
 test: $(STAMP) ## run the default test suite (CPU, a few minutes)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile
 
 test-slow: $(STAMP) ## run the slow learning checks (models actually learn on phantoms)
 	$(PY) -m pytest -q -p no:cacheprovider -m slow -s
