@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from common import atomic, preprocess
 from common import io as ct_io
-from common import preprocess
 from common.datasets.base import Nodule, ScanRecord
 from common.datasets.geometry import ScanGeometry
 from common.datasets.tables import AnnotationError
@@ -110,48 +110,6 @@ class BuildReport:
 
 
 # -------------------------------------------------------------------------------------- file helpers
-
-
-class _HashingWriter:
-    """File-like wrapper that feeds everything written through SHA-256 (so we never re-read big arrays)."""
-
-    def __init__(self, fh) -> None:
-        self.fh = fh
-        self.sha = hashlib.sha256()
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        return self.fh.write(data)
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> str:
-    """Write `array` to `path` as .npy via a temporary file; returns the file's SHA-256."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            writer = _HashingWriter(fh)
-            np.lib.format.write_array(writer, np.ascontiguousarray(array), allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return writer.sha.hexdigest()
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -351,8 +309,8 @@ def preprocess_scan(
     mask_rel = f"{MASK_DIR}/{record.uid}.npy"
     entry["image"] = image_rel
     entry["lung_mask"] = mask_rel
-    entry["image_sha256"] = _save_npy_atomic(root / image_rel, resampled.array)
-    entry["lung_mask_sha256"] = _save_npy_atomic(root / mask_rel, mask.astype(np.uint8, copy=False))
+    entry["image_sha256"] = atomic.save_npy(root / image_rel, resampled.array)
+    entry["lung_mask_sha256"] = atomic.save_npy(root / mask_rel, mask.astype(np.uint8, copy=False))
     entry["lung_mask_source"] = "provided" if use_provided else "computed"
     entry["lung_fraction"] = float(np.count_nonzero(mask)) / mask.size
     entry["input_fingerprint"] = fingerprint["digest"]
@@ -481,7 +439,7 @@ class PreprocessedCache:
 
     def _remove_stale_temporaries(self) -> None:
         for folder in (self.root, self.root / IMAGE_DIR, self.root / MASK_DIR):
-            for tmp in folder.glob(".*.tmp-*"):
+            for tmp in folder.glob(f".*{atomic.TMP_MARKER}*"):
                 tmp.unlink(missing_ok=True)
 
     def _files_intact(self, entry: dict[str, Any]) -> bool:
@@ -554,13 +512,13 @@ class PreprocessedCache:
                 else:
                     todo.append((record, fingerprint))
             if changed:
-                _write_json_atomic(self.manifest_path, manifest)
+                atomic.write_json(self.manifest_path, manifest, fsync=True)
             if report.skipped:
                 log.info("%d scan(s) already cached with the same inputs and settings", len(report.skipped))
 
             def done(entry: dict[str, Any]) -> None:
                 scans[entry["uid"]] = entry
-                _write_json_atomic(self.manifest_path, manifest)
+                atomic.write_json(self.manifest_path, manifest, fsync=True)
                 report.built.append(entry["uid"])
                 log.info(
                     "[%d/%d] %s: %s -> %s in %.1f s",

@@ -18,17 +18,16 @@ pointing at a partial data file.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+
+from common import atomic
 
 log = logging.getLogger(__name__)
 
@@ -450,26 +449,6 @@ def _orientation_code(direction: np.ndarray) -> str:
     return "".join(code)
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it into place, on failure remove it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    with _atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
 def mhd_header_text(volume: CTVolume, data_file: str, compressed_size: int | None = None) -> str:
     """The MetaImage header LUNA16 ships, in its key order, for `volume` stored in `data_file`."""
     dtype = np.dtype(volume.array.dtype).newbyteorder("=")
@@ -527,8 +506,8 @@ def write_mhd(volume: CTVolume, path: str | Path, compress: bool = False) -> Pat
         payload = zlib.compress(payload, 6)
         compressed_size = len(payload)
     header = mhd_header_text(volume, data_path.name, compressed_size)
-    _atomic_write_bytes(data_path, payload)
-    _atomic_write_bytes(path, header.encode("ascii"))
+    atomic.write_bytes(data_path, payload)
+    atomic.write_bytes(path, header.encode("ascii"))
     return path
 
 
@@ -541,15 +520,9 @@ def write_nifti(volume: CTVolume, path: str | Path) -> Path:
     path = Path(path)
     if not path.name.lower().endswith(_NIFTI_SUFFIXES):
         raise ValueError(f"{path}: write_nifti needs a .nii or .nii.gz path")
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
-    try:
+    with atomic.atomic_path(path, suffix=suffix) as tmp:
         sitk.WriteImage(volume.to_sitk(), str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -619,10 +592,9 @@ def write_dicom_series(
         slice_img.SetMetaData("0020|0013", str(k + 1))
         slice_img.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
         out = folder / f"slice_{k:04d}.dcm"
-        tmp = folder / f".slice_{k:04d}.tmp-{os.getpid()}.dcm"
-        writer.SetFileName(str(tmp))
-        writer.Execute(slice_img)
-        os.replace(tmp, out)
+        with atomic.atomic_path(out, suffix=".dcm") as tmp:
+            writer.SetFileName(str(tmp))
+            writer.Execute(slice_img)
         paths.append(out)
     return paths
 

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold
 
+from common import atomic
 from common.datasets.base import ScanRecord
 
 log = logging.getLogger(__name__)
@@ -246,7 +245,7 @@ class Split:
         else:
             raise ValueError(f"split file {path} must end in .json or .csv")
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, text)
+        atomic.write_text(path, text)
         return path
 
     @classmethod
@@ -544,18 +543,6 @@ def _parse_csv_split(path: Path) -> list[Assignment]:
             raise SplitError(f"split file {path}, line {row_number}: empty uid, patient_id or part")
         assignments.append(Assignment(*values))
     return assignments
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder and rename, so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def describe(split: Split) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -12,6 +11,8 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
+
+from common import atomic
 
 
 def _git_commit() -> str | None:
@@ -59,8 +60,4 @@ class RunConfigSaver(SaveConfigCallback):
         log_dir = trainer.log_dir
         if log_dir is None:
             return
-        path = Path(log_dir) / "run_info.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"stage": stage, **run_info()}, indent=2))
-        os.replace(tmp, path)
+        atomic.write_json(Path(log_dir) / "run_info.json", {"stage": stage, **run_info()}, indent=2)

@@ -1,0 +1,84 @@
+"""Atomic file writes: a reader (or a killed run) never sees half a file.
+
+Every writer in the toolkit goes through `atomic_path`: the data is written to a temporary file beside the
+target and renamed into place with `os.replace` (atomic on POSIX within one folder); on any error the
+temporary file is removed and the old file, if there was one, is untouched. That is what lets the
+preprocessing cache, split files, synthetic trees and prediction outputs resume after an interruption.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TMP_MARKER = ".tmp"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a unique temporary path beside `path`; rename it into place on success, remove it on failure.
+
+    Args:
+        path: the final file.
+        suffix: end the temporary name with this extension, for writers that pick the format from it
+            (SimpleITK's DICOM and NIfTI writers: ".dcm", ".nii.gz").
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_MARKER}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | Path, data: bytes, fsync: bool = False) -> Path:
+    """Write `data` atomically; `fsync` also forces it to disk before the rename (for manifests)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        if fsync:
+            handle.flush()
+            os.fsync(handle.fileno())
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str, fsync: bool = False) -> Path:
+    """Write UTF-8 text with Unix newlines atomically."""
+    return write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def write_json(path: str | Path, data: Any, indent: int = 1, fsync: bool = False) -> Path:
+    """Write `data` as sorted, indented JSON (stable bytes for the same data) atomically."""
+    return write_text(path, json.dumps(data, indent=indent, sort_keys=True) + "\n", fsync=fsync)
+
+
+class _HashingWriter:
+    """File-like wrapper that feeds everything written through SHA-256, so big arrays are never re-read."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.sha = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.handle.write(data)
+
+
+def save_npy(path: str | Path, array: np.ndarray, fsync: bool = True) -> str:
+    """Save `array` as `.npy` atomically; returns the SHA-256 of the written file."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        writer = _HashingWriter(handle)
+        np.lib.format.write_array(writer, np.ascontiguousarray(array), allow_pickle=False)
+        if fsync:
+            handle.flush()
+            os.fsync(handle.fileno())
+    return writer.sha.hexdigest()
