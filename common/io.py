@@ -35,10 +35,13 @@ __all__ = [
     "CTVolume",
     "VolumeReadError",
     "anonymized_header",
+    "index_to_world_matrix",
     "read_volume",
+    "voxel_to_world",
     "write_dicom_series",
     "write_mhd",
     "write_nifti",
+    "world_to_voxel",
 ]
 
 
@@ -60,6 +63,40 @@ _MET_TYPES: dict[str, np.dtype] = {
 _DTYPE_TO_MET = {dtype: name for name, dtype in _MET_TYPES.items()}
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def index_to_world_matrix(spacing, direction) -> np.ndarray:
+    """The 3x3 matrix D·diag(spacing) that maps an (x, y, z) index offset to a world offset in mm."""
+    return np.asarray(direction, dtype=np.float64).reshape(3, 3) @ np.diag(
+        np.asarray(spacing, dtype=np.float64)
+    )
+
+
+def world_to_voxel(points_xyz, origin, spacing, direction) -> np.ndarray:
+    """World mm (x, y, z) → continuous voxel index in array order (z, y, x), through the direction matrix.
+
+    Args:
+        points_xyz: one point (3,) or many (N, 3).
+        origin, spacing: (x, y, z) as SimpleITK gives them; direction: 3x3 (or its 9 values, row-major).
+
+    Returns:
+        (N, 3) float64 continuous indices (z, y, x); voxel centres are integers.
+    """
+    pts = np.asarray(points_xyz, dtype=np.float64).reshape(-1, 3)
+    ijk = np.linalg.solve(
+        index_to_world_matrix(spacing, direction), (pts - np.asarray(origin, dtype=np.float64)).T
+    )
+    return ijk.T[:, ::-1].copy()
+
+
+def voxel_to_world(points_zyx, origin, spacing, direction) -> np.ndarray:
+    """Continuous voxel index (z, y, x) → world mm (x, y, z); the exact inverse of `world_to_voxel`.
+
+    Returns:
+        (N, 3) float64 world coordinates.
+    """
+    idx = np.asarray(points_zyx, dtype=np.float64).reshape(-1, 3)[:, ::-1]
+    return np.asarray(origin, dtype=np.float64) + idx @ index_to_world_matrix(spacing, direction).T
 
 
 @dataclass
@@ -105,35 +142,13 @@ class CTVolume:
         """Extent of the voxel grid in mm along each index axis, (x, y, z)."""
         return tuple(n * s for n, s in zip(self.size_xyz, self.spacing))  # type: ignore[return-value]
 
-    @property
-    def _index_to_world(self) -> np.ndarray:
-        """The 3x3 matrix D·diag(spacing) mapping an (x, y, z) index offset to a world offset."""
-        return self.direction @ np.diag(self.spacing)
-
     def world_to_voxel(self, points_xyz: np.ndarray | tuple[float, float, float]) -> np.ndarray:
-        """World mm (x, y, z) → continuous voxel index (z, y, x).
-
-        Args:
-            points_xyz: one point (3,) or many (N, 3), world x, y, z in mm.
-
-        Returns:
-            (N, 3) float64 continuous indices in array order (z, y, x); voxel centres are integers.
-        """
-        pts = np.asarray(points_xyz, dtype=np.float64).reshape(-1, 3)
-        ijk = np.linalg.solve(self._index_to_world, (pts - np.asarray(self.origin)).T).T
-        return ijk[:, ::-1].copy()
+        """World mm (x, y, z) → continuous voxel index (z, y, x), as an (N, 3) array (see `world_to_voxel`)."""
+        return world_to_voxel(points_xyz, self.origin, self.spacing, self.direction)
 
     def voxel_to_world(self, points_zyx: np.ndarray | tuple[float, float, float]) -> np.ndarray:
-        """Continuous voxel index (z, y, x) → world mm (x, y, z); the exact inverse of `world_to_voxel`.
-
-        Args:
-            points_zyx: one index (3,) or many (N, 3), array order (z, y, x).
-
-        Returns:
-            (N, 3) float64 world coordinates x, y, z in mm.
-        """
-        idx = np.asarray(points_zyx, dtype=np.float64).reshape(-1, 3)[:, ::-1]
-        return np.asarray(self.origin) + idx @ self._index_to_world.T
+        """Continuous voxel index (z, y, x) → world mm (x, y, z), as an (N, 3) array (see `voxel_to_world`)."""
+        return voxel_to_world(points_zyx, self.origin, self.spacing, self.direction)
 
     def contains_voxel(self, points_zyx: np.ndarray) -> np.ndarray:
         """Whether continuous indices lie inside the grid (within half a voxel of the outer voxel centres)."""

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from common.io import voxel_to_world, world_to_voxel
+
 
 @dataclass(frozen=True)
 class ScanGeometry:
@@ -65,20 +67,14 @@ class ScanGeometry:
         """Array shape (z, y, x)."""
         return (self.size_xyz[2], self.size_xyz[1], self.size_xyz[0])
 
-    def _matrix(self) -> np.ndarray:
-        return np.asarray(self.direction, dtype=np.float64) @ np.diag(self.spacing)
-
     def world_to_voxel(self, xyz) -> np.ndarray:
-        """World (x, y, z) mm → continuous voxel (z, y, x); accepts (3,) or (N, 3)."""
-        pts = np.atleast_2d(np.asarray(xyz, dtype=np.float64))
-        ijk = np.linalg.solve(self._matrix(), (pts - np.asarray(self.origin)).T).T
-        out = ijk[:, ::-1]
+        """World (x, y, z) mm → continuous voxel (z, y, x); (3,) in → (3,) out, (N, 3) → (N, 3)."""
+        out = world_to_voxel(xyz, self.origin, self.spacing, self.direction)
         return out[0] if np.ndim(xyz) == 1 else out
 
     def voxel_to_world(self, zyx) -> np.ndarray:
-        """Continuous voxel (z, y, x) → world (x, y, z) mm; accepts (3,) or (N, 3)."""
-        pts = np.atleast_2d(np.asarray(zyx, dtype=np.float64))[:, ::-1]
-        out = (self._matrix() @ pts.T).T + np.asarray(self.origin)
+        """Continuous voxel (z, y, x) → world (x, y, z) mm; (3,) in → (3,) out, (N, 3) → (N, 3)."""
+        out = voxel_to_world(zyx, self.origin, self.spacing, self.direction)
         return out[0] if np.ndim(zyx) == 1 else out
 
     def contains(self, zyx, margin: float = 0.5) -> bool:
