@@ -582,18 +582,17 @@ class FewShotPatchDataModule(NodulePatchDataModule):
         rng.shuffle(patients)
         chosen: list[int] = []
         counts = {0: 0, 1: 0}
-        used: list[str] = []
         for patient in patients:
             if counts[0] >= n and counts[1] >= n:
                 break
-            rows = table.index[table["patient_id"] == patient]
-            take = [i for i in rows if counts.setdefault(int(table.at[i, "label"] > 0), 0) < n]
-            if not take:
-                continue
-            for i in take:
-                counts[int(table.at[i, "label"] > 0)] += 1
-            chosen += take
-            used.append(patient)
+            take = []
+            for i in table.index[table["patient_id"] == patient]:
+                positive = int(table.at[i, "label"] > 0)
+                if counts[positive] < n:
+                    counts[positive] += 1
+                    take.append(i)
+            if take:
+                chosen += take
         if counts[0] < n or counts[1] < n:
             raise ValueError(
                 f"{what}: needs {n} positive and {n} negative nodules, found {counts[1]} and {counts[0]}; "
