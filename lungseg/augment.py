@@ -3,9 +3,9 @@
 One albumentations pipeline (``Affine`` then ``ElasticTransform``) warps the image and the nodule mask with
 the same random field. The centre heatmap is not warped as a picture: its Gaussian peaks must stay exactly
 1.0 on one pixel for the CenterNet focal loss, and interpolation would flatten them. Instead every nodule
-cross-section enters the pipeline as two keypoints — its centre and a point on its rim — and the heatmap is
+cross-section enters the pipeline as five keypoints — its centre and four points on its rim — and the heatmap is
 rendered afterwards (:func:`lungseg.losses.gaussian_center_heatmap`) at the warped centre with the warped
-radius. Image, mask and heatmap therefore stay aligned (tested with a planted disk in
+radius (mean distance of four warped rim points). Image, mask and heatmap therefore stay aligned (tested with a planted disk in
 ``tests/lungseg/test_data.py``), and a scaled nodule gets a proportionally scaled Gaussian.
 
 Randomness: albumentations keeps its own generator. :meth:`SliceAugment.__call__` takes a seed, which the
@@ -29,6 +29,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 __all__ = ["SliceAugment"]
+
+_POINTS_PER_NODULE = 5  # centre + four rim points (±x, ±y): the warped radius is their mean distance
 
 
 def _elastic_alpha(size: int, sigma_px: float, displacement_px: float) -> float:
@@ -93,12 +95,13 @@ class SliceAugment:
                     border_mode=cv2.BORDER_CONSTANT,
                     fill=0.0,
                     fill_mask=0,
+                    keypoint_remapping_method="direct",
                     p=p_elastic,
                 )
             )
         self.pipeline = A.Compose(
             transforms,
-            keypoint_params=A.KeypointParams(format="xy", remove_invisible=False),
+            keypoint_params=A.KeypointParams(format="xy", label_fields=["point_ids"], remove_invisible=False),
             seed=0,
         )
 
@@ -124,17 +127,22 @@ class SliceAugment:
         """
         keypoints = []
         for (cy, cx), diameter in zip(centers_yx, diameters):
-            keypoints += [(cx, cy), (cx + diameter / 2.0, cy)]
+            r = diameter / 2.0
+            keypoints += [(cx, cy), (cx + r, cy), (cx - r, cy), (cx, cy + r), (cx, cy - r)]
         self.pipeline.set_random_seed(int(seed) % (2**32))
         out = self.pipeline(
             image=np.ascontiguousarray(image, dtype=np.float32),
             mask=np.ascontiguousarray(mask, dtype=np.uint8),
             keypoints=np.asarray(keypoints, dtype=np.float32).reshape(-1, 2),
+            point_ids=list(range(len(keypoints))),
         )
-        points = np.asarray(out["keypoints"], dtype=np.float64).reshape(-1, 2)
+        points = dict(zip(out["point_ids"], np.asarray(out["keypoints"], dtype=np.float64).reshape(-1, 2)))
+        if len(points) != len(keypoints):  # remove_invisible=False keeps every point
+            raise RuntimeError("the augmentation lost nodule keypoints; check the albumentations version")
         centers, warped = [], []
-        for k in range(0, len(points), 2):
-            (cx, cy), (rx, ry) = points[k], points[k + 1]
-            centers.append((float(cy), float(cx)))
-            warped.append(2.0 * math.hypot(rx - cx, ry - cy))
+        for k in range(0, len(keypoints), _POINTS_PER_NODULE):
+            centre = points[k]
+            rims = [points[k + j] for j in range(1, _POINTS_PER_NODULE)]
+            centers.append((float(centre[1]), float(centre[0])))
+            warped.append(2.0 * float(np.mean([math.hypot(*(rim - centre)) for rim in rims])))
         return out["image"].astype(np.float32, copy=False), out["mask"].astype(np.uint8), centers, warped
