@@ -1,0 +1,5 @@
+"""`python -m lungdet …` is the `lungdet` command."""
+
+from lungdet.cli import main
+
+main()

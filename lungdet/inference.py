@@ -1,0 +1,275 @@
+"""Whole-scan inference of CLAF: stage-1 sliding window, candidates in world mm, stage-2 re-scoring, CSV.
+
+Stage 1 (``detect_scan``): the prepared 1 mm scan (windowed, lung-masked; ``lungdet.data.ScanReader``) is
+padded at its far end to a multiple of the network stride and to at least one block, then MONAI's
+``sliding_window_inference`` runs the candidate net over overlapping ``block_size``³ blocks (paper: 128³).
+Each block's output (D/4, H/4, W/4, A, 5) is flattened to A·5 channels on the 4×-coarser grid, which MONAI
+stitches into one whole-scan map (overlaps averaged, ``blend_mode="constant"``, or Gaussian-weighted).
+Block starts are multiples of the stride (checked), so every block's cells coincide with the whole-scan
+grid and the stitched map is a proper per-anchor average. The coordinate channels of each block come from
+its position in the scan (``with_coord=True`` hands the block slices to the predictor), exactly as in
+training. The stitched map is decoded against the whole-scan anchor grid, thresholded, and reduced by 3D
+NMS (``lungdet.postprocess``); candidates whose centre falls in the padding are dropped.
+
+World coordinates (``candidates_to_world``) use the cached grid's geometry from the cache manifest
+(origin, direction, 1 mm spacing) through ``ScanGeometry.voxel_to_world`` — the direction matrix is
+applied, so flipped scans come out right.
+
+Stage 2 (``score_candidates``): 32×48×48 crops around each candidate (``crop_candidates``, padded with the
+reader's fill value), MPPN probability, in chunks. ``fuse_scores`` optionally blends in the stage-1 score.
+
+``write_results_csv`` writes the LUNA16 results format (seriesuid, coordX, coordY, coordZ, probability)
+that ``lungdata evaluate-froc`` and the official script read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from torch import Tensor, nn
+
+from lungdet.anchors import anchor_grid
+from lungdet.data import geometry_of
+from lungdet.models import coordinate_maps, crop_candidates
+from lungdet.postprocess import candidates_from_prediction
+
+__all__ = [
+    "RESULT_COLUMNS",
+    "candidates_to_world",
+    "detect_scan",
+    "fuse_scores",
+    "results_frame",
+    "score_candidates",
+    "stitched_prediction",
+    "write_results_csv",
+]
+
+RESULT_COLUMNS: tuple[str, ...] = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
+
+
+def _stride_of(net: nn.Module) -> int:
+    return int(getattr(net, "stride", 4))
+
+
+def stitched_prediction(
+    net: nn.Module,
+    image: Tensor,
+    *,
+    block_size: int | Sequence[int] = 128,
+    overlap: float = 0.25,
+    sw_batch_size: int = 1,
+    blend_mode: str = "constant",
+    pad_value: float = 0.0,
+) -> Tensor:
+    """The stage-1 output of a whole scan, stitched from overlapping blocks.
+
+    Args:
+        net: a ``CandidateNet`` (anything with its ``forward(x, coords)`` and output layout).
+        image: (Z, Y, X) prepared scan.
+        block_size: block side(s), multiples of 32.
+        overlap: fraction of a block shared with its neighbour; ``block × (1 − overlap)`` must be a multiple
+            of the network stride.
+        sw_batch_size: blocks per forward pass.
+        blend_mode: "constant" (average) or "gaussian" (centre-weighted) blending of overlaps.
+        pad_value: value of the padding added at the far end of each axis (the reader's fill value).
+
+    Returns:
+        (Z'/s, Y'/s, X'/s, A, 5) raw output on the grid of the padded scan (Z' ≥ Z, multiples of s).
+
+    Raises:
+        ValueError: on a non-3D image or a block/overlap that would misalign the output grids.
+    """
+    if image.ndim != 3:
+        raise ValueError(f"stitched_prediction expects one (Z, Y, X) scan, got shape {tuple(image.shape)}")
+    stride = _stride_of(net)
+    block = (int(block_size),) * 3 if isinstance(block_size, int) else tuple(int(b) for b in block_size)
+    for b in block:
+        step = int(b * (1 - overlap))
+        if b % 32 or step % stride:
+            raise ValueError(
+                f"block {b} with overlap {overlap} steps by {step} voxels: blocks must be multiples of 32 and "
+                f"steps multiples of the stride {stride} (e.g. 128 with overlap 0.25 or 0.5)"
+            )
+    scan_shape = tuple(int(n) for n in image.shape)
+    padded = [max(b, -(-n // stride) * stride) for n, b in zip(scan_shape, block)]
+    pad = [p - n for p, n in zip(padded, scan_shape)]
+    x = F.pad(image[None, None], (0, pad[2], 0, pad[1], 0, pad[0]), value=float(pad_value))
+    num_anchors = int(getattr(net, "num_anchors", 3))
+
+    def predictor(window: Tensor, slices: list[list[slice]]) -> Tensor:
+        starts = torch.tensor([[s[2 + a].start for a in range(3)] for s in slices], dtype=torch.float64)
+        coords = None
+        if getattr(net, "use_coords", True):
+            coords = coordinate_maps(
+                starts, window.shape[-3:], torch.tensor(scan_shape), dtype=window.dtype, device=window.device
+            )
+        out = net(window, coords) if coords is not None else net(window)
+        b, d, h, w = out.shape[:4]
+        return out.permute(0, 4, 5, 1, 2, 3).reshape(b, num_anchors * 5, d, h, w)
+
+    stitched = sliding_window_inference(
+        x,
+        roi_size=block,
+        sw_batch_size=sw_batch_size,
+        predictor=predictor,
+        overlap=overlap,
+        mode=blend_mode,
+        with_coord=True,
+    )
+    _, _, d, h, w = stitched.shape
+    return stitched[0].reshape(num_anchors, 5, d, h, w).permute(2, 3, 4, 0, 1).contiguous()
+
+
+def detect_scan(
+    net: nn.Module,
+    image: Tensor,
+    *,
+    block_size: int | Sequence[int] = 128,
+    overlap: float = 0.25,
+    sw_batch_size: int = 1,
+    blend_mode: str = "constant",
+    pad_value: float = 0.0,
+    score_threshold: float = 0.1,
+    nms_iou: float = 0.1,
+    max_candidates: int = 100,
+    pre_nms_top_k: int = 5000,
+) -> Tensor:
+    """Stage-1 candidates of one whole scan.
+
+    Args:
+        net: the candidate net (put it in eval mode; this runs without gradients).
+        image: (Z, Y, X) prepared scan on the net's device.
+        block_size, overlap, sw_batch_size, blend_mode, pad_value: see ``stitched_prediction``.
+        score_threshold: minimum objectness probability.
+        nms_iou: cube-IoU threshold of the 3D NMS.
+        max_candidates: at most this many (the most probable) per scan; −1 for all.
+        pre_nms_top_k: best-scoring anchors that enter the NMS.
+
+    Returns:
+        (K, 5) ``(score, z, y, x, d)`` in voxels of the scan, descending score.
+    """
+    with torch.no_grad():
+        prediction = stitched_prediction(
+            net,
+            image,
+            block_size=block_size,
+            overlap=overlap,
+            sw_batch_size=sw_batch_size,
+            blend_mode=blend_mode,
+            pad_value=pad_value,
+        )
+        sizes = getattr(net, "anchor_sizes", (5.0, 10.0, 20.0))
+        anchors = anchor_grid(
+            prediction.shape[:3], _stride_of(net), sizes, device=prediction.device, dtype=prediction.dtype
+        )
+        cands = candidates_from_prediction(
+            prediction,
+            anchors,
+            score_threshold=score_threshold,
+            nms_iou=nms_iou,
+            pre_nms_top_k=pre_nms_top_k,
+        )
+        upper = torch.as_tensor(image.shape, dtype=cands.dtype, device=cands.device) - 0.5
+        inside = ((cands[:, 1:4] >= -0.5) & (cands[:, 1:4] <= upper)).all(dim=1)
+        cands = cands[inside]
+        if max_candidates >= 0:
+            cands = cands[:max_candidates]
+    return cands
+
+
+def candidates_to_world(voxel_zyx: Tensor | np.ndarray, entry: dict[str, Any]) -> np.ndarray:
+    """Voxel (z, y, x) positions on the cached 1 mm grid → world (x, y, z) mm.
+
+    Args:
+        voxel_zyx: (K, 3) positions.
+        entry: a cache manifest entry (or any dict with shape, spacing, origin, direction).
+
+    Returns:
+        (K, 3) float64 world coordinates.
+    """
+    zyx = np.asarray(torch.as_tensor(voxel_zyx).detach().cpu().numpy(), dtype=np.float64).reshape(-1, 3)
+    if zyx.shape[0] == 0:
+        return np.zeros((0, 3))
+    return geometry_of(entry).voxel_to_world(zyx).reshape(-1, 3)
+
+
+def score_candidates(
+    mppn: nn.Module,
+    image: Tensor,
+    centres_zyx: Tensor,
+    *,
+    chunk_size: int = 64,
+    pad_value: float = 0.0,
+) -> Tensor:
+    """MPPN nodule probability of each candidate, in chunks.
+
+    Args:
+        mppn: the stage-2 network (eval mode).
+        image: (Z, Y, X) prepared scan.
+        centres_zyx: (K, 3) candidate voxel positions.
+        chunk_size: candidates per forward pass.
+        pad_value: value outside the scan.
+
+    Returns:
+        (K,) probabilities on the image's device.
+    """
+    centres = torch.as_tensor(centres_zyx).reshape(-1, 3)
+    size = tuple(int(v) for v in getattr(mppn, "crop_sizes", ((32, 48, 48),))[0])
+    out = []
+    with torch.no_grad():
+        for i in range(0, centres.shape[0], chunk_size):
+            crops = crop_candidates(image, centres[i : i + chunk_size].cpu(), size, pad_value=pad_value)
+            logits = mppn(crops.to(device=image.device, dtype=image.dtype))
+            out.append(mppn.nodule_probability(logits))
+    if not out:
+        return torch.zeros(0, device=image.device)
+    return torch.cat(out)
+
+
+def fuse_scores(mppn_prob: Tensor, stage1_prob: Tensor | None, stage1_weight: float) -> Tensor:
+    """Final candidate score: ``(1 − w)·p_MPPN + w·p_stage1`` where the stage-1 score is known, else p_MPPN."""
+    if not 0.0 <= stage1_weight <= 1.0:
+        raise ValueError(f"stage1_weight must lie in [0, 1], got {stage1_weight}")
+    if stage1_prob is None or stage1_weight == 0.0:
+        return mppn_prob
+    s1 = stage1_prob.to(mppn_prob)
+    fused = (1.0 - stage1_weight) * mppn_prob + stage1_weight * s1
+    return torch.where(torch.isnan(s1), mppn_prob, fused)
+
+
+def results_frame(rows: Iterable[tuple[str, float, float, float, float]]) -> pd.DataFrame:
+    """A LUNA16 results table from (seriesuid, x, y, z, probability) rows."""
+    frame = pd.DataFrame(list(rows), columns=list(RESULT_COLUMNS))
+    return frame.astype({"coordX": float, "coordY": float, "coordZ": float, "probability": float})
+
+
+def write_results_csv(
+    rows: Iterable[tuple[str, float, float, float, float]] | pd.DataFrame, path: str | Path
+) -> Path:
+    """Write a LUNA16 results CSV atomically (temporary file + rename).
+
+    Args:
+        rows: (seriesuid, coordX, coordY, coordZ, probability) rows, or a frame with those columns.
+        path: output file (folders are created).
+
+    Returns:
+        The written path.
+    """
+    frame = rows if isinstance(rows, pd.DataFrame) else results_frame(rows)
+    missing = [c for c in RESULT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"results need columns {RESULT_COLUMNS}; missing {missing}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    frame[list(RESULT_COLUMNS)].to_csv(tmp, index=False, float_format="%.6f")
+    os.replace(tmp, path)
+    return path

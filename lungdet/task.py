@@ -1,0 +1,525 @@
+"""Lightning tasks of CLAF: ``CandidateTask`` (stage 1) and ``FPRTask`` (stage 2, MPPN).
+
+``CandidateTask``
+    fit: crops from ``CandidateDataModule`` → coordinate maps from each crop's place in the scan → candidate
+    net → anchor targets (``lungdet.anchors.assign_targets``, here so the anchor configuration lives next to
+    the network whose grid it must match) → ``DetectionLoss`` (focal + smooth-L1, OHEM, learned weights;
+    a submodule, so its weights are optimised and checkpointed).
+    validate / test: whole-scan sliding-window inference on every scan (``lungdet.inference.detect_scan``),
+    candidates → world mm → ``LUNA16FROC``; logs ``<stage>/cpm``, ``<stage>/sens@<rate>`` for the seven
+    LUNA16 rates, ``<stage>/sens@0.55`` (``fp_rate``, the paper's operating point), ``<stage>/recall``
+    (stage-1 recall: nodules hit by any of the ≤ 100 candidates) and ``<stage>/candidates_per_scan``.
+    test also writes ``test_results.csv``, ``test_froc.json`` and ``test_froc.png`` into the run folder.
+    predict: the same inference; ``results.csv`` (LUNA16 results format) in the run folder, or
+    ``results_csv``.
+
+``FPRTask``
+    fit: 32×48×48 candidate crops (1 true : 3 false per epoch) → MPPN → cross-entropy (Adam, 1e-4).
+    validate / test: per scan, the candidates the datamodule attached, or — when it attached none
+    (``eval_candidates: stage1``, or predicting on a folder) — the candidates of the stage-1 checkpoint
+    ``stage1_checkpoint`` run on the scan; MPPN probability per candidate, optionally fused with the
+    stage-1 score (``stage1_weight``); logs AUC and accuracy over labelled candidates, the FROC of the
+    re-scored candidates and sensitivity at 0.55 FP/scan. predict writes the two-stage ``results.csv``.
+
+Reproducibility: at every training-epoch start the global torch/numpy/python generators are reseeded
+from (``PL_GLOBAL_SEED``, epoch). Dropout then draws the same masks in epoch *e* whether the run started
+at epoch 0 or resumed from an epoch-end checkpoint; the data side is made deterministic the same way by
+``lungdet.data.EpochSampler``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+
+from common.lightning.task import BaseTask
+from common.metrics.detection import sensitivity_at_fp_rate
+from common.metrics.figures import plot_froc
+from common.metrics.froc import FROCResult
+from common.metrics.froc_torch import LUNA16FROC, scan_key_from_uid
+from lungdet.anchors import DEFAULT_ANCHOR_SIZES, anchor_grid, assign_targets_batch
+from lungdet.data import DEFAULT_FILL
+from lungdet.inference import (
+    candidates_to_world,
+    detect_scan,
+    fuse_scores,
+    score_candidates,
+    write_results_csv,
+)
+from lungdet.losses import DetectionLoss
+from lungdet.models import build_candidate_net, build_mppn, coordinate_maps
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CandidateTask", "FPRTask"]
+
+
+def _reseed_for_epoch(epoch: int) -> None:
+    seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) * 1_000_003 + int(epoch)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class _DetectionTaskMixin:
+    """FROC bookkeeping shared by both stages: per-stage metric, per-scan rows, epoch-end logging, files."""
+
+    def _init_detection_state(self) -> None:
+        self.froc = nn.ModuleDict({"val": LUNA16FROC(), "test": LUNA16FROC()})
+        self._rows: dict[str, list[tuple[str, float, float, float, float]]] = {
+            "val": [],
+            "test": [],
+            "predict": [],
+        }
+
+    def _sync_pad_value(self) -> None:
+        """Pad scans and crops with the datamodule's fill value (what the networks saw outside the scan)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "fill_value"):
+            self.pad_value = float(dm.fill_value)
+
+    def on_fit_start(self) -> None:
+        self._sync_pad_value()
+
+    def on_validation_start(self) -> None:
+        self._sync_pad_value()
+
+    def on_test_start(self) -> None:
+        self._sync_pad_value()
+
+    def on_predict_start(self) -> None:
+        self._sync_pad_value()
+
+    def _record_scan(self, stage: str, scan: dict[str, Any], world: np.ndarray, scores: Tensor) -> None:
+        """Add one scan's final candidates to the FROC (val/test) and to the rows written to CSV."""
+        probs = scores.detach().double().cpu().numpy().reshape(-1)
+        rows = [(scan["uid"], float(x), float(y), float(z), float(p)) for (x, y, z), p in zip(world, probs)]
+        self._rows[stage].extend(rows)
+        if stage == "predict":
+            return
+        marks = torch.as_tensor(np.concatenate([world.reshape(-1, 3), probs[:, None]], axis=1))
+        self.froc[stage].update(
+            [scan_key_from_uid(scan["uid"])], [marks], [scan["nodules"].cpu()], [scan["excluded"].cpu()]
+        )
+
+    def _run_dir(self) -> Path:
+        trainer = self.trainer
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    def _gather_rows(self, stage: str) -> list[tuple[str, float, float, float, float]]:
+        rows = self._rows[stage]
+        self._rows[stage] = []
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        return rows
+
+    def _log_froc(self, stage: str) -> FROCResult | None:
+        metric = self.froc[stage]
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not distributed and not metric.scan_key:
+            return None
+        result = metric.compute_result()
+        metric.reset()
+        op = sensitivity_at_fp_rate(result.curve, self.hparams.fp_rate)
+        values = {f"{stage}/cpm": result.cpm, f"{stage}/sens@{self.hparams.fp_rate:g}": op}
+        for rate, sens in zip(result.fp_rates, result.sensitivities):
+            values[f"{stage}/sens@{rate:g}"] = float(sens)
+        values[f"{stage}/recall"] = result.counts.sensitivity
+        values[f"{stage}/candidates_per_scan"] = result.counts.candidates_per_scan
+        self.log_dict({k: float(v) for k, v in values.items()}, sync_dist=False)
+        result.extra[f"sensitivity_at_{self.hparams.fp_rate:g}_fp_per_scan"] = op
+        return result
+
+    def _write_test_outputs(self, result: FROCResult | None, name: str) -> None:
+        rows = self._gather_rows("test")
+        if self.trainer.global_rank != 0:
+            return
+        run = self._run_dir()
+        write_results_csv(rows, run / "test_results.csv")
+        if result is not None:
+            (run / "test_froc.json").write_text(json.dumps(result.to_dict(include_curve=True), indent=2))
+            plot_froc(result, run / "test_froc.png", label=name)
+        log.info("test results written to %s", run)
+
+    def _write_predictions(self) -> None:
+        rows = self._gather_rows("predict")
+        if self.trainer.global_rank != 0:
+            return
+        path = Path(self.hparams.results_csv) if self.hparams.results_csv else self._run_dir() / "results.csv"
+        write_results_csv(rows, path)
+        self.results_path = path
+        log.info("wrote %d candidates to %s", len(rows), path)
+        print(f"lungdet: results written to {path}")
+
+
+class CandidateTask(_DetectionTaskMixin, BaseTask):
+    """Stage 1: the anchor-based 3D candidate network (see the module docstring).
+
+    Args:
+        variant: encoder variant of Table 9: "unet", "unet_cbam" or "ascrm" (CLAF).
+        width: base channel count (16 ≈ the paper's 1.77 M parameters).
+        use_coords: concatenate coordinate channels.
+        block_depth: conv layers per encoder block.
+        decoder_depth: conv layers per decoder block.
+        head_channels: head width.
+        dropout: head dropout.
+        anchor_sizes: anchor diameters (mm = voxels at 1 mm).
+        focal_alpha: focal-loss α.
+        focal_gamma: focal-loss γ.
+        neg_pos_ratio: OHEM negatives kept per positive anchor.
+        min_negatives: OHEM negatives kept per crop at least.
+        loss_weighting: "uncertainty" (learned, the paper's dynamic weighting) or "fixed".
+        pos_iou: anchor IoU above which an anchor is positive.
+        neg_iou: anchor IoU below which an anchor is negative.
+        block_size: whole-scan inference block (paper: 128).
+        overlap: block overlap fraction.
+        sw_batch_size: blocks per forward pass at inference.
+        blend_mode: "constant" or "gaussian" blending of overlapping blocks.
+        score_threshold: minimum objectness of a candidate.
+        nms_iou: 3D NMS threshold.
+        max_candidates: candidates kept per scan (LUNA16 evaluates at most 100).
+        fp_rate: operating point reported as ``<stage>/sens@<fp_rate>`` (paper: 0.55 FP/scan).
+        results_csv: where ``predict`` writes its CSV (default ``<run folder>/results.csv``).
+        **kwargs: ``BaseTask`` optimisation arguments (optimizer, lr, weight_decay, scheduler, ...).
+    """
+
+    monitor = "val/cpm"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        variant: str = "ascrm",
+        width: int = 16,
+        use_coords: bool = True,
+        block_depth: int = 2,
+        decoder_depth: int = 2,
+        head_channels: int = 64,
+        dropout: float = 0.2,
+        anchor_sizes: tuple[float, ...] = DEFAULT_ANCHOR_SIZES,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        neg_pos_ratio: float = 3.0,
+        min_negatives: int = 16,
+        loss_weighting: str = "uncertainty",
+        pos_iou: float = 0.5,
+        neg_iou: float = 0.02,
+        block_size: int = 128,
+        overlap: float = 0.25,
+        sw_batch_size: int = 2,
+        blend_mode: str = "constant",
+        score_threshold: float = 0.1,
+        nms_iou: float = 0.1,
+        max_candidates: int = 100,
+        fp_rate: float = 0.55,
+        results_csv: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._init_detection_state()
+        self._anchors: dict[tuple[int, ...], Tensor] = {}
+        self.pad_value = DEFAULT_FILL
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.model = build_candidate_net(
+            hp.variant,
+            width=hp.width,
+            use_coords=hp.use_coords,
+            block_depth=hp.block_depth,
+            decoder_depth=hp.decoder_depth,
+            head_channels=hp.head_channels,
+            dropout=hp.dropout,
+            anchor_sizes=tuple(hp.anchor_sizes),
+        )
+
+    def configure_losses(self) -> None:
+        hp = self.hparams
+        self.criterion = DetectionLoss(
+            focal_alpha=hp.focal_alpha,
+            focal_gamma=hp.focal_gamma,
+            neg_pos_ratio=hp.neg_pos_ratio,
+            min_negatives=hp.min_negatives,
+            weighting=hp.loss_weighting,
+        )
+
+    # ---------------------------------------------------------------------------------------- training
+    def on_train_epoch_start(self) -> None:
+        _reseed_for_epoch(self.current_epoch)
+
+    def anchors_for(self, grid_shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """The anchor grid of a prediction grid (cached per shape)."""
+        key = tuple(int(s) for s in grid_shape)
+        if key not in self._anchors:
+            self._anchors[key] = anchor_grid(key, self.model.stride, tuple(self.hparams.anchor_sizes))
+        return self._anchors[key].to(device)
+
+    def coords_for(self, batch: dict[str, Any], images: Tensor) -> Tensor | None:
+        if not self.hparams.use_coords:
+            return None
+        return coordinate_maps(
+            batch["start"], images.shape[-3:], batch["scan_shape"], dtype=images.dtype, device=images.device
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        images = batch["image"]
+        out = self.model(images, self.coords_for(batch, images))
+        anchors = self.anchors_for(out.shape[1:4], out.device)
+        labels, deltas = assign_targets_batch(
+            anchors,
+            [b.to(out.device) for b in batch["boxes"]],
+            [b.to(out.device) for b in batch["ignore"]],
+            pos_iou=self.hparams.pos_iou,
+            neg_iou=self.hparams.neg_iou,
+        )
+        result = self.criterion(out, labels, deltas)
+        self.log_dict(result.log_dict("train/"), batch_size=images.shape[0], prog_bar=False)
+        return result.loss
+
+    # ------------------------------------------------------------------------------------- evaluation
+    def detect(self, image: Tensor) -> Tensor:
+        """Stage-1 candidates (score, z, y, x, d) of one prepared scan with this task's inference settings."""
+        hp = self.hparams
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return detect_scan(
+                self.model,
+                image,
+                block_size=hp.block_size,
+                overlap=hp.overlap,
+                sw_batch_size=hp.sw_batch_size,
+                blend_mode=hp.blend_mode,
+                pad_value=self.pad_value,
+                score_threshold=hp.score_threshold,
+                nms_iou=hp.nms_iou,
+                max_candidates=hp.max_candidates,
+            )
+        finally:
+            self.model.train(was_training)
+
+    def _eval_step(self, scans: list[dict[str, Any]], stage: str) -> None:
+        for scan in scans:
+            cands = self.detect(scan["image"])
+            world = candidates_to_world(cands[:, 1:4], scan["entry"])
+            self._record_scan(stage, scan, world, cands[:, 0])
+
+    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> int:
+        self._eval_step(batch, "predict")
+        return len(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._rows["val"] = []
+        self._log_froc("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._write_test_outputs(self._log_froc("test"), f"CLAF stage 1 ({self.hparams.variant})")
+
+    def on_predict_epoch_end(self) -> None:
+        self._write_predictions()
+
+
+class FPRTask(_DetectionTaskMixin, BaseTask):
+    """Stage 2: MPPN false-positive reduction, and the two-stage pipeline at evaluation/prediction time.
+
+    Args:
+        width: MPPN first-stage channels (32 ≈ 2.7 M parameters).
+        num_classes: 2 (softmax cross-entropy, the paper) or 1 (a single logit with BCE).
+        block_depth: conv layers per residual stage.
+        dropout: dropout before the classifier.
+        stage1_checkpoint: a ``CandidateTask`` checkpoint; used whenever a scan comes without candidates
+            (two-stage evaluation, prediction on new scans).
+        stage1_weight: final score = (1 − w)·p_MPPN + w·p_stage1 (0 = MPPN only, the paper).
+        chunk_size: candidates per MPPN forward pass at evaluation.
+        fp_rate: operating point reported as ``<stage>/sens@<fp_rate>``.
+        results_csv: where ``predict`` writes its CSV (default ``<run folder>/results.csv``).
+        optimizer: optimiser name (paper: Adam).
+        lr: learning rate (paper: 1e-4).
+        **kwargs: other ``BaseTask`` arguments.
+    """
+
+    monitor = "val/cpm"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        width: int = 32,
+        num_classes: int = 2,
+        block_depth: int = 2,
+        dropout: float = 0.5,
+        stage1_checkpoint: str | None = None,
+        stage1_weight: float = 0.0,
+        chunk_size: int = 64,
+        fp_rate: float = 0.55,
+        results_csv: str | None = None,
+        optimizer: str = "adam",
+        lr: float = 1e-4,
+        **kwargs: Any,
+    ) -> None:
+        if not 0.0 <= stage1_weight <= 1.0:
+            raise ValueError(f"stage1_weight must lie in [0, 1], got {stage1_weight}")
+        super().__init__(optimizer=optimizer, lr=lr, **kwargs)
+        self._init_detection_state()
+        self._stage1: CandidateTask | None = None
+        self.pad_value = DEFAULT_FILL
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.model = build_mppn(
+            width=hp.width, num_classes=hp.num_classes, block_depth=hp.block_depth, dropout=hp.dropout
+        )
+
+    def configure_metrics(self) -> MetricCollection:
+        return MetricCollection({"auc": BinaryAUROC(), "acc": BinaryAccuracy()})
+
+    # ---------------------------------------------------------------------------------------- stage 1
+    @property
+    def stage1(self) -> CandidateTask:
+        """The stage-1 task from ``stage1_checkpoint`` (loaded once, frozen, not part of this state dict)."""
+        if self._stage1 is None:
+            path = self.hparams.stage1_checkpoint
+            if not path:
+                raise ValueError(
+                    "this scan comes without candidates, so stage 1 must run: set model.init_args.stage1_checkpoint "
+                    "to a CandidateTask checkpoint (e.g. `--model.init_args.stage1_checkpoint runs/.../last.ckpt`)"
+                )
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"stage1_checkpoint {path} does not exist; train stage 1 first")
+            task = CandidateTask.load_from_checkpoint(path, map_location=self.device)
+            task.eval().requires_grad_(False)
+            task.pad_value = self.pad_value
+            self._check_stage1_preprocessing(path)
+            object.__setattr__(
+                self, "_stage1", task
+            )  # not a submodule: stays out of checkpoints and the optimiser
+        assert self._stage1 is not None
+        self._stage1.to(self.device)
+        return self._stage1
+
+    def _check_stage1_preprocessing(self, path: str) -> None:
+        """Refuse a stage-1 checkpoint trained on differently prepared scans (window, mask, fill)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "preprocessing"):
+            return
+        saved = (
+            torch.load(path, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters") or {}
+        )
+        ours = dm.preprocessing()
+        for key in ("window", "mask_outside_lung", "outside_hu", "lung_margin", "spacing"):
+            if key in saved:
+                theirs = list(saved[key]) if isinstance(saved[key], tuple | list) else saved[key]
+                if theirs != ours[key]:
+                    raise ValueError(
+                        f"{path} was trained with {key}={theirs} but this datamodule prepares scans with "
+                        f"{key}={ours[key]}; use the same preprocessing for both stages"
+                    )
+
+    # ---------------------------------------------------------------------------------------- training
+    def on_train_epoch_start(self) -> None:
+        _reseed_for_epoch(self.current_epoch)
+
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if self.hparams.num_classes == 1:
+            return F.binary_cross_entropy_with_logits(logits[:, 0], labels.to(logits.dtype))
+        return F.cross_entropy(logits, labels)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        logits = self.model(batch["image"])
+        loss = self._loss(logits, batch["label"])
+        probs = self.model.nodule_probability(logits.detach())
+        self.train_metrics["acc"].update(probs, batch["label"])
+        self.log("train/loss", loss, batch_size=logits.shape[0])
+        self.log(
+            "train/acc", self.train_metrics["acc"], on_step=False, on_epoch=True, batch_size=logits.shape[0]
+        )
+        return loss
+
+    # ------------------------------------------------------------------------------------- evaluation
+    def _sync_pad_value(self) -> None:
+        super()._sync_pad_value()
+        if self._stage1 is not None:
+            self._stage1.pad_value = self.pad_value
+
+    def _candidates(self, scan: dict[str, Any]) -> tuple[Tensor, np.ndarray, Tensor | None]:
+        """(voxel zyx, world xyz, stage-1 score or None) of a scan: attached ones, else stage 1's."""
+        if "candidates" in scan:
+            return scan["candidates"], scan["candidates_world"].cpu().numpy(), scan["stage1"]
+        cands = self.stage1.detect(scan["image"])
+        return cands[:, 1:4], candidates_to_world(cands[:, 1:4], scan["entry"]), cands[:, 0]
+
+    def score(self, scan: dict[str, Any]) -> tuple[np.ndarray, Tensor, Tensor]:
+        """Final candidates of one scan: world xyz, fused score, raw MPPN probability."""
+        centres, world, stage1 = self._candidates(scan)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            p = score_candidates(
+                self.model,
+                scan["image"],
+                centres,
+                chunk_size=self.hparams.chunk_size,
+                pad_value=self.pad_value,
+            )
+        finally:
+            self.model.train(was_training)
+        return world, fuse_scores(p, stage1, self.hparams.stage1_weight), p
+
+    def _eval_step(self, scans: list[dict[str, Any]], stage: str) -> None:
+        for scan in scans:
+            world, final, p = self.score(scan)
+            self._record_scan(stage, scan, world, final)
+            if stage == "predict" or "labels" not in scan:
+                continue
+            keep = ~scan["ignore"].to(torch.bool)
+            if bool(keep.any()):
+                labels = scan["labels"][keep].to(p.device)
+                metrics = self.metrics_for(stage)
+                metrics.update(p[keep], labels)
+                loss = F.binary_cross_entropy(p[keep].clamp(1e-6, 1 - 1e-6), labels.to(p.dtype))
+                self.log(f"{stage}/loss", loss, batch_size=int(keep.sum()))
+
+    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> int:
+        self._eval_step(batch, "predict")
+        return len(batch)
+
+    def _log_classification(self, stage: str) -> None:
+        metrics = self.metrics_for(stage)
+        if metrics["auc"].update_count:
+            self.log_dict({k: float(v) for k, v in metrics.compute().items()})
+        metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._rows["val"] = []
+        self._log_classification("val")
+        self._log_froc("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_classification("test")
+        self._write_test_outputs(self._log_froc("test"), "CLAF stage 1 + MPPN")
+
+    def on_predict_epoch_end(self) -> None:
+        self._write_predictions()
