@@ -53,7 +53,7 @@ def _render(args: argparse.Namespace) -> int:
         plans = missing_plans(spec, args.runs_dir, args.rows)
         if not plans:
             print(f"lungdata table: every run of {spec.name} is finished under {args.runs_dir}")
-        prerequisites = missing_prerequisites(spec, plans)
+        prerequisites = missing_prerequisites(spec, plans, args.runs_dir)
         for line in dry_run_commands(plans, args.runs_dir, args.extra_config, overrides, prerequisites):
             print(line)
         return 0

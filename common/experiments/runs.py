@@ -131,6 +131,57 @@ def read_metrics_file(path: str | Path) -> dict[str, float]:
     return read_metrics_csv(path)
 
 
+OPERATING_FP_RATES = (0.55, 1.0)
+OPERATING_SENSITIVITIES = (0.9,)
+
+
+def froc_operating_points(path: str | Path) -> dict[str, float]:
+    """Operating points read off the FROC curve of a report (`FROCResult.to_dict(include_curve=True)`).
+
+    CLAF reports its system at an FP rate (90 % sensitivity at 0.55 FP/scan) and its ablation as "FPs/scan at
+    90 % sensitivity", while GLANCE Table 3 scores precision / recall / F1 at an operating point. From the curve
+    and the counts (nodules, scans) these follow exactly:
+
+    - `fps@sens<s>`: the fewest FPs/scan at which sensitivity reaches s (absent when it never does);
+    - at rate r in `OPERATING_FP_RATES`, taking the last curve point with FPs/scan ≤ r:
+      `recall@<r>fps`, `precision@<r>fps` = TP / (TP + FP) with TP = recall × nodules and FP = FPs/scan × scans,
+      `f1@<r>fps`, and `fp@<r>fps` = 100 × (1 − precision) (GLANCE Table 3's "FP" column).
+
+    Returns:
+        {} when the file has no curve or counts.
+    """
+    try:
+        document = json.loads(Path(path).read_text())
+        curve = document["curve"]
+        fps = [float(v) for v in curve["fps_per_scan"]]
+        sens = [float(v) for v in curve["sensitivity"]]
+        counts = document.get("counts") or {}
+        n_nodules = float(counts.get("nodules", 0))
+        n_scans = float(counts.get("scans", 0))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return {}
+    if not fps or len(fps) != len(sens):
+        return {}
+    out: dict[str, float] = {}
+    for target in OPERATING_SENSITIVITIES:
+        reached = [f for f, s in zip(fps, sens) if s >= target]
+        if reached:
+            out[f"fps@sens{target:g}"] = min(reached)
+    for rate in OPERATING_FP_RATES:
+        points = [(f, s) for f, s in zip(fps, sens) if f <= rate]
+        if not points or n_nodules <= 0 or n_scans <= 0:
+            continue
+        f, s = points[-1]
+        tp, fp = s * n_nodules, f * n_scans
+        precision = tp / (tp + fp) if tp + fp > 0 else 0.0
+        f1 = 2 * precision * s / (precision + s) if precision + s > 0 else 0.0
+        out[f"recall@{rate:g}fps"] = s
+        out[f"precision@{rate:g}fps"] = precision
+        out[f"f1@{rate:g}fps"] = f1
+        out[f"fp@{rate:g}fps"] = 100.0 * (1.0 - precision)
+    return out
+
+
 @dataclass(frozen=True)
 class RunVersion:
     """One `version_<n>` folder of a run.
@@ -150,10 +201,14 @@ class RunVersion:
         return self.path / "metrics.csv"
 
     def metrics(self, goal: str = "last") -> dict[str, float]:
-        """The version's metrics (empty when it logged none)."""
-        if not self.metrics_path.is_file():
-            return {}
-        return read_metrics_csv(self.metrics_path, goal)
+        """The version's metrics (empty when it logged none), plus the operating points derived from a
+        FROC report (`<stage>_froc.json`) written beside them."""
+        values = read_metrics_csv(self.metrics_path, goal) if self.metrics_path.is_file() else {}
+        for report in sorted(self.path.glob("*_froc.json")):
+            stage = report.name[: -len("_froc.json")]
+            for key, value in froc_operating_points(report).items():
+                values.setdefault(f"{stage}/{key}", value)
+        return values
 
     def checkpoints(self) -> list[Path]:
         folder = self.path / "checkpoints"
@@ -300,6 +355,7 @@ __all__ = [
     "RunVersion",
     "collect_run_metrics",
     "find_checkpoint",
+    "froc_operating_points",
     "metrics_from_file",
     "read_metrics_csv",
     "read_metrics_file",

@@ -46,6 +46,7 @@ import json
 import math
 import os
 import re
+import shlex
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,12 +84,12 @@ TABLE_KEYS = {
 }  # fmt: skip
 ROW_KEYS = {
     "name", "label", "reference", "command", "config", "overrides", "run", "metrics", "parts", "published",
-    "published_std", "note",
+    "published_std", "note", "metric_keys",
 }  # fmt: skip
 PART_KEYS = {"config", "overrides", "function", "args", "label"}
 COLUMN_KEYS = {"name", "label", "metric", "part", "scale", "digits", "std"}
-PREREQUISITE_KEYS = {"name", "command", "config", "overrides", "produces", "rows"}
-PLACEHOLDER = re.compile(r"\{(fold|runs|ckpt:[^{}]+)\}")
+PREREQUISITE_KEYS = {"name", "command", "config", "overrides", "produces", "rows", "per_fold", "stage"}
+PLACEHOLDER = re.compile(r"\{(runs|ckpt:[^{}]+)\}")
 
 NOT_RUN = "not run"
 NOT_LOGGED = "not logged"
@@ -151,6 +152,14 @@ class RowSpec:
     published: Mapping[str, float | None]
     published_std: Mapping[str, float | None]
     note: str | None = None
+    metric_keys: Mapping[str, str] = field(default_factory=dict)
+
+    def metric_key(self, column: ColumnSpec) -> str | None:
+        """The metric this row reads for a column: the column's, unless the row maps it to another key
+        (a different command may log the same quantity under another name)."""
+        if not column.metric:
+            return None
+        return self.metric_keys.get(column.name, column.metric)
 
 
 @dataclass(frozen=True)
@@ -166,46 +175,82 @@ class FoldSpec:
 
 @dataclass(frozen=True)
 class Prerequisite:
-    """A run the table's rows depend on (e.g. M³Net stage 1 before stage 2), identified by the file it
-    produces; it is fitted once when that file is missing."""
+    """A run the table's rows depend on: M³Net stage 1 before stage 2, CLAF stage 1 (and its candidates, by
+    `predict`) before the MPPN.
+
+    It runs when its output is missing: the file `produces` when given (a checkpoint or candidate CSV the
+    rows load by path; `{runs}` is the runs folder), else a fit checkpoint in its run folder. `stage` is
+    `fit` or `predict`; overrides may hold `{ckpt:RUN}`. With `per_fold` there is one run per table fold:
+    `{fold}` is filled in everywhere and the table's fold override is appended.
+    """
 
     name: str
     command: str
     config: tuple[str, ...]
     overrides: tuple[str, ...]
-    produces: str
+    produces: str | None = None
     rows: tuple[str, ...] = ()
+    per_fold: bool = False
+    stage: str = "fit"
 
     def needed_by(self, row: str) -> bool:
         """Whether a row's runs load this prerequisite's output (all rows when `rows` is not given)."""
         return not self.rows or row in self.rows
 
+    def for_fold(self, fold: Any, folds: FoldSpec | None = None) -> Prerequisite:
+        """This prerequisite for one fold: `{fold}` filled in and the table's fold override appended."""
+        if fold is None:
+            return self
+
+        def fill(text: str) -> str:
+            return text.replace("{fold}", str(fold))
+
+        return Prerequisite(
+            fill(self.name),
+            self.command,
+            self.config,
+            tuple(fill(o) for o in self.overrides) + ((folds.argument(fold),) if folds else ()),
+            fill(self.produces) if self.produces else None,
+            self.rows,
+            False,
+            self.stage,
+        )
+
+    def output(self, runs_dir: str | Path) -> Path | None:
+        return resolve_path(fill_placeholders(self.produces, runs_dir)) if self.produces else None
+
+    def done(self, runs_dir: str | Path) -> bool:
+        output = self.output(runs_dir)
+        if output is not None:
+            return output.exists()
+        return find_checkpoint(Path(runs_dir) / self.name) is not None
+
     def argv(
-        self, runs_dir: str | Path, extra_configs: Sequence[str] = (), extra_args: Sequence[str] = ()
+        self,
+        runs_dir: str | Path,
+        extra_configs: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
+        strict: bool = True,
     ) -> list[str]:
-        argv = [*package_command(self.command), "fit"]
+        argv = [*package_command(self.command), self.stage]
         for config in (*self.config, *extra_configs):
             argv += ["--config", str(resolve_path(config))]
-        return [
-            *argv,
-            *self.overrides,
-            *extra_args,
-            f"--run_name={self.name}",
-            f"--trainer.default_root_dir={runs_dir}",
-        ]
+        overrides = [fill_placeholders(o, runs_dir, None, strict) for o in (*self.overrides, *extra_args)]
+        return [*argv, *overrides, f"--run_name={self.name}", f"--trainer.default_root_dir={runs_dir}"]
 
 
 def fill_placeholders(text: str, runs_dir: str | Path, fold: Any = None, strict: bool = True) -> str:
     """Replace `{fold}`, `{runs}` and `{ckpt:RUN}` (the best checkpoint of run RUN under the runs folder)
     in an override; other braces (YAML flow mappings such as `{name: resnet3d18}`) are left alone."""
 
+    if fold is not None:
+        text = text.replace("{fold}", str(fold))
+
     def replace(match: re.Match[str]) -> str:
         key = match.group(1)
-        if key == "fold":
-            return match.group(0) if fold is None else str(fold)
         if key == "runs":
             return str(runs_dir)
-        run = key.partition(":")[2].replace("{fold}", str(fold))
+        run = key.partition(":")[2]
         ckpt = find_checkpoint(Path(runs_dir) / run, "best")
         if ckpt is None:
             if strict:
@@ -421,6 +466,17 @@ def _columns(
     return columns
 
 
+def _metric_keys(value: Any, where: str, columns: set[str]) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
+        raise TableError(f"{where}: `metric_keys` must map column names to metric keys")
+    unknown = sorted(set(value) - columns)
+    if unknown:
+        raise TableError(f"{where}: `metric_keys` names unknown column(s) {unknown}")
+    return {str(k): str(v) for k, v in value.items()}
+
+
 def _row(
     data: Any, index: int, where: str, columns: set[str], parts: Mapping[str, PartSpec], command: str | None
 ) -> RowSpec:
@@ -463,6 +519,7 @@ def _row(
         published=_number_map(data.get("published"), here, "published", columns),
         published_std=_number_map(data.get("published_std"), here, "published_std", columns),
         note=data.get("note"),
+        metric_keys=_metric_keys(data.get("metric_keys"), here, columns),
     )
 
 
@@ -548,19 +605,31 @@ def parse_table(data: Mapping[str, Any], path: Path | None = None) -> TableSpec:
     prerequisites = []
     for i, item in enumerate(data.get("prerequisites") or []):
         here = f"{where}, prerequisite {i + 1}"
-        if not isinstance(item, Mapping) or not item.get("name") or not item.get("produces"):
-            raise TableError(f"{here}: needs `name`, `command`, `config` and `produces` (the file it writes)")
+        if not isinstance(item, Mapping) or not item.get("name"):
+            raise TableError(f"{here}: needs `name`, `command` and `config` (and optionally `produces`)")
         _unknown(item, PREREQUISITE_KEYS, here)
         if item.get("command") not in PACKAGE_COMMANDS:
             raise TableError(f"{here}: `command` must be one of {PACKAGE_COMMANDS}")
+        per_fold = bool(item.get("per_fold", False))
+        if per_fold and folds is None:
+            raise TableError(f"{here}: `per_fold` needs the table's `folds`")
+        if per_fold and "{fold}" not in str(item["name"]):
+            raise TableError(f"{here}: a per-fold prerequisite needs {{fold}} in its `name`")
+        stage = str(item.get("stage", "fit"))
+        if stage not in ("fit", "predict"):
+            raise TableError(f"{here}: `stage` must be fit or predict, got {stage!r}")
+        if stage == "predict" and not item.get("produces"):
+            raise TableError(f"{here}: a predict prerequisite needs `produces` (the file it writes)")
         prerequisites.append(
             Prerequisite(
                 str(item["name"]),
                 str(item["command"]),
                 _strings(item.get("config"), here, "config"),
                 _strings(item.get("overrides"), here, "overrides"),
-                str(item["produces"]),
+                str(item["produces"]) if item.get("produces") else None,
                 _strings(item.get("rows"), here, "rows"),
+                per_fold,
+                stage,
             )
         )
         unknown_rows = sorted(set(prerequisites[-1].rows) - set(row_names))
@@ -684,7 +753,7 @@ def collect(spec: TableSpec, runs_dir: str | Path) -> TableResult:
         plans = spec.plans(row)
         fetched: dict[tuple[str, Any], tuple[RunMetrics, bool]] = {}
         for plan in plans:
-            keys = [k for c in spec.columns if c.part == plan.part for k in (c.metric, c.std) if k]
+            keys = [k for c in spec.columns if c.part == plan.part for k in (row.metric_key(c), c.std) if k]
             fetched[(plan.part, plan.fold)] = _run_metrics(plan, runs_dir, keys)
         fold_values: dict[str, dict[Any, float]] = {}
         for column in spec.columns:
@@ -694,7 +763,8 @@ def collect(spec: TableSpec, runs_dir: str | Path) -> TableResult:
             for plan in mine:
                 metrics, exists = fetched[(plan.part, plan.fold)]
                 present += int(exists)
-                value = metrics.get(column.metric) if column.metric else None
+                key = row.metric_key(column)
+                value = metrics.get(key) if key else None
                 if value is not None and not math.isnan(value):
                     values.append(value * column.scale)
                     per_fold[plan.fold] = value * column.scale
@@ -877,14 +947,19 @@ def missing_plans(spec: TableSpec, runs_dir: str | Path, rows: Sequence[str] | N
     return out
 
 
-def missing_prerequisites(spec: TableSpec, plans: Sequence[RunPlan]) -> list[Prerequisite]:
-    """Prerequisites whose file is missing, when some run still has to be made."""
-    rows = {p.row for p in plans}
-    return [
-        p
-        for p in spec.prerequisites
-        if any(p.needed_by(r) for r in rows) and not resolve_path(p.produces).exists()
-    ]
+def missing_prerequisites(
+    spec: TableSpec, plans: Sequence[RunPlan], runs_dir: str | Path = "runs"
+) -> list[Prerequisite]:
+    """The prerequisite runs (per fold where asked) that the planned runs need and that are not done."""
+    out: list[Prerequisite] = []
+    for prerequisite in spec.prerequisites:
+        needing = [p for p in plans if prerequisite.needed_by(p.row)]
+        folds = [p.fold for p in needing] if prerequisite.per_fold else ([None] if needing else [])
+        for fold in dict.fromkeys(folds):
+            concrete = prerequisite.for_fold(fold, spec.folds)
+            if not concrete.done(runs_dir) and concrete not in out:
+                out.append(concrete)
+    return out
 
 
 def check_plans_data(
@@ -981,14 +1056,15 @@ def execute_prerequisite(
     timeout: float | None = None,
     echo: Callable[[str], None] = print,
 ) -> None:
-    """Fit a prerequisite run and check that it wrote the file the table's rows load."""
-    log = Path(runs_dir) / prerequisite.name / "fit.log"
-    echo(f"prerequisite {prerequisite.name}: fit (log: {log})")
+    """Run a prerequisite (fit or predict) and check that it wrote what the table's rows load."""
+    log = Path(runs_dir) / prerequisite.name / f"{prerequisite.stage}.log"
+    echo(f"prerequisite {prerequisite.name}: {prerequisite.stage} (log: {log})")
     launch(prerequisite.argv(runs_dir, extra_configs, extra_args), log, timeout=timeout)
-    if not resolve_path(prerequisite.produces).exists():
+    if not prerequisite.done(runs_dir):
+        wanted = prerequisite.output(runs_dir) or f"a checkpoint under {Path(runs_dir) / prerequisite.name}"
         raise RuntimeError(
-            f"prerequisite {prerequisite.name} finished but {prerequisite.produces} does not exist; "
-            "its config must write that checkpoint (ModelCheckpoint dirpath/filename)"
+            f"prerequisite {prerequisite.name} ({prerequisite.stage}) finished but wrote no {wanted}; check "
+            "its log and that its settings write that file (ModelCheckpoint dirpath, results_csv)"
         )
 
 
@@ -1000,7 +1076,7 @@ def dry_run_commands(
     prerequisites: Sequence[Prerequisite] = (),
 ) -> list[str]:
     """The command lines `execute_plan` would run (checkpoints shown as placeholders)."""
-    lines = [" ".join(p.argv(runs_dir, extra_configs, extra_args)) for p in prerequisites]
+    lines = [shlex.join(p.argv(runs_dir, extra_configs, extra_args, strict=False)) for p in prerequisites]
     for plan in plans:
         if plan.function:
             lines.append(f"{plan.function}({plan.args})  → {Path(runs_dir) / plan.run_name}")
@@ -1011,7 +1087,9 @@ def dry_run_commands(
                 if stage == "fit" or "fit" not in plan.stages
                 else f"<{plan.checkpoint} checkpoint of fit>"
             )
-            lines.append(" ".join(plan.argv(stage, runs_dir, extra_configs, extra_args, ckpt, strict=False)))
+            lines.append(
+                shlex.join(plan.argv(stage, runs_dir, extra_configs, extra_args, ckpt, strict=False))
+            )
     return lines
 
 
@@ -1041,7 +1119,7 @@ def render_table(
     spec = load_table(name_or_path)
     if run_missing:
         plans = missing_plans(spec, runs_dir, rows)
-        prerequisites = missing_prerequisites(spec, plans)
+        prerequisites = missing_prerequisites(spec, plans, runs_dir)
         check_plans_data(plans, extra_configs, extra_args, prerequisites)
         for prerequisite in prerequisites:
             execute_prerequisite(prerequisite, runs_dir, extra_configs, extra_args, timeout, echo)
