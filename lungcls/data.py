@@ -489,6 +489,7 @@ class NodulePatchDataModule(LightningDataModule):
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # a last batch of one sample breaks BatchNorm training
             drop_last=part == "train" and len(self.datasets[part]) > self.batch_size,
         )
 
@@ -830,6 +831,8 @@ class PathologyImageDataModule(LightningDataModule):
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # a last batch of one sample breaks BatchNorm training
+            drop_last=part == "train" and len(self.datasets[part]) > self.batch_size,
         )
 
     def train_dataloader(self) -> DataLoader:
