@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "common.commands.lidc",
     "common.commands.evaluate_froc",
     "common.commands.split",
+    "common.commands.table",
 )
 
 
