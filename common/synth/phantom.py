@@ -6,10 +6,14 @@ phantom therefore has what makes lung-nodule CAD hard and what the preprocessing
 
 * air (−1000 HU) outside an elliptical body of soft tissue (+40 HU) with a subcutaneous fat layer
   (−100 HU) and a vertebral body (+400 HU), so a threshold lung mask must drop the outside air;
+* a chest wall (fat and muscle, 7–20 mm from skin to pleura) all round the thoracic cavity, in every
+  slice, so the lungs never touch the outside air and a mask that drops border-connected air keeps them;
 * two lungs (≈ −850 HU, denser posteriorly as in a supine patient) shaped as half-ellipsoids with a
-  diaphragm dome, a mediastinum between them and a heart that makes the left lung smaller;
-* a trachea that enters from the top of the scan and splits at the carina into two main bronchi with
-  soft-tissue walls, so lung masks must drop the airway (it is labelled separately, as in LUNA16);
+  diaphragm dome, clipped to the thoracic cavity (so they lie against the chest wall as real lungs do),
+  a mediastinum between them and a heart that makes the left lung smaller;
+* a trachea of real size (lumen radius 6–10 mm, even in the miniature small preset) that enters from the
+  top of the scan and splits at the carina into two main bronchi with soft-tissue walls, so lung masks
+  must find and drop the airway (it is labelled separately, as in LUNA16);
 * one branching vessel tree per hilum in each lung — tapering tubes (+40 HU, radius 4 → 0.5 mm) whose
   cross-sections look like small nodules on a single slice: the realistic false-positive mimics;
 * CT-like Gaussian noise (σ 20–30 HU, slightly correlated), a slight blur, and optionally the −2000 HU
@@ -47,6 +51,14 @@ HU_BONE = 400.0
 HU_LUNG = -850.0
 HU_VESSEL = 40.0
 HU_FOV_PADDING = -2000
+
+#: The body narrows by this fraction of its radius from mid-scan to the top slice (upper chest).
+BODY_TAPER = 0.06
+#: Chest wall (skin to pleura, fat and muscle) in mm: a fraction of the field of view within these limits,
+#: times a random factor, never above the largest. Real adults have 8–20 mm; the miniature small preset
+#: keeps at least 7 mm, more than three 2 mm working voxels of the lung-mask recipe.
+CHEST_WALL_FRACTION = 0.04
+CHEST_WALL_MM = (7.0, 20.0)
 
 SIZE_PRESETS: dict[str, tuple[int, int, int]] = {
     # (slices, rows, columns). `small` is the default of every test: a miniature chest whose in-plane field
@@ -205,12 +217,78 @@ class SmoothField:
         return np.clip(total.imag * np.float32(self._norm), -2.0, 2.0)
 
 
+@dataclass(frozen=True)
+class ChestWall:
+    """The body outline and the thoracic cavity inside it, in centred canonical mm coordinates (x, y, z).
+
+    Why a separate cavity: the lungs are cut to it, so between every lung voxel and the outside air lies at
+    least `thickness` mm of fat and muscle, in every slice, whatever the lung deformation — which is what a
+    lung mask that removes the border-connected air relies on in real chest CT.
+
+    Attributes:
+        half_axes: body ellipse semi-axes (ax, ay) in mm at and below mid-scan (z ≤ 0).
+        centre_y: y of the body ellipse centre.
+        taper_half_length: z (mm) over which the body narrows by `BODY_TAPER` (half the scan length).
+        fat_fraction: subcutaneous fat as a fraction of the body radius.
+        thickness: skin-to-pleura distance in mm along the ellipse axes (the cavity's semi-axes are the
+            body's minus this).
+        spine_centre_y: y of the vertebral body (on the midline, x = 0).
+        spine_radius: its radius; the cavity keeps `thickness / 4` (≥ 2 mm) of tissue around it.
+        z_top: highest z the cavity reaches (below the top slice, so lungs never touch the scan border).
+    """
+
+    half_axes: tuple[float, float]
+    centre_y: float
+    taper_half_length: float
+    fat_fraction: float
+    thickness: float
+    spine_centre_y: float
+    spine_radius: float
+    z_top: float
+
+    def taper(self, z: np.ndarray | float) -> np.ndarray | float:
+        """Scale of the body ellipse at height z (1 up to mid-scan, then narrowing towards the top)."""
+        return 1.0 - BODY_TAPER * np.clip(np.divide(z, self.taper_half_length), 0.0, None) ** 2
+
+    def body_radius(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Normalised elliptical radius of the body outline (≤ 1 inside the body), broadcastable."""
+        taper = self.taper(z)
+        ax, ay = self.half_axes
+        return np.sqrt((x / (ax * taper)) ** 2 + ((y - self.centre_y) / (ay * taper)) ** 2)
+
+    def cavity(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Boolean thoracic cavity (inside the chest wall, off the spine, below `z_top`), broadcastable."""
+        taper = self.taper(z)
+        ax, ay = self.half_axes
+        cx = ax * taper - self.thickness
+        cy = ay * taper - self.thickness
+        spine = self.spine_radius + max(2.0, 0.25 * self.thickness)
+        return (
+            ((x / cx) ** 2 + ((y - self.centre_y) / cy) ** 2 <= 1.0)
+            & (x * x + (y - self.spine_centre_y) ** 2 > spine * spine)
+            & (z <= self.z_top)
+        )
+
+    def cavity_contains(self, x: float, y: float, z: float) -> bool:
+        """Scalar version of `cavity` (vessel growth queries single points)."""
+        if z > self.z_top:
+            return False
+        taper = 1.0 - BODY_TAPER * max(z / self.taper_half_length, 0.0) ** 2
+        ax, ay = self.half_axes
+        cx = ax * taper - self.thickness
+        cy = ay * taper - self.thickness
+        spine = self.spine_radius + max(2.0, 0.25 * self.thickness)
+        if x * x + (y - self.spine_centre_y) ** 2 <= spine * spine:
+            return False
+        return (x / cx) ** 2 + ((y - self.centre_y) / cy) ** 2 <= 1.0
+
+
 @dataclass
 class LungShape:
     """Analytic description of one lung in centred canonical mm coordinates (x, y, z).
 
-    A half-ellipsoid standing on a diaphragm dome, deformed by a smooth field and cut medially by the
-    mediastinum (and the heart on the left).
+    A half-ellipsoid standing on a diaphragm dome, deformed by a smooth field, cut medially by the
+    mediastinum (and the heart on the left) and, when `wall` is set, to the thoracic cavity.
     """
 
     side: int  # -1 patient right (−x), +1 patient left (+x)
@@ -224,6 +302,7 @@ class LungShape:
     heart_radii: tuple[float, float, float]
     deform: SmoothField
     deform_amplitude: float
+    wall: ChestWall | None = None
 
     def field(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """≤ 1 inside the lung (before the medial cuts), broadcastable."""
@@ -246,12 +325,13 @@ class LungShape:
         hx, hy, hz = self.heart_centre
         ax, ay, az = self.heart_radii
         heart = ((x - hx) / ax) ** 2 + ((y - hy) / ay) ** 2 + ((z - hz) / az) ** 2 <= 1.0
-        return (
+        inside = (
             (self.field(x, y, z) <= 1.0)
             & (z >= dome_z)
             & (self.side * x >= self.mediastinum_half_width)
             & ~heart
         )
+        return inside if self.wall is None else inside & self.wall.cavity(x, y, z)
 
     def contains(self, x: float, y: float, z: float) -> bool:
         """Scalar version of `inside`."""
@@ -266,6 +346,8 @@ class LungShape:
         hx, hy, hz = self.heart_centre
         ax, ay, az = self.heart_radii
         if ((x - hx) / ax) ** 2 + ((y - hy) / ay) ** 2 + ((z - hz) / az) ** 2 <= 1.0:
+            return False
+        if self.wall is not None and not self.wall.cavity_contains(x, y, z):
             return False
         w = (z - self.z_base) / self.height
         return u * u + v * v + w * w - self.deform_amplitude * self.deform.at_point(x, y, z) <= 1.0
@@ -468,25 +550,44 @@ def build_anatomy(rng: np.random.Generator, geometry: ScanGeometry) -> Anatomy:
     width_y = ny * sy
     extent_z = nz * sz
 
-    # Body: an ellipse per slice, slightly narrower towards the top of the chest.
+    # Body: an ellipse per slice, slightly narrower towards the top of the chest, with a chest wall of fat
+    # and muscle round the thoracic cavity that the lungs are cut to.
     body_ax = 0.44 * width_x * rng.uniform(0.95, 1.02)
     body_ay = 0.33 * width_y * rng.uniform(0.93, 1.03)
     body_cy = 0.02 * width_y
-    zn = z / (extent_z / 2.0)
-    taper = 1.0 - 0.06 * np.clip(zn, 0.0, None) ** 2
-    r_body = np.sqrt((x / (body_ax * taper)) ** 2 + ((y - body_cy) / (body_ay * taper)) ** 2)
     fat_fraction = rng.uniform(0.04, 0.08)
+    wall_mm = min(
+        float(np.clip(CHEST_WALL_FRACTION * width_x, *CHEST_WALL_MM)) * rng.uniform(1.0, 1.4),
+        CHEST_WALL_MM[1],
+    )
+    # Muscle inside the fat: the wall is at least the fat layer plus 3 mm.
+    wall_mm = max(wall_mm, fat_fraction * body_ax + 3.0)
+    spine_r = 0.055 * width_x
+    top_z = (nz - 1 - centre_index[0]) * sz
+    chest = ChestWall(
+        half_axes=(float(body_ax), float(body_ay)),
+        centre_y=float(body_cy),
+        taper_half_length=extent_z / 2.0,
+        fat_fraction=float(fat_fraction),
+        thickness=float(wall_mm),
+        spine_centre_y=float(body_cy + body_ay * 0.72),
+        spine_radius=float(spine_r),
+        z_top=float(top_z - max(4.0, 2.0 * sz)),
+    )
+    r_body = chest.body_radius(x, y, z)
     hu = np.full(geometry.shape, HU_AIR, dtype=np.float32)
     hu[np.broadcast_to(r_body <= 1.0, geometry.shape)] = HU_FAT
-    hu[np.broadcast_to(r_body <= 1.0 - fat_fraction, geometry.shape)] = HU_SOFT
+    hu[np.broadcast_to(r_body <= 1.0 - chest.fat_fraction, geometry.shape)] = HU_SOFT
 
     # Vertebral body, posterior midline, the whole length of the scan.
-    spine_r = 0.055 * width_x
-    spine_cy = body_cy + body_ay * 0.72
-    spine = (x**2 + (y - spine_cy) ** 2) <= spine_r**2
+    spine = (x**2 + (y - chest.spine_centre_y) ** 2) <= spine_r**2
     hu[np.broadcast_to(spine, geometry.shape)] = HU_BONE
 
-    # Lungs: half-ellipsoids on the diaphragm, apices near the top of the scan.
+    # Lungs: half-ellipsoids on the diaphragm, apices near the top of the scan, sized to the thoracic cavity
+    # at the base: each lung reaches the lateral chest wall (the cavity cut flattens it against the ribs'
+    # plane), the smaller left lung leaves room for the heart medially.
+    cavity_ax = body_ax - wall_mm
+    cavity_ay = body_ay - wall_mm
     z_base = -0.42 * extent_z * rng.uniform(0.9, 1.05)
     height = (0.40 * extent_z - z_base) * rng.uniform(0.93, 1.0)
     heart_centre = (0.05 * width_x, -0.08 * width_y, z_base + 0.18 * height)
@@ -494,9 +595,11 @@ def build_anatomy(rng: np.random.Generator, geometry: ScanGeometry) -> Anatomy:
     mediastinum = 0.05 * width_x
     lungs: list[LungShape] = []
     for side in (-1, +1):
-        rx = (0.185 if side < 0 else 0.17) * width_x * rng.uniform(0.95, 1.05)
-        ry = 0.275 * width_y * rng.uniform(0.95, 1.05)
-        cx = side * (mediastinum + 0.85 * rx)
+        size_x = rng.uniform(0.95, 1.05)
+        reach = cavity_ax * (1.0 + 0.6 * (size_x - 0.95))
+        rx = (1.0 if side < 0 else 0.17 / 0.185) * (reach - mediastinum) / 1.85
+        ry = cavity_ay * rng.uniform(0.95, 1.05)
+        cx = side * (reach - rx)
         lungs.append(
             LungShape(
                 side=side,
@@ -510,6 +613,7 @@ def build_anatomy(rng: np.random.Generator, geometry: ScanGeometry) -> Anatomy:
                 heart_radii=heart_radii,
                 deform=SmoothField(rng, 5, (0.6 * rx * 2, 1.5 * rx * 2)),
                 deform_amplitude=float(rng.uniform(0.06, 0.12)),
+                wall=chest,
             )
         )
 
@@ -541,8 +645,10 @@ def build_anatomy(rng: np.random.Generator, geometry: ScanGeometry) -> Anatomy:
     hu_box = hu[box]
     np.copyto(hu_box, lung_hu, where=lung_any[box])
 
-    # Airway: trachea from the top slice to the carina, two main bronchi into the hila.
-    trachea_r = float(np.clip(0.03 * width_x, 3.0, 10.0))
+    # Airway: trachea from the top slice to the carina, two main bronchi into the hila. The lumen keeps a
+    # real size even in a miniature chest: lung-mask recipes find the trachea by its area (CLAF-style
+    # tracing seeds on a 40–800 mm² air region near the midline) and would seed on a lung instead.
+    trachea_r = float(np.clip(0.03 * width_x, 6.0, 10.0))
     wall = max(2.0, 1.6 * sx)
     carina = np.array([-0.01 * width_x, -0.06 * width_y, z_base + 0.62 * height])
     top = np.array([carina[0], carina[1] - 0.02 * width_y, (nz - 1 - centre_index[0]) * sz + 2.0 * sz])
