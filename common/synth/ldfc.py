@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import atomic
 from common.synth.pathology_tree import write_bmp, write_voc_annotation
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def make_ldfc(
         ValueError: too few scans for a train and a test part that both hold every class.
     """
     from common.io import write_mhd
-    from common.synth.manifest import atomic_write_text, manifest, write_manifest
+    from common.synth.manifest import manifest, write_manifest
     from common.synth.pathology import (
         balanced_labels,
         class_decks,
@@ -176,10 +177,10 @@ def make_ldfc(
         entries.append(entry)
         log.debug("synthetic LDFC scan %d/%d written", p + 1, n_scans)
 
-    atomic_write_text(root / "all_anno_3D.csv", csv_text(VOXEL_COLUMNS, voxel_rows))
-    atomic_write_text(root / "anno_WorldCoord.csv", csv_text(WORLD_COLUMNS, world_rows))
+    atomic.write_text(root / "all_anno_3D.csv", csv_text(VOXEL_COLUMNS, voxel_rows))
+    atomic.write_text(root / "anno_WorldCoord.csv", csv_text(WORLD_COLUMNS, world_rows))
     for part, names in voc_lists.items():
-        atomic_write_text(root / "BMP_2D" / "ImageSets" / f"{part}.txt", "\n".join(names) + "\n")
+        atomic.write_text(root / "BMP_2D" / "ImageSets" / f"{part}.txt", "\n".join(names) + "\n")
     classes = {"0": "benign", "1": "adenocarcinoma", "2": "squamous cell carcinoma"}
     write_manifest(
         root, manifest("ldfc", seed, size, entries, bank, {"classes": classes, "class_rule": "ldfc_class"})

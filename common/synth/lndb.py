@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from common import atomic
 from common.synth.pathology_tree import csv_text
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def make_lndb(
     """Generate `n_scans` phantoms and write them as an LNDb tree under `out`."""
     from common.io import write_mhd
     from common.synth.luna16 import scan_volume
-    from common.synth.manifest import atomic_write_text, manifest, scan_entry, write_manifest
+    from common.synth.manifest import manifest, scan_entry, write_manifest
     from common.synth.scan import default_bank, generate_scan
 
     if n_scans < 1:
@@ -184,11 +185,11 @@ def make_lndb(
         entries.append(entry)
         uids.append(uid)
 
-    atomic_write_text(root / "trainNodules.csv", csv_text(READER_COLUMNS, reader_rows))
-    atomic_write_text(root / "trainNodules_gt.csv", csv_text(GT_COLUMNS, gt_rows))
+    atomic.write_text(root / "trainNodules.csv", csv_text(READER_COLUMNS, reader_rows))
+    atomic.write_text(root / "trainNodules_gt.csv", csv_text(GT_COLUMNS, gt_rows))
     folds = [[i + 1 for i in range(n_scans) if i % N_FOLDS == k] for k in range(N_FOLDS)]
     depth = max(len(f) for f in folds)
     fold_rows = [[f[r] if r < len(f) else "" for f in folds] for r in range(depth)]
-    atomic_write_text(root / "trainFolds.csv", csv_text([f"Fold{k}" for k in range(N_FOLDS)], fold_rows))
+    atomic.write_text(root / "trainFolds.csv", csv_text([f"Fold{k}" for k in range(N_FOLDS)], fold_rows))
     write_manifest(root, manifest("lndb", seed, size, entries, bank, {"radiologists": N_RADIOLOGISTS}))
     return LNDbTree(root, tuple(uids), len(reader_rows), len(gt_rows), truth)

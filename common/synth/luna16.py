@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common import atomic
 from common.io import CTVolume, write_mhd
 from common.synth.manifest import (
-    atomic_write_text,
     manifest,
     previous_files,
     remove_stale,
@@ -157,10 +157,10 @@ def make_luna16(
         entries.append(entry)
         log.debug("synthetic LUNA16 scan %d/%d written", index + 1, n_scans)
 
-    atomic_write_text(root / "annotations.csv", _rows_to_csv(ANNOTATION_COLUMNS, annotations))
-    atomic_write_text(root / "annotations_excluded.csv", _rows_to_csv(ANNOTATION_COLUMNS, excluded))
-    atomic_write_text(root / "candidates_V2.csv", _rows_to_csv(CANDIDATE_COLUMNS, candidates))
-    atomic_write_text(root / "seriesuids.csv", _rows_to_csv(None, [(uid,) for uid in uids]))
+    atomic.write_text(root / "annotations.csv", _rows_to_csv(ANNOTATION_COLUMNS, annotations))
+    atomic.write_text(root / "annotations_excluded.csv", _rows_to_csv(ANNOTATION_COLUMNS, excluded))
+    atomic.write_text(root / "candidates_V2.csv", _rows_to_csv(CANDIDATE_COLUMNS, candidates))
+    atomic.write_text(root / "seriesuids.csv", _rows_to_csv(None, [(uid,) for uid in uids]))
     write_manifest(root, manifest("luna16", seed, size, entries, bank, {"subsets": subsets}))
     remove_stale(root, before, written)
     return Luna16Tree(root, tuple(uids), len(annotations), len(excluded), len(candidates), subsets)

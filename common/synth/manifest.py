@@ -10,34 +10,15 @@ identical bytes.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
+from common import atomic
 from common.synth.nodules import BANK_VERSION, ShapeBank
 from common.synth.phantom import AIRWAY_LABEL, LEFT_LUNG_LABEL, RIGHT_LUNG_LABEL
 from common.synth.scan import SYNTH_UID_ROOT, SynthScan
 
 MANIFEST_NAME = "synth_manifest.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text through a temporary file renamed into place (never a half-written file).
-
-    The temporary file is created with mode 0o666 minus the umask, like any file `open()` creates
-    (`tempfile.mkstemp` would leave it private to the owner).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def scan_entry(scan: SynthScan) -> dict[str, Any]:
@@ -91,7 +72,7 @@ def manifest(
 
 def write_manifest(folder: Path, document: dict[str, Any]) -> Path:
     path = folder / MANIFEST_NAME
-    atomic_write_text(path, json.dumps(document, indent=1, sort_keys=True) + "\n")
+    atomic.write_text(path, json.dumps(document, indent=1, sort_keys=True) + "\n")
     return path
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from common import atomic
 from common.datasets import lidc_db
 from common.datasets.lidc_db import RATING_NAMES, LIDCDatabase
 
@@ -70,18 +71,6 @@ def cache_dir() -> Path:
     raise RuntimeError(
         f"no writable cache folder among {[str(c) for c in candidates]}; set LUNGCAD_CACHE_DIR"
     )
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def texture_class(median_texture: float) -> str:
@@ -248,7 +237,7 @@ class ShapeBank:
                 log.info("building the LIDC shape bank index (once; cached in %s)", index_path.parent)
                 self._entries = self._build_index()
                 payload = {"version": BANK_VERSION, "nodules": [e.to_json() for e in self._entries]}
-                _atomic_write_bytes(index_path, json.dumps(payload, indent=1, sort_keys=True).encode())
+                atomic.write_bytes(index_path, json.dumps(payload, indent=1, sort_keys=True).encode())
         return self._entries
 
     def _pool_scan_ids(self) -> list[int]:
@@ -308,7 +297,7 @@ class ShapeBank:
             buffer = _npz_bytes(
                 bits=np.packbits(masks.ravel()), shape=np.asarray(masks.shape, dtype=np.int64)
             )
-            _atomic_write_bytes(path, buffer)
+            atomic.write_bytes(path, buffer)
         result = (masks, entry.spacing)
         self._source_masks[entry.key] = result
         return result

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from common import atomic
 
 
 def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -25,17 +25,6 @@ def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     writer.writerow(header)
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_bmp(path: Path, pixels: np.ndarray) -> Path:
@@ -48,7 +37,7 @@ def write_bmp(path: Path, pixels: np.ndarray) -> Path:
         image.save(buffer, format="JPEG", quality=95)
     else:
         image.save(buffer, format="BMP")
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic.write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -79,7 +68,7 @@ def write_voc_annotation(
         for key, value in zip(("xmin", "ymin", "xmax", "ymax"), (x0 + 1, y0 + 1, x1 + 1, y1 + 1)):
             ET.SubElement(box, key).text = str(int(value))
     ET.indent(root)
-    _atomic_write_bytes(path, ET.tostring(root, encoding="utf-8") + b"\n")
+    atomic.write_bytes(path, ET.tostring(root, encoding="utf-8") + b"\n")
     return path
 
 

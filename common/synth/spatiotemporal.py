@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import atomic
 from common.synth.pathology_tree import csv_text, write_bmp, write_voc_annotation
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def make_spatiotemporal(
         ValueError: too few patients for a training and a validation part that both hold every class.
     """
     from common.io import write_mhd
-    from common.synth.manifest import atomic_write_text, manifest, write_manifest
+    from common.synth.manifest import manifest, write_manifest
     from common.synth.pathology import (
         balanced_labels,
         class_decks,
@@ -182,15 +183,15 @@ def make_spatiotemporal(
             entries.append(entry)
         log.debug("synthetic spatio-temporal patient %d/%d written", p + 1, n_patients)
 
-    atomic_write_text(root / "detection_3d" / "annotations.csv", csv_text(ANNOTATION_COLUMNS, rows))
+    atomic.write_text(root / "detection_3d" / "annotations.csv", csv_text(ANNOTATION_COLUMNS, rows))
     for part, names in voc_lists.items():
-        atomic_write_text(
+        atomic.write_text(
             root / "detection_2d" / "ImageSets" / "Main" / f"{part}.txt", "\n".join(names) + "\n"
         )
     readme = ["Synthetic stand-in (lungdata synth spatiotemporal); images per class:"]
     for part, counts in class_counts.items():
         readme.append(f"{part}: " + ", ".join(f"{c} ({CLASS_NAMES[int(c)]}): {n}" for c, n in counts.items()))
-    atomic_write_text(root / "class_dataset" / "READ_ME.txt", "\n".join(readme) + "\n")
+    atomic.write_text(root / "class_dataset" / "READ_ME.txt", "\n".join(readme) + "\n")
     extra = {
         "classes": {str(k): v for k, v in CLASS_NAMES.items()},
         "class_rule": "stpd_class",

@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import atomic
 from common.synth.pathology_tree import csv_text
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def make_tianchi(
     """Generate `n_scans` phantoms and write them as a Tianchi tree under `out`."""
     from common.io import write_mhd
     from common.synth.luna16 import scan_volume
-    from common.synth.manifest import atomic_write_text, manifest, scan_entry, write_manifest
+    from common.synth.manifest import manifest, scan_entry, write_manifest
     from common.synth.scan import default_bank, generate_scan
 
     if n_scans < 1:
@@ -88,6 +89,6 @@ def make_tianchi(
     for part, part_rows in rows.items():
         if part == "val" and n_train == n_scans:
             continue
-        atomic_write_text(root / "csv" / part / "annotations.csv", csv_text(ANNOTATION_COLUMNS, part_rows))
+        atomic.write_text(root / "csv" / part / "annotations.csv", csv_text(ANNOTATION_COLUMNS, part_rows))
     write_manifest(root, manifest("tianchi", seed, size, entries, bank, {"n_train": n_train}))
     return TianchiTree(root, tuple(ids), n_train, sum(len(r) for r in rows.values()))
