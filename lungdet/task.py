@@ -62,7 +62,31 @@ from lungdet.models import build_candidate_net, build_mppn, coordinate_maps
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CandidateTask", "FPRTask"]
+__all__ = ["STAGE1_RUNTIME", "STAGE2_RUNTIME", "CandidateTask", "FPRTask"]
+
+#: Inference and reporting options of stage 1. They are run-time choices, not part of the trained model, so
+#: they stay out of the checkpoint's hyperparameters: LightningCLI re-applies a checkpoint's hyperparameters
+#: over the command line, and `lungdet test --ckpt_path … --model.init_args.score_threshold 0.05` must win.
+STAGE1_RUNTIME = (
+    "block_size",
+    "overlap",
+    "sw_batch_size",
+    "blend_mode",
+    "score_threshold",
+    "nms_iou",
+    "max_candidates",
+    "fp_rate",
+    "results_csv",
+)
+#: The same for stage 2 (which stage-1 checkpoint to chain, how to fuse, where to write).
+STAGE2_RUNTIME = (
+    "stage1_checkpoint",
+    "stage1_inference",
+    "stage1_weight",
+    "chunk_size",
+    "fp_rate",
+    "results_csv",
+)
 
 
 def _reseed_for_epoch(epoch: int) -> None:
@@ -133,14 +157,14 @@ class _DetectionTaskMixin:
             return None
         result = metric.compute_result()
         metric.reset()
-        op = sensitivity_at_fp_rate(result.curve, self.hparams.fp_rate)
-        values = {f"{stage}/cpm": result.cpm, f"{stage}/sens@{self.hparams.fp_rate:g}": op}
+        op = sensitivity_at_fp_rate(result.curve, self.fp_rate)
+        values = {f"{stage}/cpm": result.cpm, f"{stage}/sens@{self.fp_rate:g}": op}
         for rate, sens in zip(result.fp_rates, result.sensitivities):
             values[f"{stage}/sens@{rate:g}"] = float(sens)
         values[f"{stage}/recall"] = result.counts.sensitivity
         values[f"{stage}/candidates_per_scan"] = result.counts.candidates_per_scan
         self.log_dict({k: float(v) for k, v in values.items()}, sync_dist=False)
-        result.extra[f"sensitivity_at_{self.hparams.fp_rate:g}_fp_per_scan"] = op
+        result.extra[f"sensitivity_at_{self.fp_rate:g}_fp_per_scan"] = op
         return result
 
     def _write_test_outputs(self, result: FROCResult | None, name: str) -> None:
@@ -158,7 +182,7 @@ class _DetectionTaskMixin:
         rows = self._gather_rows("predict")
         if self.trainer.global_rank != 0:
             return
-        path = Path(self.hparams.results_csv) if self.hparams.results_csv else self._run_dir() / "results.csv"
+        path = Path(self.results_csv) if self.results_csv else self._run_dir() / "results.csv"
         write_results_csv(rows, path)
         self.results_path = path
         log.info("wrote %d candidates to %s", len(rows), path)
@@ -194,6 +218,9 @@ class CandidateTask(_DetectionTaskMixin, BaseTask):
         fp_rate: operating point reported as ``<stage>/sens@<fp_rate>`` (paper: 0.55 FP/scan).
         results_csv: where ``predict`` writes its CSV (default ``<run folder>/results.csv``).
         **kwargs: ``BaseTask`` optimisation arguments (optimizer, lr, weight_decay, scheduler, ...).
+
+    The inference and reporting arguments (``STAGE1_RUNTIME``) are not saved as hyperparameters: give them
+    in the config of every run that evaluates or predicts.
     """
 
     monitor = "val/cpm"
@@ -227,7 +254,16 @@ class CandidateTask(_DetectionTaskMixin, BaseTask):
         results_csv: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(ignore=list(STAGE1_RUNTIME), **kwargs)
+        self.block_size = block_size
+        self.overlap = overlap
+        self.sw_batch_size = sw_batch_size
+        self.blend_mode = blend_mode
+        self.score_threshold = score_threshold
+        self.nms_iou = nms_iou
+        self.max_candidates = max_candidates
+        self.fp_rate = fp_rate
+        self.results_csv = results_csv
         self._init_detection_state()
         self._anchors: dict[tuple[int, ...], Tensor] = {}
         self.pad_value = DEFAULT_FILL
@@ -291,21 +327,20 @@ class CandidateTask(_DetectionTaskMixin, BaseTask):
     # ------------------------------------------------------------------------------------- evaluation
     def detect(self, image: Tensor) -> Tensor:
         """Stage-1 candidates (score, z, y, x, d) of one prepared scan with this task's inference settings."""
-        hp = self.hparams
         was_training = self.model.training
         self.model.eval()
         try:
             return detect_scan(
                 self.model,
                 image,
-                block_size=hp.block_size,
-                overlap=hp.overlap,
-                sw_batch_size=hp.sw_batch_size,
-                blend_mode=hp.blend_mode,
+                block_size=self.block_size,
+                overlap=self.overlap,
+                sw_batch_size=self.sw_batch_size,
+                blend_mode=self.blend_mode,
                 pad_value=self.pad_value,
-                score_threshold=hp.score_threshold,
-                nms_iou=hp.nms_iou,
-                max_candidates=hp.max_candidates,
+                score_threshold=self.score_threshold,
+                nms_iou=self.nms_iou,
+                max_candidates=self.max_candidates,
             )
         finally:
             self.model.train(was_training)
@@ -347,6 +382,8 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
         dropout: dropout before the classifier.
         stage1_checkpoint: a ``CandidateTask`` checkpoint; used whenever a scan comes without candidates
             (two-stage evaluation, prediction on new scans).
+        stage1_inference: stage-1 inference options for the chained checkpoint (any of ``STAGE1_RUNTIME``,
+            e.g. ``{block_size: 128, score_threshold: 0.05}``); the ``CandidateTask`` defaults otherwise.
         stage1_weight: final score = (1 − w)·p_MPPN + w·p_stage1 (0 = MPPN only, the paper).
         chunk_size: candidates per MPPN forward pass at evaluation.
         fp_rate: operating point reported as ``<stage>/sens@<fp_rate>``.
@@ -366,6 +403,7 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
         block_depth: int = 2,
         dropout: float = 0.5,
         stage1_checkpoint: str | None = None,
+        stage1_inference: dict[str, Any] | None = None,
         stage1_weight: float = 0.0,
         chunk_size: int = 64,
         fp_rate: float = 0.55,
@@ -376,7 +414,16 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
     ) -> None:
         if not 0.0 <= stage1_weight <= 1.0:
             raise ValueError(f"stage1_weight must lie in [0, 1], got {stage1_weight}")
-        super().__init__(optimizer=optimizer, lr=lr, **kwargs)
+        unknown = set(stage1_inference or {}) - set(STAGE1_RUNTIME)
+        if unknown:
+            raise ValueError(f"stage1_inference accepts {sorted(STAGE1_RUNTIME)}, not {sorted(unknown)}")
+        super().__init__(optimizer=optimizer, lr=lr, ignore=list(STAGE2_RUNTIME), **kwargs)
+        self.stage1_checkpoint = stage1_checkpoint
+        self.stage1_inference = dict(stage1_inference or {})
+        self.stage1_weight = stage1_weight
+        self.chunk_size = chunk_size
+        self.fp_rate = fp_rate
+        self.results_csv = results_csv
         self._init_detection_state()
         self._stage1: CandidateTask | None = None
         self.pad_value = DEFAULT_FILL
@@ -395,7 +442,7 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
     def stage1(self) -> CandidateTask:
         """The stage-1 task from ``stage1_checkpoint`` (loaded once, frozen, not part of this state dict)."""
         if self._stage1 is None:
-            path = self.hparams.stage1_checkpoint
+            path = self.stage1_checkpoint
             if not path:
                 raise ValueError(
                     "this scan comes without candidates, so stage 1 must run: set model.init_args.stage1_checkpoint "
@@ -403,7 +450,9 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
                 )
             if not Path(path).is_file():
                 raise FileNotFoundError(f"stage1_checkpoint {path} does not exist; train stage 1 first")
-            task = CandidateTask.load_from_checkpoint(path, map_location=self.device)
+            task = CandidateTask.load_from_checkpoint(
+                path, map_location=self.device, weights_only=True, **self.stage1_inference
+            )
             task.eval().requires_grad_(False)
             task.pad_value = self.pad_value
             self._check_stage1_preprocessing(path)
@@ -475,12 +524,12 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
                 self.model,
                 scan["image"],
                 centres,
-                chunk_size=self.hparams.chunk_size,
+                chunk_size=self.chunk_size,
                 pad_value=self.pad_value,
             )
         finally:
             self.model.train(was_training)
-        return world, fuse_scores(p, stage1, self.hparams.stage1_weight), p
+        return world, fuse_scores(p, stage1, self.stage1_weight), p
 
     def _eval_step(self, scans: list[dict[str, Any]], stage: str) -> None:
         for scan in scans:

@@ -1,0 +1,158 @@
+"""`lungdet` end to end on a synthetic LUNA16 tree: the user's configs (CLAF stage 1, MPPN, a Table 9 row)
+through fit / test / predict, two-stage prediction on a folder of new scans, and the errors a user meets.
+
+The configs are the real files in configs/; a small overlay (written per test) only shrinks the networks,
+crops and inference blocks and points the data at the session's synthetic tree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from lungdet.cli import main
+from lungdet.task import CandidateTask, FPRTask
+
+REPO = Path(__file__).resolve().parents[2]
+CLAF = str(REPO / "configs" / "claf_luna16.yaml")
+MPPN = str(REPO / "configs" / "mppn_luna16.yaml")
+UNET = str(REPO / "configs" / "claf" / "table9_unet.yaml")
+
+
+def _overlay(tmp_path: Path, tree: Path, cache: Path, stage: int, **data) -> str:
+    model = (
+        {"width": 4, "head_channels": 8, "block_size": 64, "overlap": 0.5, "sw_batch_size": 2}
+        if stage == 1
+        else {"width": 2, "chunk_size": 128}
+    )
+    config = {
+        "model": {"init_args": model},
+        "data": {
+            "init_args": {
+                "root": str(tree),
+                "cache_dir": str(cache),
+                "split": "ratio",
+                "ratios": [0.5, 0.25, 0.25],
+                "batch_size": 2,
+                "num_workers": 0,
+                **({"crop_size": 32, "samples_per_epoch": 4} if stage == 1 else {"samples_per_epoch": 4}),
+                **data,
+            }
+        },
+        "trainer": {
+            "default_root_dir": str(tmp_path / "runs"),
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
+    }
+    path = tmp_path / f"tiny_stage{stage}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _metrics(cli) -> pd.DataFrame:
+    return pd.read_csv(Path(cli.trainer.log_dir) / "metrics.csv")
+
+
+def test_print_config_needs_no_data(monkeypatch, capsys):
+    monkeypatch.delenv("LUNA16_ROOT", raising=False)
+    for config in (CLAF, MPPN):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", config, "--print_config"])
+        out = capsys.readouterr().out
+        assert "lungdet.task" in out and "root: null" in out
+
+
+def test_missing_luna16_root_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("LUNA16_ROOT", raising=False)
+    with pytest.raises(FileNotFoundError, match="LUNA16_ROOT.*lungdata synth luna16"):
+        main(["fit", "--config", CLAF, "--trainer.default_root_dir", str(tmp_path), "--trainer.fast_dev_run", "true"])
+    monkeypatch.setenv("LUNA16_ROOT", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*lungdata synth luna16"):
+        main(["fit", "--config", CLAF, "--trainer.default_root_dir", str(tmp_path), "--trainer.fast_dev_run", "true"])
+
+
+@pytest.fixture(scope="module")
+def stage1_checkpoint(luna_tree, luna_cache, tmp_path_factory) -> Path:
+    """CLAF config: fit (fast_dev_run) — the trained task's checkpoint feeds the stage-2 tests."""
+    tmp = tmp_path_factory.mktemp("claf-fit")
+    tiny = _overlay(tmp, luna_tree, luna_cache.root, 1)
+    cli = main(["fit", "--config", CLAF, "--config", tiny, "--trainer.fast_dev_run", "true"])
+    assert cli.trainer.global_step == 1 and isinstance(cli.model, CandidateTask)
+    assert cli.model.hparams.variant == "ascrm" and cli.model.hparams.width == 4
+    path = tmp / "stage1.ckpt"
+    cli.trainer.save_checkpoint(path)
+    return path
+
+
+def test_claf_config_test_and_predict(stage1_checkpoint, luna_tree, luna_cache, tmp_path):
+    tiny = _overlay(tmp_path, luna_tree, luna_cache.root, 1, predict_parts=["val", "test"])
+    cli = main(["test", "--config", CLAF, "--config", tiny, "--ckpt_path", str(stage1_checkpoint)])
+    run = Path(cli.trainer.log_dir)
+    assert (run / "test_results.csv").is_file() and (run / "test_froc.json").is_file()
+    assert (run / "test_froc.png").stat().st_size > 0
+    logged = _metrics(cli)
+    for key in ("test/cpm", "test/sens@0.55", "test/recall", "test/candidates_per_scan", "test/sens@8"):
+        assert key in logged.columns
+    cli = main(["predict", "--config", CLAF, "--config", tiny, "--ckpt_path", str(stage1_checkpoint)])
+    results = pd.read_csv(Path(cli.trainer.log_dir) / "results.csv")
+    assert list(results.columns) == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
+    expected = set(cli.datamodule.uids["val"]) | set(cli.datamodule.uids["test"])
+    assert set(results["seriesuid"]) <= expected and results["probability"].between(0, 1).all()
+
+
+def test_table9_ablation_config_fit_test_predict(luna_tree, luna_cache, tmp_path):
+    tiny = _overlay(tmp_path, luna_tree, luna_cache.root, 1)
+    cli = main(["fit", "--config", CLAF, "--config", UNET, "--config", tiny, "--trainer.fast_dev_run", "true"])
+    assert cli.model.hparams.variant == "unet" and cli.trainer.global_step == 1
+    ckpt = tmp_path / "unet.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    cli = main(["test", "--config", CLAF, "--config", UNET, "--config", tiny, "--ckpt_path", str(ckpt)])
+    assert Path(cli.trainer.log_dir).parts[-2] == "table9_unet", "the row names its run folder"
+    assert "test/cpm" in _metrics(cli).columns
+    cli = main(["predict", "--config", CLAF, "--config", UNET, "--config", tiny, "--ckpt_path", str(ckpt)])
+    assert (Path(cli.trainer.log_dir) / "results.csv").is_file()
+
+
+def test_mppn_config_fit_test_and_two_stage_predict(stage1_checkpoint, luna_tree, luna_cache, tmp_path, monkeypatch):
+    tiny = _overlay(tmp_path, luna_tree, luna_cache.root, 2)
+    cli = main(["fit", "--config", MPPN, "--config", tiny, "--trainer.fast_dev_run", "true"])
+    assert isinstance(cli.model, FPRTask) and cli.trainer.global_step == 1
+    mppn_ckpt = tmp_path / "mppn.ckpt"
+    cli.trainer.save_checkpoint(mppn_ckpt)
+    assert not any(k.startswith("_stage1") for k in torch.load(mppn_ckpt, weights_only=False)["state_dict"])
+
+    # test, both stages: stage 1 runs on the test scans, the MPPN re-scores its candidates
+    two_stage = ["--model.init_args.stage1_checkpoint", str(stage1_checkpoint)]
+    cli = main(
+        ["test", "--config", MPPN, "--config", tiny, "--ckpt_path", str(mppn_ckpt), *two_stage,
+         "--data.init_args.eval_candidates", "stage1"]  # fmt: skip
+    )
+    assert {"test/cpm", "test/sens@0.55"} <= set(_metrics(cli).columns)
+    assert (Path(cli.trainer.log_dir) / "test_results.csv").is_file()
+
+    # predict on a folder of new scans: no LUNA16 root needed, results CSV of the two-stage pipeline
+    monkeypatch.delenv("LUNA16_ROOT", raising=False)
+    folder = luna_tree / "subset0"
+    out = tmp_path / "new_scans_results.csv"
+    cli = main(
+        ["predict", "--config", MPPN, "--config", tiny, "--ckpt_path", str(mppn_ckpt), *two_stage,
+         "--data.init_args.root", "null", "--data.init_args.cache_dir", str(tmp_path / "cache" / "x"),
+         "--data.init_args.predict_root", str(folder), "--model.init_args.results_csv", str(out)]  # fmt: skip
+    )
+    results = pd.read_csv(out)
+    assert list(results.columns) == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
+    assert set(results["seriesuid"]) <= {p.stem for p in folder.glob("*.mhd")}
+    assert results["probability"].between(0, 1).all()
+
+
+def test_stage2_without_stage1_checkpoint_says_what_to_set(luna_tree, luna_cache, tmp_path):
+    tiny = _overlay(tmp_path, luna_tree, luna_cache.root, 2, eval_candidates="stage1")
+    with pytest.raises(ValueError, match="stage1_checkpoint"):
+        main(["test", "--config", MPPN, "--config", tiny])
