@@ -21,10 +21,10 @@
     stage-1 score (``stage1_weight``); logs AUC and accuracy over labelled candidates, the FROC of the
     re-scored candidates and sensitivity at 0.55 FP/scan. predict writes the two-stage ``results.csv``.
 
-Reproducibility: at every training-epoch start the global torch/numpy/python generators are reseeded
-from (``PL_GLOBAL_SEED``, epoch). Dropout then draws the same masks in epoch *e* whether the run started
-at epoch 0 or resumed from an epoch-end checkpoint; the data side is made deterministic the same way by
-``lungdet.data.EpochSampler``.
+Reproducibility: before every training batch the global torch/numpy/python generators are reseeded from
+(``PL_GLOBAL_SEED``, epoch, batch index). Dropout then draws the same masks in epoch *e* whether the run
+started at epoch 0 or resumed from an epoch-end checkpoint; the data side is made deterministic the same
+way by ``lungdet.data.EpochSampler``.
 """
 
 from __future__ import annotations
@@ -89,10 +89,16 @@ STAGE2_RUNTIME = (
 )
 
 
-def _reseed_for_epoch(epoch: int) -> None:
-    seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) * 1_000_003 + int(epoch)
+def _reseed_for_batch(epoch: int, batch_idx: int) -> None:
+    """Seed the global generators from (run seed, epoch, batch): dropout masks then depend on nothing else.
+
+    Per batch rather than per epoch because Lightning draws from the global generator when it creates a
+    data-loader iterator, and a resumed run creates its first iterator at a different moment.
+    """
+    base = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    seed = int(np.random.SeedSequence([base, int(epoch), int(batch_idx)]).generate_state(1)[0])
     torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed)
     random.seed(seed)
 
 
@@ -292,8 +298,8 @@ class CandidateTask(_DetectionTaskMixin, BaseTask):
         )
 
     # ---------------------------------------------------------------------------------------- training
-    def on_train_epoch_start(self) -> None:
-        _reseed_for_epoch(self.current_epoch)
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        _reseed_for_batch(self.current_epoch, batch_idx)
 
     def anchors_for(self, grid_shape: tuple[int, ...], device: torch.device) -> Tensor:
         """The anchor grid of a prediction grid (cached per shape)."""
@@ -482,8 +488,8 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
                     )
 
     # ---------------------------------------------------------------------------------------- training
-    def on_train_epoch_start(self) -> None:
-        _reseed_for_epoch(self.current_epoch)
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        _reseed_for_batch(self.current_epoch, batch_idx)
 
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         if self.hparams.num_classes == 1:
