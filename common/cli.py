@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "common.commands.evaluate_froc",
     "common.commands.split",
     "common.commands.table",
+    "common.commands.sweep",
 )
 
 
