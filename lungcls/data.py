@@ -255,6 +255,10 @@ class NodulePatchDataModule(LightningDataModule):
         drop_indeterminate: drop nodules whose mean malignancy is exactly 3.
         reuse_cache: when the cache holds a nodule table, do not open the dataset again in
             `prepare_data` (fast restarts on the real LIDC; new or edited scans are then not seen).
+        predict_root: a folder of new scans (any layout `common.datasets.folder` reads) to predict on,
+            with `predict_csv`; None predicts the test part.
+        predict_csv: nodule centres to classify in those scans: ``seriesuid, coordX, coordY, coordZ``
+            world mm (the LUNA16 results format `lungdet predict` writes; extra columns are kept).
         batch_size: batch size (the paper uses 32).
         eval_batch_size: batch size of val/test/predict (default `batch_size`).
         num_workers: data-loader workers.
@@ -287,6 +291,8 @@ class NodulePatchDataModule(LightningDataModule):
         one_scan_per_patient: bool = True,
         drop_indeterminate: bool = False,
         reuse_cache: bool = False,
+        predict_root: str | None = None,
+        predict_csv: str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -294,6 +300,10 @@ class NodulePatchDataModule(LightningDataModule):
         dataset_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if (predict_root is None) != (predict_csv is None):
+            raise ValueError(
+                "predict_root and predict_csv go together: a folder of scans and the nodule centres"
+            )
         if split_level not in SPLIT_LEVELS:
             raise ValueError(f"split_level must be one of {SPLIT_LEVELS}, got {split_level!r}")
         if normalization not in NORMALIZATIONS:
@@ -323,6 +333,8 @@ class NodulePatchDataModule(LightningDataModule):
         self.one_scan_per_patient = one_scan_per_patient
         self.drop_indeterminate = drop_indeterminate
         self.reuse_cache = reuse_cache
+        self.predict_root = predict_root
+        self.predict_csv = predict_csv
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -383,12 +395,52 @@ class NodulePatchDataModule(LightningDataModule):
     # ------------------------------------------------------------------------------------ hooks
     def prepare_data(self) -> None:
         """Crop and cache the nodule patches (skipped for nodules already cached)."""
+        if self.predict_csv:
+            self.predict_cache.build(self._predict_records(), self.patch_settings, strict=not self.lenient)
+            state = getattr(getattr(self, "trainer", None), "state", None)
+            if state is not None and str(getattr(state.fn, "value", state.fn)) == "predict":
+                return  # new scans: the training data are not needed
         if self.reuse_cache and self.cache.exists():
             return
         dataset = self.open_dataset()
         self.cache.build(
             self._records(dataset), self.patch_settings, strict=not self.lenient, keep=self._keep
         )
+
+    @property
+    def predict_cache(self) -> PatchCache:
+        """Patch cache of the `predict_csv` nodules (beside the training cache)."""
+        key = f"{Path(self.predict_root or '').resolve()}|{Path(self.predict_csv or '').resolve()}"
+        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+        return PatchCache(self.cache_dir.parent / f"{self.cache_dir.name}-predict-{digest}")
+
+    def _predict_records(self) -> list[ScanRecord]:
+        """The scans of `predict_root` with the centres of `predict_csv` as unlabelled nodules."""
+        path = Path(str(self.predict_csv))
+        if not path.is_file():
+            raise FileNotFoundError(f"predict_csv {path} does not exist")
+        table = pd.read_csv(path, dtype={"seriesuid": str})
+        missing = [c for c in ("seriesuid", "coordX", "coordY", "coordZ") if c not in table.columns]
+        if missing:
+            raise ValueError(
+                f"{path}: columns {missing} are missing (need seriesuid, coordX, coordY, coordZ)"
+            )
+        scans = {r.uid: r for r in open_dataset("folder", self.predict_root).records}
+        records: dict[str, ScanRecord] = {}
+        for i, row in table.iterrows():
+            uid = str(row["seriesuid"])
+            if uid not in scans:
+                raise ValueError(
+                    f"{path}, line {int(i) + 2}: seriesuid {uid} is not a scan under {self.predict_root}"
+                )
+            scan = scans[uid]
+            record = records.setdefault(
+                uid, ScanRecord(uid, uid, scan.image_path, series_uid=scan.series_uid)
+            )
+            world = (float(row["coordX"]), float(row["coordY"]), float(row["coordZ"]))
+            diameter = float(row["diameter_mm"]) if "diameter_mm" in table.columns else -1.0
+            record.nodules.append(Nodule(world, diameter, nodule_id=f"row{int(i)}"))
+        return list(records.values())
 
     def labelled_table(self) -> pd.DataFrame:
         """The cached nodules that carry a label."""
@@ -449,7 +501,7 @@ class NodulePatchDataModule(LightningDataModule):
     def build_dataset(self, part: str, table: pd.DataFrame) -> NodulePatchDataset:
         """The dataset of one part; training augments."""
         return NodulePatchDataset(
-            self.cache,
+            self.predict_cache if part == "predict" and self.predict_csv else self.cache,
             table,
             self.sizes,
             self.depth,
@@ -459,13 +511,15 @@ class NodulePatchDataModule(LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        if not self.tables:
-            self.tables = self.split_tables()
-            log.info(
-                "nodule split (%s level): %s",
-                self.split_level,
-                {p: f"{len(t)} nodules, {int(t['label'].sum())} label>0" for p, t in self.tables.items()},
-            )
+        if stage == "predict" and self.predict_csv:  # new scans: the training data are not needed
+            if "predict" not in self.datasets:
+                self.tables["predict"] = self.predict_cache.table
+                self.datasets["predict"] = self.build_dataset("predict", self.tables["predict"])
+            return
+        if not set(PART_NAMES) <= set(self.tables):
+            self.tables.update(self.split_tables())
+            counts = {p: (len(self.tables[p]), int((self.tables[p]["label"] > 0).sum())) for p in PART_NAMES}
+            log.info("nodule split (%s level), (nodules, label > 0): %s", self.split_level, counts)
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
         for part in wanted.get(stage or "fit", PART_NAMES):
             if part not in self.datasets:
@@ -478,7 +532,9 @@ class NodulePatchDataModule(LightningDataModule):
                 self.datasets[part] = self.build_dataset(part, self.tables[source])
 
     def table(self, part: str) -> pd.DataFrame:
-        """Nodule table of a part ("train", "val", "test"; "predict" is the test part)."""
+        """Nodule table of a part ("train", "val", "test"; "predict": the test part or `predict_csv`)."""
+        if part == "predict" and "predict" in self.tables:
+            return self.tables["predict"]
         return self.tables["test" if part == "predict" else part]
 
     # ------------------------------------------------------------------------------------ loaders

@@ -170,6 +170,19 @@ def test_stage2_loads_stage1_fits_tests_with_gradcam_and_predicts(
     main(["predict", "--config", str(config), "--ckpt_path", str(checkpoint)])
     predictions = pd.read_csv(_run_dir(tmp_path, "s2") / "predict_predictions.csv")
     assert len(predictions) > 0 and predictions[["prob_0", "prob_1"]].sum(axis=1).round(5).eq(1).all()
+    # new scans: a folder of scans and a LUNA16-style list of centres (what `lungdet predict` writes)
+    nodules = pd.read_csv(patch_cache_dir / "nodules.csv").head(2)
+    centres = nodules.rename(
+        columns={"uid": "seriesuid", "world_x": "coordX", "world_y": "coordY", "world_z": "coordZ"}
+    )
+    csv = tmp_path / "candidates.csv"
+    centres[["seriesuid", "coordX", "coordY", "coordZ"]].assign(probability=0.9).to_csv(csv, index=False)
+    main(
+        ["predict", "--config", str(config), "--ckpt_path", str(checkpoint)]
+        + [f"--data.init_args.predict_root={lidc_tree}", f"--data.init_args.predict_csv={csv}"]
+    )
+    new_scans = pd.read_csv(_run_dir(tmp_path, "s2") / "predict_predictions.csv")
+    assert list(new_scans["uid"]) == list(nodules["uid"]) and "prob_1" in new_scans
     # the stage-2 checkpoint loads on the concrete class with the branches it trained
     restored = M3NetTask.load_from_checkpoint(checkpoint, map_location="cpu")
     assert restored.model.freeze == "lower"
