@@ -55,7 +55,7 @@ def efficiency_report(argv: Sequence[str]) -> int:
         path = Path(args.config)
         if not path.is_file():
             raise SystemExit(f"lungcls complexity: error: config {path} does not exist")
-        settings.update(yaml.safe_load(path.read_text()) or {})
+        settings.update(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
     if args.preset:
         settings["presets"] = args.preset
     named = {"paper": PAPER_INPUT_SIZES, "reference": REFERENCE_PROFILE_SIZES}
@@ -80,7 +80,7 @@ def efficiency_report(argv: Sequence[str]) -> int:
     print(report)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("# M³Net efficiency (paper Table 7)\n\n" + report)
+        Path(args.out).write_text("# M³Net efficiency (paper Table 7)\n\n" + report, encoding="utf-8")
     return 0
 
 

@@ -297,7 +297,7 @@ class PatchCache:
         if not self.manifest_path.is_file():
             return {}
         try:
-            return json.loads(self.manifest_path.read_text())
+            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ValueError(
                 f"{self.manifest_path} is not valid JSON ({err}); delete the file to rebuild the patch cache"

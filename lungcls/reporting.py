@@ -108,7 +108,7 @@ def write_classification_report(
     }
     path = out / f"{stage}_metrics.json"
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(document, indent=2))
+    tmp.write_text(json.dumps(document, indent=2), encoding="utf-8")
     os.replace(tmp, path)
     prediction_table(probs, indices, table, labels).to_csv(out / f"{stage}_predictions.csv", index=False)
     cm = confusion_matrix(labels, probs.argmax(axis=1), num_classes)

@@ -134,7 +134,7 @@ def test_patch_cache_rebuild_reads_only_what_changed(lidc_tree, tmp_path):
     assert reads[2:] == [first.iloc[0]["uid"]], "a missing patch re-reads its scan only"
     cache.build(records, PatchSettings(context=24, context_depth=10), read_fn=read)
     assert len(reads) == 5, "new settings re-crop everything"
-    manifest = json.loads((tmp_path / "patch_manifest.json").read_text())
+    manifest = json.loads((tmp_path / "patch_manifest.json").read_text(encoding="utf-8"))
     assert manifest["settings"]["context"] == 24
 
 

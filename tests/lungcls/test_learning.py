@@ -122,13 +122,16 @@ def test_m3net_learns_malignancy_on_held_out_patients(lidc_tree, tmp_path):
     assert result["m3net"] >= best_single - 0.02
 
 
-def train_pathology(data_root: Path, work: Path, epochs: int = 15) -> dict[str, float]:
-    """A small timm ResNet on the LDFC classification folders; test ACC, QWK and the majority baseline."""
+def train_pathology(data_root: Path, work: Path, epochs: int = 30) -> dict[str, float]:
+    """A small timm ResNet on the LDFC classification folders; test ACC, QWK and the majority baseline.
+
+    The images keep the phantom's 160 × 160 matrix: downsizing shrinks a 5–10 mm nodule to a few pixels.
+    """
     seed_everything(0)
     datamodule = PathologyImageDataModule(
-        dataset="ldfc", root=str(data_root), img_size=96, batch_size=16, val_fraction=0.0
+        dataset="ldfc", root=str(data_root), img_size=160, batch_size=16, val_fraction=0.0
     )
-    task = PathologyTask(model_name="resnet10t", num_classes=3, img_size=96, lr=1e-3, n_bootstrap=200)
+    task = PathologyTask(model_name="resnet10t", num_classes=3, img_size=160, lr=1e-3, n_bootstrap=200)
     trainer = _trainer(work, epochs)
     trainer.fit(task, datamodule=datamodule)
     trainer.test(task, datamodule=datamodule, verbose=False)
@@ -146,7 +149,7 @@ def test_pathology_classifier_beats_majority_class(tmp_path_factory):
     from common.synth.ldfc import make_ldfc
 
     root = tmp_path_factory.mktemp("ldfc_learning")
-    make_ldfc(root, n_scans=40, seed=2)
+    make_ldfc(root, n_scans=80, seed=2)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result = train_pathology(root, tmp_path_factory.mktemp("ldfc_runs"))
     print("\npathology learning check (LDFC test):", {k: round(v, 3) for k, v in result.items()})

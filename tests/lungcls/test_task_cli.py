@@ -37,7 +37,7 @@ def _config(tmp: Path, name: str, model: dict, data: dict, trainer: dict | None 
         },
     }
     path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(document))
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
     return path
 
 
@@ -107,7 +107,7 @@ def test_stage1_fit_fast_dev_run_and_test_report(lidc_tree, patch_cache_dir, sta
     main(["fit", "--config", str(config)])
     main(["test", "--config", str(config), "--trainer.fast_dev_run=false", "--ckpt_path", str(paths[64])])
     run = _run_dir(tmp_path, "s1")
-    report = json.loads((run / "test_metrics.json").read_text())
+    report = json.loads((run / "test_metrics.json").read_text(encoding="utf-8"))
     assert set(report["metrics"]) >= {
         "acc",
         "bacc",
@@ -232,7 +232,7 @@ def test_pathology_fit_test_predict_from_cli(ldfc_tree, tmp_path):
     main(["fit", "--config", str(config), "--trainer.fast_dev_run=true"])
     main(["fit", "--config", str(config)])
     main(["test", "--config", str(config), "--ckpt_path", str(tmp_path / "p" / "best.ckpt")])
-    report = json.loads((_run_dir(tmp_path, "path") / "test_metrics.json").read_text())
+    report = json.loads((_run_dir(tmp_path, "path") / "test_metrics.json").read_text(encoding="utf-8"))
     assert {"acc", "qwk"} <= set(report["metrics"]) and report["n_samples"] == 3
     main(["predict", "--config", str(config), "--ckpt_path", str(tmp_path / "p" / "best.ckpt")])
     predictions = pd.read_csv(_run_dir(tmp_path, "path") / "predict_predictions.csv")
@@ -245,7 +245,7 @@ def test_complexity_subcommand_prints_and_writes_table7(tmp_path, capsys):
     assert main(["complexity", "--config", str(config), "--out", str(tmp_path / "t7.md")]) == 0
     out = capsys.readouterr().out
     assert "| branch 96 |" in out and "184.608" in out
-    assert "preset tiny" in (tmp_path / "t7.md").read_text()
+    assert "preset tiny" in (tmp_path / "t7.md").read_text(encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------ config files
@@ -272,9 +272,9 @@ CONFIGS = sorted(
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_files_name_real_classes_and_arguments(path):
-    document = yaml.safe_load(path.read_text())
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
     if "rows" in document:  # a run table: its base config and every override must exist
-        base = yaml.safe_load((REPO / document["base"]).read_text())
+        base = yaml.safe_load((REPO / document["base"]).read_text(encoding="utf-8"))
         for row in document["rows"]:
             for override in row["overrides"]:
                 key, _, value = override.removeprefix("--").partition("=")
