@@ -93,7 +93,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     render.add_argument("--rows", nargs="+", metavar="ROW", help="run only these rows (the table shows all)")
     render.add_argument(
-        "--extra-config", action="append", default=[], metavar="FILE", help="config layered after each row's"
+        "--extra-config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="config layered after each row's; CMD:FILE (e.g. lungseg:small.yaml) for one command's runs only",
     )
     render.add_argument("--out", type=Path, help="folder for NAME.md and NAME.csv (default: <runs>/tables)")
     render.add_argument(

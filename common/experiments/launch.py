@@ -188,7 +188,7 @@ class LaunchResult:
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
-        text = path.read_text(errors="replace").splitlines()
+        text = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return ""
     return "\n".join(text[-lines:])
@@ -217,7 +217,7 @@ def launch(
     environment = dict(os.environ)
     environment.update(env or {})
     start = time.perf_counter()
-    with log.open("a") as handle:
+    with log.open("a", encoding="utf-8", errors="replace") as handle:
         handle.write(f"$ {' '.join(argv)}\n")
         handle.flush()
         try:

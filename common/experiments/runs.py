@@ -94,7 +94,7 @@ def read_metrics_json(path: str | Path) -> dict[str, float]:
     """
     path = Path(path)
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise RunError(f"{path}: not a readable JSON metrics file ({err})") from err
     if not isinstance(document, Mapping):
@@ -151,7 +151,7 @@ def froc_operating_points(path: str | Path) -> dict[str, float]:
         {} when the file has no curve or counts.
     """
     try:
-        document = json.loads(Path(path).read_text())
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
         curve = document["curve"]
         fps = [float(v) for v in curve["fps_per_scan"]]
         sens = [float(v) for v in curve["sensitivity"]]
@@ -220,7 +220,7 @@ def _stage_of(folder: Path) -> str | None:
     if not info.is_file():
         return None
     try:
-        stage = json.loads(info.read_text()).get("stage")
+        stage = json.loads(info.read_text(encoding="utf-8")).get("stage")
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
     return str(stage) if stage else None

@@ -280,7 +280,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if not resolved.is_file():
         raise FileNotFoundError(f"sweep file {path} does not exist")
     try:
-        data = yaml.safe_load(resolved.read_text())
+        data = yaml.safe_load(resolved.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise SweepError(f"{resolved}: not valid YAML ({err})") from err
     if not isinstance(data, Mapping):
@@ -402,7 +402,7 @@ def write_results(results: Sequence[TrialResult], spec: SweepSpec, path: Path) -
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [p.name for p in spec.parameters]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as handle:
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["rank", "trial", "status", spec.metric or "metric", "seconds", *names, "folder"])
         for position, result in enumerate(rank(results, spec.goal), start=1):

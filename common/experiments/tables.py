@@ -233,10 +233,24 @@ class Prerequisite:
         strict: bool = True,
     ) -> list[str]:
         argv = [*package_command(self.command), self.stage]
-        for config in (*self.config, *extra_configs):
+        for config in (*self.config, *configs_for(self.command, extra_configs)):
             argv += ["--config", str(resolve_path(config))]
         overrides = [fill_placeholders(o, runs_dir, None, strict) for o in (*self.overrides, *extra_args)]
         return [*argv, *overrides, f"--run_name={self.name}", f"--trainer.default_root_dir={runs_dir}"]
+
+
+def configs_for(command: str, extra_configs: Sequence[str]) -> list[str]:
+    """The extra configs that apply to runs of `command`: plain paths apply to every run, `lungseg:FILE`
+    only to lungseg runs (a table such as GLANCE Table 3 mixes commands whose settings differ)."""
+    out = []
+    for entry in extra_configs:
+        prefix, sep, path = str(entry).partition(":")
+        if sep and prefix in PACKAGE_COMMANDS:
+            if prefix == command:
+                out.append(path)
+        else:
+            out.append(str(entry))
+    return out
 
 
 def fill_placeholders(text: str, runs_dir: str | Path, fold: Any = None, strict: bool = True) -> str:
@@ -294,7 +308,7 @@ class RunPlan:
     ) -> list[str]:
         """The command line of one stage of this run (`strict` False: unknown checkpoints as placeholders)."""
         argv = [*package_command(self.command), stage]
-        for config in (*self.configs, *extra_configs):
+        for config in (*self.configs, *configs_for(self.command, extra_configs)):
             argv += ["--config", str(resolve_path(config))]
         overrides = [
             fill_placeholders(o, runs_dir, self.fold, strict) for o in (*self.overrides, *extra_args)
@@ -527,7 +541,7 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise TableError(f"{path}: include cycle through {' → '.join(str(p) for p in seen)}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise TableError(f"{path}: cannot read the table file ({err})") from err
     except yaml.YAMLError as err:
@@ -919,7 +933,7 @@ def write_outputs(result: TableResult, out_dir: str | Path) -> tuple[Path, Path]
     for suffix, text in ((".md", render_markdown(result)), (".csv", render_csv(result))):
         path = out_dir / f"{result.spec.name}{suffix}"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
         paths.append(path)
     return paths[0], paths[1]
@@ -970,14 +984,16 @@ def check_plans_data(
 ) -> None:
     """Stop before anything runs when a planned run's dataset root is unset or missing (all listed)."""
     problems = []
-    checks: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
-        (f"prerequisite {p.name!r}", p.config, p.overrides) for p in prerequisites
+    checks: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
+        (f"prerequisite {p.name!r}", p.command, p.config, p.overrides) for p in prerequisites
     ]
     checks += [
-        (f"{p.table} row {p.row!r} ({p.run_name})", p.configs, p.overrides) for p in plans if not p.function
+        (f"{p.table} row {p.row!r} ({p.run_name})", p.command, p.configs, p.overrides)
+        for p in plans
+        if not p.function
     ]
-    for context, configs, overrides in checks:
-        config = merged_config([*configs, *extra_configs], [*overrides, *extra_args])
+    for context, command, configs, overrides in checks:
+        config = merged_config([*configs, *configs_for(command, extra_configs)], [*overrides, *extra_args])
         try:
             check_dataset_roots(dataset_roots(config), context)
         except FileNotFoundError as err:
@@ -1111,7 +1127,8 @@ def render_table(
         runs_dir: where runs are read from and written to (`trainer.default_root_dir`).
         run_missing: launch the runs without a finished evaluation stage; False only reads.
         rows: restrict running to these rows (the rendered table always has every row).
-        extra_configs: config files layered after each row's (e.g. a small-scale demo override).
+        extra_configs: config files layered after each row's (e.g. a small-scale demo override);
+            `lungseg:FILE` applies to that command's runs only.
         extra_args: overrides appended to every command.
         timeout: seconds per launched command.
         echo: progress printer.
@@ -1141,6 +1158,7 @@ __all__ = [
     "TableResult",
     "TableSpec",
     "check_plans_data",
+    "configs_for",
     "collect",
     "dry_run_commands",
     "execute_plan",

@@ -403,3 +403,9 @@ rows: [{name: ours, published: {params: 3.0}}]
     row = collect(spec, tmp_path).rows[0]
     assert row.cells["params"].mean == 3.0 and row.status == "partial"
     assert "| ours | partial | 3.00 / 3.00 | not run / — |" in render_markdown(collect(spec, tmp_path))
+
+
+def test_extra_configs_can_target_one_command():
+    extra = ["all.yaml", "lungseg:seg.yaml", "lungdet:det.yaml"]
+    assert tables_module.configs_for("lungseg", extra) == ["all.yaml", "seg.yaml"]
+    assert tables_module.configs_for("lungcls", extra) == ["all.yaml"]
