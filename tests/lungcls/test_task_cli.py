@@ -183,6 +183,29 @@ def test_stage2_loads_stage1_fits_tests_with_gradcam_and_predicts(
     )
     new_scans = pd.read_csv(_run_dir(tmp_path, "s2") / "predict_predictions.csv")
     assert list(new_scans["uid"]) == list(nodules["uid"]) and "prob_1" in new_scans
+    # few-shot adaptation from the stage-2 checkpoint: 1 target pair + 1 replayed source pair
+    fewshot_model = {
+        "class_path": "M3NetTask",
+        "init_args": {**model["init_args"], "init_checkpoint": str(checkpoint)},
+    }
+    fewshot_model["init_args"].pop("stage1_checkpoints")
+    fewshot_data = _patch_data(lidc_tree, patch_cache_dir)
+    fewshot_data["class_path"] = "lungcls.data.FewShotPatchDataModule"
+    fewshot_data["init_args"].update(
+        {
+            "pairs": 1,
+            "replay_pairs": 1,
+            "source_root": str(lidc_tree),
+            "source_cache_dir": str(patch_cache_dir),
+        }
+    )
+    main(
+        [
+            "fit",
+            "--config",
+            str(_config(tmp_path, "fewshot", fewshot_model, fewshot_data, {"fast_dev_run": 1})),
+        ]
+    )
     # the stage-2 checkpoint loads on the concrete class with the branches it trained
     restored = M3NetTask.load_from_checkpoint(checkpoint, map_location="cpu")
     assert restored.model.freeze == "lower"
