@@ -409,3 +409,39 @@ def test_extra_configs_can_target_one_command():
     extra = ["all.yaml", "lungseg:seg.yaml", "lungdet:det.yaml"]
     assert tables_module.configs_for("lungseg", extra) == ["all.yaml", "seg.yaml"]
     assert tables_module.configs_for("lungcls", extra) == ["all.yaml"]
+
+
+def _print_config(package: str, argv: list[str]) -> tuple[int, str]:
+    import contextlib
+    import importlib
+
+    err = io.StringIO()
+    main = importlib.import_module(f"{package}.cli").main
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            main([*argv, "--print_config"])
+    except SystemExit as exit_:
+        return int(exit_.code or 0), err.getvalue()
+    return 0, err.getvalue()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TABLES)
+def test_every_run_a_table_launches_parses_with_its_cli(name, tmp_path, monkeypatch):
+    """Each row's (and prerequisite's) command line is accepted by the package's LightningCLI parser."""
+    monkeypatch.chdir(REPO)
+    spec = load_table(name)
+    first_fold = spec.folds.values[0] if spec.folds else None
+    commands = [
+        (p.command, p.argv("fit", tmp_path, strict=False)[3:])
+        for row in spec.rows
+        for p in spec.plans(row)
+        if not p.function and p.fold in (None, first_fold)
+    ]
+    commands += [
+        (p.command, p.for_fold(first_fold, spec.folds).argv(tmp_path, strict=False)[3:])
+        for p in spec.prerequisites
+    ]
+    for package, argv in commands:
+        code, err = _print_config(package, argv)
+        assert code == 0, f"{name}: `{package} {' '.join(argv)}` does not parse:\n{err[-2000:]}"
