@@ -19,7 +19,10 @@
     (``eval_candidates: stage1``, or predicting on a folder) — the candidates of the stage-1 checkpoint
     ``stage1_checkpoint`` run on the scan; MPPN probability per candidate, optionally fused with the
     stage-1 score (``stage1_weight``); logs AUC and accuracy over labelled candidates, the FROC of the
-    re-scored candidates and sensitivity at 0.55 FP/scan. predict writes the two-stage ``results.csv``.
+    re-scored candidates and sensitivity at 0.55 FP/scan, and — when the candidates carry stage-1 scores —
+    the same FROC numbers for the stage-1 scores of the same candidates (``<stage>/stage1_cpm``, …), so one
+    run shows what stage 2 adds; test writes ``test_results.csv`` and ``test_results_stage1.csv``.
+    predict writes the two-stage ``results.csv``.
 
 Reproducibility: before every training batch the global torch/numpy/python generators are reseeded from
 (``PL_GLOBAL_SEED``, epoch, batch index). Dropout then draws the same masks in epoch *e* whether the run
@@ -49,7 +52,7 @@ from common.metrics.figures import plot_froc
 from common.metrics.froc import FROCResult
 from common.metrics.froc_torch import LUNA16FROC, scan_key_from_uid
 from lungdet.anchors import DEFAULT_ANCHOR_SIZES, anchor_grid, assign_targets_batch
-from lungdet.data import DEFAULT_FILL
+from lungdet.data import DEFAULT_FILL, label_candidates
 from lungdet.inference import (
     candidates_to_world,
     detect_scan,
@@ -74,6 +77,7 @@ STAGE1_RUNTIME = (
     "blend_mode",
     "score_threshold",
     "nms_iou",
+    "merge_factor",
     "max_candidates",
     "fp_rate",
     "results_csv",
@@ -103,14 +107,20 @@ def _reseed_for_batch(epoch: int, batch_idx: int) -> None:
 
 
 class _DetectionTaskMixin:
-    """FROC bookkeeping shared by both stages: per-stage metric, per-scan rows, epoch-end logging, files."""
+    """FROC bookkeeping shared by both stages: per-stage metrics, per-scan rows, epoch-end logging, files.
+
+    Scores come in *kinds*: ``""`` for a task's own output and ``"stage1"`` for the stage-1 scores of the
+    same candidates (``FPRTask`` records both, so a test run shows what the MPPN adds on identical marks).
+    """
+
+    _KINDS = ("", "stage1")
 
     def _init_detection_state(self) -> None:
-        self.froc = nn.ModuleDict({"val": LUNA16FROC(), "test": LUNA16FROC()})
+        self.froc = nn.ModuleDict(
+            {_key(stage, kind): LUNA16FROC() for stage in ("val", "test") for kind in self._KINDS}
+        )
         self._rows: dict[str, list[tuple[str, float, float, float, float]]] = {
-            "val": [],
-            "test": [],
-            "predict": [],
+            _key(stage, kind): [] for stage in ("val", "test", "predict") for kind in self._KINDS
         }
 
     def _sync_pad_value(self) -> None:
@@ -131,15 +141,17 @@ class _DetectionTaskMixin:
     def on_predict_start(self) -> None:
         self._sync_pad_value()
 
-    def _record_scan(self, stage: str, scan: dict[str, Any], world: np.ndarray, scores: Tensor) -> None:
-        """Add one scan's final candidates to the FROC (val/test) and to the rows written to CSV."""
+    def _record_scan(
+        self, stage: str, scan: dict[str, Any], world: np.ndarray, scores: Tensor, kind: str = ""
+    ) -> None:
+        """Add one scan's candidates to the FROC (val/test) and to the rows written to CSV."""
         probs = scores.detach().double().cpu().numpy().reshape(-1)
         rows = [(scan["uid"], float(x), float(y), float(z), float(p)) for (x, y, z), p in zip(world, probs)]
-        self._rows[stage].extend(rows)
+        self._rows[_key(stage, kind)].extend(rows)
         if stage == "predict":
             return
         marks = torch.as_tensor(np.concatenate([world.reshape(-1, 3), probs[:, None]], axis=1))
-        self.froc[stage].update(
+        self.froc[_key(stage, kind)].update(
             [scan_key_from_uid(scan["uid"])], [marks], [scan["nodules"].cpu()], [scan["excluded"].cpu()]
         )
 
@@ -147,45 +159,51 @@ class _DetectionTaskMixin:
         trainer = self.trainer
         return Path(trainer.log_dir or trainer.default_root_dir)
 
-    def _gather_rows(self, stage: str) -> list[tuple[str, float, float, float, float]]:
-        rows = self._rows[stage]
-        self._rows[stage] = []
+    def _gather_rows(self, key: str) -> list[tuple[str, float, float, float, float]]:
+        rows = self._rows[key]
+        self._rows[key] = []
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, rows)
             rows = [r for part in gathered for r in part]
         return rows
 
-    def _log_froc(self, stage: str) -> FROCResult | None:
-        metric = self.froc[stage]
+    def _log_froc(self, stage: str, kind: str = "") -> FROCResult | None:
+        metric = self.froc[_key(stage, kind)]
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if not distributed and not metric.scan_key:
             return None
         result = metric.compute_result()
         metric.reset()
+        prefix = f"{stage}/{kind + '_' if kind else ''}"
         op = sensitivity_at_fp_rate(result.curve, self.fp_rate)
-        values = {f"{stage}/cpm": result.cpm, f"{stage}/sens@{self.fp_rate:g}": op}
+        values = {f"{prefix}cpm": result.cpm, f"{prefix}sens@{self.fp_rate:g}": op}
         for rate, sens in zip(result.fp_rates, result.sensitivities):
-            values[f"{stage}/sens@{rate:g}"] = float(sens)
-        values[f"{stage}/recall"] = result.counts.sensitivity
-        values[f"{stage}/candidates_per_scan"] = result.counts.candidates_per_scan
+            values[f"{prefix}sens@{rate:g}"] = float(sens)
+        values[f"{prefix}recall"] = result.counts.sensitivity
+        values[f"{prefix}candidates_per_scan"] = result.counts.candidates_per_scan
         self.log_dict({k: float(v) for k, v in values.items()}, sync_dist=False)
         result.extra[f"sensitivity_at_{self.fp_rate:g}_fp_per_scan"] = op
         return result
 
-    def _write_test_outputs(self, result: FROCResult | None, name: str) -> None:
-        rows = self._gather_rows("test")
-        if self.trainer.global_rank != 0:
+    def _write_test_outputs(self, result: FROCResult | None, name: str, kind: str = "") -> None:
+        rows = self._gather_rows(_key("test", kind))
+        if self.trainer.global_rank != 0 or (kind and not rows):
             return
         run = self._run_dir()
-        write_results_csv(rows, run / "test_results.csv")
+        suffix = f"_{kind}" if kind else ""
+        write_results_csv(rows, run / f"test_results{suffix}.csv")
         if result is not None:
-            (run / "test_froc.json").write_text(json.dumps(result.to_dict(include_curve=True), indent=2))
-            plot_froc(result, run / "test_froc.png", label=name)
+            (run / f"test_froc{suffix}.json").write_text(
+                json.dumps(result.to_dict(include_curve=True), indent=2)
+            )
+            plot_froc(result, run / f"test_froc{suffix}.png", label=name)
         log.info("test results written to %s", run)
 
     def _write_predictions(self) -> None:
         rows = self._gather_rows("predict")
+        for kind in self._KINDS[1:]:
+            self._rows[_key("predict", kind)] = []
         if self.trainer.global_rank != 0:
             return
         path = Path(self.results_csv) if self.results_csv else self._run_dir() / "results.csv"
@@ -193,6 +211,10 @@ class _DetectionTaskMixin:
         self.results_path = path
         log.info("wrote %d candidates to %s", len(rows), path)
         print(f"lungdet: results written to {path}")
+
+
+def _key(stage: str, kind: str = "") -> str:
+    return f"{stage}_{kind}" if kind else stage
 
 
 class CandidateTask(_DetectionTaskMixin, BaseTask):
@@ -219,7 +241,8 @@ class CandidateTask(_DetectionTaskMixin, BaseTask):
         sw_batch_size: blocks per forward pass at inference.
         blend_mode: "constant" or "gaussian" blending of overlapping blocks.
         score_threshold: minimum objectness of a candidate.
-        nms_iou: 3D NMS threshold.
+        nms_iou: 3D NMS threshold (cube IoU).
+        merge_factor: centre-distance NMS radius in candidate diameters (0: off).
         max_candidates: candidates kept per scan (LUNA16 evaluates at most 100).
         fp_rate: operating point reported as ``<stage>/sens@<fp_rate>`` (paper: 0.55 FP/scan).
         results_csv: where ``predict`` writes its CSV (default ``<run folder>/results.csv``).
@@ -255,12 +278,14 @@ class CandidateTask(_DetectionTaskMixin, BaseTask):
         blend_mode: str = "constant",
         score_threshold: float = 0.1,
         nms_iou: float = 0.1,
+        merge_factor: float = 1.0,
         max_candidates: int = 100,
         fp_rate: float = 0.55,
         results_csv: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(ignore=list(STAGE1_RUNTIME), **kwargs)
+        self.merge_factor = merge_factor
         self.block_size = block_size
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
@@ -346,6 +371,7 @@ class CandidateTask(_DetectionTaskMixin, BaseTask):
                 pad_value=self.pad_value,
                 score_threshold=self.score_threshold,
                 nms_iou=self.nms_iou,
+                merge_factor=self.merge_factor,
                 max_candidates=self.max_candidates,
             )
         finally:
@@ -520,8 +546,8 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
         cands = self.stage1.detect(scan["image"])
         return cands[:, 1:4], candidates_to_world(cands[:, 1:4], scan["entry"]), cands[:, 0]
 
-    def score(self, scan: dict[str, Any]) -> tuple[np.ndarray, Tensor, Tensor]:
-        """Final candidates of one scan: world xyz, fused score, raw MPPN probability."""
+    def score(self, scan: dict[str, Any]) -> tuple[np.ndarray, Tensor, Tensor, Tensor | None]:
+        """Final candidates of one scan: world xyz, final (fused) score, MPPN probability, stage-1 score."""
         centres, world, stage1 = self._candidates(scan)
         was_training = self.model.training
         self.model.eval()
@@ -535,20 +561,28 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
             )
         finally:
             self.model.train(was_training)
-        return world, fuse_scores(p, stage1, self.stage1_weight), p
+        return world, fuse_scores(p, stage1, self.stage1_weight), p, stage1
 
     def _eval_step(self, scans: list[dict[str, Any]], stage: str) -> None:
         for scan in scans:
-            world, final, p = self.score(scan)
+            world, final, p, stage1 = self.score(scan)
             self._record_scan(stage, scan, world, final)
-            if stage == "predict" or "labels" not in scan:
+            if stage == "predict":
                 continue
-            keep = ~scan["ignore"].to(torch.bool)
+            if stage1 is not None and not bool(torch.isnan(stage1).any()):
+                self._record_scan(stage, scan, world, stage1, kind="stage1")
+            if "labels" in scan:
+                labels, ignore = scan["labels"], scan["ignore"].to(torch.bool)
+            else:  # stage-1 candidates: label them with the same LUNA16 hit rule as the datamodule
+                lab, ign = label_candidates(
+                    world, scan["nodules"].cpu().numpy(), scan["excluded"].cpu().numpy()
+                )
+                labels, ignore = torch.from_numpy(lab), torch.from_numpy(ign)
+            keep = ~ignore.to(p.device)
             if bool(keep.any()):
-                labels = scan["labels"][keep].to(p.device)
-                metrics = self.metrics_for(stage)
-                metrics.update(p[keep], labels)
-                loss = F.binary_cross_entropy(p[keep].clamp(1e-6, 1 - 1e-6), labels.to(p.dtype))
+                target = labels.to(p.device)[keep]
+                self.metrics_for(stage).update(p[keep], target)
+                loss = F.binary_cross_entropy(p[keep].clamp(1e-6, 1 - 1e-6), target.to(p.dtype))
                 self.log(f"{stage}/loss", loss, batch_size=int(keep.sum()))
 
     def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
@@ -568,13 +602,15 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
         metrics.reset()
 
     def on_validation_epoch_end(self) -> None:
-        self._rows["val"] = []
+        self._rows["val"], self._rows["val_stage1"] = [], []
         self._log_classification("val")
         self._log_froc("val")
+        self._log_froc("val", "stage1")
 
     def on_test_epoch_end(self) -> None:
         self._log_classification("test")
         self._write_test_outputs(self._log_froc("test"), "CLAF stage 1 + MPPN")
+        self._write_test_outputs(self._log_froc("test", "stage1"), "CLAF stage 1 (same candidates)", "stage1")
 
     def on_predict_epoch_end(self) -> None:
         self._write_predictions()
