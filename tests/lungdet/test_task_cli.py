@@ -70,12 +70,21 @@ def test_print_config_needs_no_data(monkeypatch, capsys):
 
 
 def test_missing_luna16_root_is_a_clear_error(monkeypatch, tmp_path):
+    args = [
+        "fit",
+        "--config",
+        CLAF,
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.fast_dev_run",
+        "true",
+    ]
     monkeypatch.delenv("LUNA16_ROOT", raising=False)
     with pytest.raises(FileNotFoundError, match="LUNA16_ROOT.*lungdata synth luna16"):
-        main(["fit", "--config", CLAF, "--trainer.default_root_dir", str(tmp_path), "--trainer.fast_dev_run", "true"])
+        main(args)
     monkeypatch.setenv("LUNA16_ROOT", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match=r"nowhere.*lungdata synth luna16"):
-        main(["fit", "--config", CLAF, "--trainer.default_root_dir", str(tmp_path), "--trainer.fast_dev_run", "true"])
+        main(args)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +118,9 @@ def test_claf_config_test_and_predict(stage1_checkpoint, luna_tree, luna_cache, 
 
 def test_table9_ablation_config_fit_test_predict(luna_tree, luna_cache, tmp_path):
     tiny = _overlay(tmp_path, luna_tree, luna_cache.root, 1)
-    cli = main(["fit", "--config", CLAF, "--config", UNET, "--config", tiny, "--trainer.fast_dev_run", "true"])
+    cli = main(
+        ["fit", "--config", CLAF, "--config", UNET, "--config", tiny, "--trainer.fast_dev_run", "true"]
+    )
     assert cli.model.hparams.variant == "unet" and cli.trainer.global_step == 1
     ckpt = tmp_path / "unet.ckpt"
     cli.trainer.save_checkpoint(ckpt)
@@ -120,7 +131,9 @@ def test_table9_ablation_config_fit_test_predict(luna_tree, luna_cache, tmp_path
     assert (Path(cli.trainer.log_dir) / "results.csv").is_file()
 
 
-def test_mppn_config_fit_test_and_two_stage_predict(stage1_checkpoint, luna_tree, luna_cache, tmp_path, monkeypatch):
+def test_mppn_config_fit_test_and_two_stage_predict(
+    stage1_checkpoint, luna_tree, luna_cache, tmp_path, monkeypatch
+):
     tiny = _overlay(tmp_path, luna_tree, luna_cache.root, 2)
     cli = main(["fit", "--config", MPPN, "--config", tiny, "--trainer.fast_dev_run", "true"])
     assert isinstance(cli.model, FPRTask) and cli.trainer.global_step == 1
@@ -129,23 +142,20 @@ def test_mppn_config_fit_test_and_two_stage_predict(stage1_checkpoint, luna_tree
     assert not any(k.startswith("_stage1") for k in torch.load(mppn_ckpt, weights_only=False)["state_dict"])
 
     # test, both stages: stage 1 runs on the test scans, the MPPN re-scores its candidates
-    two_stage = ["--model.init_args.stage1_checkpoint", str(stage1_checkpoint)]
-    cli = main(
-        ["test", "--config", MPPN, "--config", tiny, "--ckpt_path", str(mppn_ckpt), *two_stage,
-         "--data.init_args.eval_candidates", "stage1"]  # fmt: skip
-    )
-    assert {"test/cpm", "test/sens@0.55"} <= set(_metrics(cli).columns)
+    base = ["--config", MPPN, "--config", tiny, "--ckpt_path", str(mppn_ckpt)]
+    base += ["--model.init_args.stage1_checkpoint", str(stage1_checkpoint)]
+    cli = main(["test", *base, "--data.init_args.eval_candidates", "stage1"])
+    assert {"test/cpm", "test/sens@0.55", "test/stage1_cpm"} <= set(_metrics(cli).columns)
     assert (Path(cli.trainer.log_dir) / "test_results.csv").is_file()
+    assert (Path(cli.trainer.log_dir) / "test_results_stage1.csv").is_file()
 
     # predict on a folder of new scans: no LUNA16 root needed, results CSV of the two-stage pipeline
     monkeypatch.delenv("LUNA16_ROOT", raising=False)
     folder = luna_tree / "subset0"
     out = tmp_path / "new_scans_results.csv"
-    cli = main(
-        ["predict", "--config", MPPN, "--config", tiny, "--ckpt_path", str(mppn_ckpt), *two_stage,
-         "--data.init_args.root", "null", "--data.init_args.cache_dir", str(tmp_path / "cache" / "x"),
-         "--data.init_args.predict_root", str(folder), "--model.init_args.results_csv", str(out)]  # fmt: skip
-    )
+    data = ["--data.init_args.root", "null", "--data.init_args.cache_dir", str(tmp_path / "cache" / "x")]
+    data += ["--data.init_args.predict_root", str(folder)]
+    main(["predict", *base, *data, "--model.init_args.results_csv", str(out)])
     results = pd.read_csv(out)
     assert list(results.columns) == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
     assert set(results["seriesuid"]) <= {p.stem for p in folder.glob("*.mhd")}
