@@ -24,6 +24,7 @@ code as ``python -m lungseg.complexity``, which takes the variant by name instea
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from collections.abc import Sequence
@@ -38,11 +39,33 @@ __all__ = ["GlanceCLI", "complexity_command", "main", "model_from_configs"]
 
 
 class GlanceCLI(LungCLI):
-    """LungCLI with the working size shared between the datamodule and the task."""
+    """LungCLI with the working size shared between the datamodule and the task.
+
+    With ``--ckpt_path``, LightningCLI (2.6) replaces the model section of the config by the checkpoint's
+    hyperparameters and resets every other constructor argument to its default. GLANCE keeps its
+    inference / evaluation / output settings out of checkpoints (:data:`lungseg.task.RUN_SETTINGS`), so
+    they are restored here from the command's own config: ``lungseg predict --ckpt_path … --model.init_args.
+    predict_dir out/`` writes to ``out/``.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
+
+    def _parse_ckpt_path(self) -> None:
+        from lungseg.task import RUN_SETTINGS
+
+        subcommand = self.config.get("subcommand")
+        section = self.config.get(subcommand) if subcommand else None
+        init_args = section.get("model.init_args") if section is not None else None
+        kept = {
+            k: copy.deepcopy(init_args[k]) for k in RUN_SETTINGS if init_args is not None and k in init_args
+        }
+        super()._parse_ckpt_path()
+        if kept:
+            restored = self.config[subcommand].get("model.init_args")
+            for key, value in kept.items():
+                restored[key] = value
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

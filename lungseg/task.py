@@ -28,6 +28,10 @@ format + ``diameter_mm``), ``masks/<uid>.mhd`` (or ``.nii.gz``) on the scan's or
 ``reference/annotations.csv``, ``annotations_excluded.csv``, ``seriesuids.csv`` for the predicted scans,
 so ``lungdata evaluate-froc --results …/results.csv --annotations …/reference/annotations.csv …`` scores
 the folder. Predicting a ``predict_root`` of new scans writes empty annotation files.
+
+Checkpoints keep what defines the model (variant, overrides, working size, optimisation); the inference,
+evaluation and output settings (:data:`RUN_SETTINGS`) are left out so that ``lungseg test/predict
+--ckpt_path …`` takes them from its own command line and config.
 """
 
 from __future__ import annotations
@@ -61,6 +65,29 @@ __all__ = ["GlanceTask"]
 
 MASK_FORMATS = {"mhd": ".mhd", "nifti": ".nii.gz", "none": None}
 BOX_MARGIN = 3
+RUN_SETTINGS = [
+    "peak_threshold",
+    "nms_kernel",
+    "nms_radius_mm",
+    "max_peaks_per_slice",
+    "seg_threshold",
+    "filter_by_mask",
+    "mask_filter_radius",
+    "heatmap_sigma_scale",
+    "merge_distance_mm",
+    "merge_gap",
+    "min_slices",
+    "max_candidates",
+    "slice_batch_size",
+    "operating_threshold",
+    "with_hd95",
+    "predict_dir",
+    "mask_format",
+    "mask_grid",
+]
+"""Inference, evaluation and output arguments: not stored in checkpoints (LightningCLI would otherwise let
+a checkpoint's values override the command line of ``test``/``predict --ckpt_path``); each command takes
+them from its own config."""
 
 
 class GlanceTask(BaseTask):
@@ -139,6 +166,7 @@ class GlanceTask(BaseTask):
             step_size=step_size,
             gamma=gamma,
             monitor=monitor,
+            ignore=RUN_SETTINGS,
         )
         self.inference = InferenceConfig(
             peak_threshold=peak_threshold,

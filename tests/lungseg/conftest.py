@@ -19,6 +19,37 @@ from lungseg.data import GlanceDataModule
 SMALL_MODEL = {"widths": [16, 32, 64, 128], "stem_channels": [8, 16], "gct_heads": [1, 1, 2, 2]}
 SIZE = 64
 N_SCANS = 4
+REPO = Path(__file__).resolve().parents[2]
+BASE_CONFIG = REPO / "configs" / "glance_lidc.yaml"
+
+
+def small_config_text(root: Path, cache: Path, run_dir: Path, logger: bool) -> str:
+    """Overrides layered over configs/glance_lidc.yaml: tiny tree, narrow model, 64×64 slices, CPU."""
+    widths = ", ".join(map(str, SMALL_MODEL["widths"]))
+    return f"""
+model:
+  init_args:
+    model_overrides:
+      widths: [{widths}]
+      stem_channels: [8, 16]
+      gct_heads: [1, 1, 2, 2]
+    with_hd95: false
+data:
+  init_args:
+    root: {root}
+    cache_dir: {cache}
+    image_size: {SIZE}
+    ratios: [0.5, 0.25, 0.25]
+    batch_size: 2
+    num_workers: 0
+trainer:
+  default_root_dir: {run_dir}
+  accelerator: cpu
+  devices: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+{"" if logger else "  logger: false"}
+"""
 
 
 @pytest.fixture(scope="session")
