@@ -103,12 +103,12 @@ def train_batch(fit_datamodule: GlanceDataModule) -> dict:
 
 @pytest.fixture(scope="session")
 def val_item(fit_datamodule: GlanceDataModule) -> dict:
-    """The validation scan, cut to the 12 slices around its first nodule (keeps evaluation tests quick)."""
+    """The validation scan, cut to the 6 slices around its first nodule (keeps evaluation tests quick)."""
     item = fit_datamodule.datasets["val"][0]
     labels = item["labels"]
     z_nodule = int(torch.nonzero(torch.from_numpy((labels > 0).any(axis=(1, 2))))[0])
     position = int(torch.searchsorted(item["slices"], torch.tensor(z_nodule)))
-    keep = slice(max(position - 4, 0), position + 8)
+    keep = slice(max(position - 2, 0), position + 4)
     cut = copy.copy(item)
     cut["image"] = item["image"][keep]
     cut["slices"] = item["slices"][keep]
