@@ -298,14 +298,14 @@ class GlanceTask(BaseTask):
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
-    def _log_stage(self, stage: str) -> None:
+    def stage_values(self, stage: str) -> dict[str, torch.Tensor]:
+        """The epoch's segmentation, FROC and operating-point values of ``stage`` (metrics not reset)."""
         metrics = self.metrics_for(stage)
         values: dict[str, torch.Tensor] = {}
         seg = metrics["seg"]
         if seg.update_called:
-            scores = seg.compute()
             names = {"sensitivity": "seg_sensitivity", "precision": "seg_precision"}
-            values.update({f"{stage}/{names.get(k, k)}": v for k, v in scores.items()})
+            values.update({f"{stage}/{names.get(k, k)}": v for k, v in seg.compute().items()})
         if metrics["froc"].update_called:
             values.update({f"{stage}/{k}": v for k, v in metrics["froc"].compute().items()})
             counts = metrics["operating"].compute_result().counts
@@ -322,9 +322,13 @@ class GlanceTask(BaseTask):
                     f"{stage}/fp_per_scan": torch.tensor(fp / max(counts.n_scans, 1)),
                 }
             )
+        return {k: v.float() for k, v in values.items()}
+
+    def _log_stage(self, stage: str) -> None:
+        values = self.stage_values(stage)
         if values:
-            self.log_dict({k: v.float() for k, v in values.items()}, sync_dist=False)
-        metrics.reset()
+            self.log_dict(values, sync_dist=False)
+        self.metrics_for(stage).reset()
 
     def on_validation_epoch_end(self) -> None:
         self._log_stage("val")

@@ -103,7 +103,9 @@ def _item() -> dict:
 def test_voxel_to_world_follows_the_direction_matrix() -> None:
     volume = CTVolume(np.zeros(SHAPE, np.int16), (0.7, 0.8, 2.5), ORIGIN, np.asarray(DIRECTION).reshape(3, 3))
     points = np.array([[0.0, 0.0, 0.0], [3.5, 10.25, 60.0]])
-    assert np.allclose(voxel_to_world(points, ORIGIN, (0.7, 0.8, 2.5), DIRECTION), volume.voxel_to_world(points))
+    assert np.allclose(
+        voxel_to_world(points, ORIGIN, (0.7, 0.8, 2.5), DIRECTION), volume.voxel_to_world(points)
+    )
 
 
 def test_find_peaks_threshold_topk_and_plateau_nms() -> None:
@@ -150,7 +152,9 @@ def test_mask_filter_keeps_the_nodule_and_drops_the_vessel() -> None:
 def test_single_head_variants() -> None:
     seg, heat = _scan_outputs()
     seg_only = predict_scan(ReplayModel(seg, None), _item(), InferenceConfig())
-    assert len(seg_only.candidates) == 1 and seg_only.candidates.probability[0] == pytest.approx(0.95, abs=1e-3)
+    assert len(seg_only.candidates) == 1 and seg_only.candidates.probability[0] == pytest.approx(
+        0.95, abs=1e-3
+    )
     det_only = predict_scan(ReplayModel(None, heat), _item(), InferenceConfig())
     assert det_only.probability is None and det_only.mask() is None
     assert len(det_only.candidates) == 2
@@ -199,3 +203,41 @@ def test_bad_inference_settings_are_rejected() -> None:
         InferenceConfig(nms_kernel=4)
     with pytest.raises(ValueError, match="threshold"):
         InferenceConfig(seg_threshold=1.0)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.8])
+def test_task_metrics_match_common_metrics(threshold: float) -> None:
+    from common.metrics.detection import operating_point
+    from common.metrics.froc import evaluate_froc, match_candidates
+    from lungseg.task import GlanceTask
+
+    seg, heat = _scan_outputs()
+    item = _item()
+    zz, yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    item["labels"] = (
+        ((zz - NODULE[0]) ** 2 + (yy - NODULE[1]) ** 2 + (xx - NODULE[2]) ** 2) < RADIUS**2
+    ).astype(np.uint16)
+    task = GlanceTask(image_size=SHAPE[1], filter_by_mask=False, operating_threshold=threshold)
+    task.model = ReplayModel(seg, heat)
+    task.eval()
+    task.validation_step([item], 0)
+    values = task.stage_values("val")
+
+    pred = predict_scan(ReplayModel(seg, heat), item, InferenceConfig(), filter_by_mask=False)
+    nodules = item["nodules"].numpy()
+    args = (
+        np.zeros(len(pred.candidates), int), pred.candidates.world_xyz, pred.candidates.probability,
+        np.zeros(1, int), nodules[:, :3], nodules[:, 3], np.ones(1, bool), 1,
+    )  # fmt: skip
+    entries, _ = match_candidates(*args)
+    expected = operating_point(entries, threshold)
+    assert float(values["val/precision"]) == pytest.approx(expected.precision)
+    assert float(values["val/recall"]) == pytest.approx(expected.recall)
+    assert float(values["val/f1"]) == pytest.approx(expected.f1)
+    assert float(values["val/fp"]) == pytest.approx(expected.fp_column, abs=1e-4)
+    assert float(values["val/cpm"]) == pytest.approx(evaluate_froc(*args).cpm)
+    # One reference nodule, scored in its box: Dice of the thresholded probability against the labels.
+    predicted, reference = seg > 0.5, item["labels"] > 0
+    dice = 2 * (predicted & reference).sum() / (predicted.sum() + reference.sum())
+    assert float(values["val/dice"]) == pytest.approx(dice, abs=1e-6) and dice > 0.9
+    assert float(values["val/hd95"]) >= 0.0
