@@ -97,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FILE",
-        help="config layered after each row's; CMD:FILE (e.g. lungseg:small.yaml) for one command's runs only",
+        help="config layered after each row's; PREFIX:FILE only for runs of command PREFIX or of a config named PREFIX",
     )
     render.add_argument("--out", type=Path, help="folder for NAME.md and NAME.csv (default: <runs>/tables)")
     render.add_argument(

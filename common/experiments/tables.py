@@ -233,20 +233,25 @@ class Prerequisite:
         strict: bool = True,
     ) -> list[str]:
         argv = [*package_command(self.command), self.stage]
-        for config in (*self.config, *configs_for(self.command, extra_configs)):
+        for config in (*self.config, *configs_for(self.command, extra_configs, self.config)):
             argv += ["--config", str(resolve_path(config))]
         overrides = [fill_placeholders(o, runs_dir, None, strict) for o in (*self.overrides, *extra_args)]
         return [*argv, *overrides, f"--run_name={self.name}", f"--trainer.default_root_dir={runs_dir}"]
 
 
-def configs_for(command: str, extra_configs: Sequence[str]) -> list[str]:
-    """The extra configs that apply to runs of `command`: plain paths apply to every run, `lungseg:FILE`
-    only to lungseg runs (a table such as GLANCE Table 3 mixes commands whose settings differ)."""
+def configs_for(command: str, extra_configs: Sequence[str], run_configs: Sequence[str] = ()) -> list[str]:
+    """The extra configs that apply to one run.
+
+    A plain path applies to every run. `PREFIX:FILE` applies only where PREFIX is the run's command
+    (`lungseg:small.yaml`) or the stem of one of the run's configs (`mppn_luna16:small_mppn.yaml`): a table
+    such as GLANCE Table 3 mixes commands and tasks whose settings differ.
+    """
+    stems = {Path(c).stem for c in run_configs}
     out = []
     for entry in extra_configs:
         prefix, sep, path = str(entry).partition(":")
-        if sep and prefix in PACKAGE_COMMANDS:
-            if prefix == command:
+        if sep and prefix and "/" not in prefix and not Path(str(entry)).exists():
+            if prefix == command or prefix in stems:
                 out.append(path)
         else:
             out.append(str(entry))
@@ -308,7 +313,7 @@ class RunPlan:
     ) -> list[str]:
         """The command line of one stage of this run (`strict` False: unknown checkpoints as placeholders)."""
         argv = [*package_command(self.command), stage]
-        for config in (*self.configs, *configs_for(self.command, extra_configs)):
+        for config in (*self.configs, *configs_for(self.command, extra_configs, self.configs)):
             argv += ["--config", str(resolve_path(config))]
         overrides = [
             fill_placeholders(o, runs_dir, self.fold, strict) for o in (*self.overrides, *extra_args)
@@ -993,7 +998,9 @@ def check_plans_data(
         if not p.function
     ]
     for context, command, configs, overrides in checks:
-        config = merged_config([*configs, *configs_for(command, extra_configs)], [*overrides, *extra_args])
+        config = merged_config(
+            [*configs, *configs_for(command, extra_configs, configs)], [*overrides, *extra_args]
+        )
         try:
             check_dataset_roots(dataset_roots(config), context)
         except FileNotFoundError as err:
@@ -1128,7 +1135,7 @@ def render_table(
         run_missing: launch the runs without a finished evaluation stage; False only reads.
         rows: restrict running to these rows (the rendered table always has every row).
         extra_configs: config files layered after each row's (e.g. a small-scale demo override);
-            `lungseg:FILE` applies to that command's runs only.
+            `PREFIX:FILE` applies only to runs of command PREFIX or built from a config named PREFIX.
         extra_args: overrides appended to every command.
         timeout: seconds per launched command.
         echo: progress printer.

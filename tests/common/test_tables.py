@@ -409,6 +409,9 @@ def test_extra_configs_can_target_one_command():
     extra = ["all.yaml", "lungseg:seg.yaml", "lungdet:det.yaml"]
     assert tables_module.configs_for("lungseg", extra) == ["all.yaml", "seg.yaml"]
     assert tables_module.configs_for("lungcls", extra) == ["all.yaml"]
+    by_config = ["mppn_luna16:small.yaml"]
+    assert tables_module.configs_for("lungdet", by_config, ["configs/mppn_luna16.yaml"]) == ["small.yaml"]
+    assert tables_module.configs_for("lungdet", by_config, ["configs/claf_luna16.yaml"]) == []
 
 
 def _print_config(package: str, argv: list[str]) -> tuple[int, str]:
@@ -445,3 +448,16 @@ def test_every_run_a_table_launches_parses_with_its_cli(name, tmp_path, monkeypa
     for package, argv in commands:
         code, err = _print_config(package, argv)
         assert code == 0, f"{name}: `{package} {' '.join(argv)}` does not parse:\n{err[-2000:]}"
+
+
+def test_a_row_can_point_at_a_finished_runs_metrics_file(tmp_path):
+    report = tmp_path / "elsewhere" / "test_metrics.json"
+    report.parent.mkdir()
+    report.write_text(json.dumps({"stage": "test", "metrics": {"acc": {"value": 0.9, "std": 0.02}}}))
+    data = __import__("yaml").safe_load(BASIC)
+    data["rows"][1]["metrics"] = str(report)
+    spec = parse_table(data)
+    assert missing_plans(spec, tmp_path / "runs", ["b"]) == [], "a row with a metrics file runs nothing"
+    row = collect(spec, tmp_path / "runs").rows[1]
+    assert row.cells["acc"].mean == pytest.approx(90.0) and row.cells["acc"].spread == pytest.approx(2.0)
+    assert row.status == "partial" and row.cells["auc"].runs_present == 1
