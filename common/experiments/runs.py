@@ -54,7 +54,8 @@ def read_metrics_csv(path: str | Path, goal: str = "last") -> dict[str, float]:
         goal: "last" — the last non-empty value (the run's summary); "maximize" / "minimize" — the best.
 
     Returns:
-        key → value; NaN entries count as empty. `epoch` and `step` are left out.
+        key → value; a NaN entry gives way to any numeric one, and a key logged only as NaN reads NaN.
+        `epoch` and `step` are left out.
     """
     path = Path(path)
     if goal not in ("last", "maximize", "minimize"):
@@ -65,11 +66,14 @@ def read_metrics_csv(path: str | Path, goal: str = "last") -> dict[str, float]:
             if reader.fieldnames is None:
                 raise RunError(f"{path}: empty metrics file (no header); the run logged nothing — rerun it")
             values: dict[str, float] = {}
+            logged_nan: set[str] = set()
             for row in reader:
                 for key, text in row.items():
                     if key in (None, "epoch", "step"):
                         continue
                     value = _as_float(text)
+                    if value is not None and math.isnan(value):
+                        logged_nan.add(key)
                     if value is None or math.isnan(value):
                         continue
                     if goal == "last" or key not in values:
@@ -82,6 +86,8 @@ def read_metrics_csv(path: str | Path, goal: str = "last") -> dict[str, float]:
         raise RunError(f"{path}: cannot read metrics ({err})") from err
     except csv.Error as err:
         raise RunError(f"{path}: not a CSV metrics file ({err})") from err
+    for key in logged_nan - set(values):
+        values[key] = math.nan  # logged, but never a number (e.g. a recall over no nodules)
     return values
 
 

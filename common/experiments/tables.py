@@ -718,6 +718,7 @@ class Cell:
     std: float | None
     paper: float | None
     paper_std: float | None
+    nan_runs: int = 0
 
     @property
     def mean(self) -> float | None:
@@ -777,13 +778,14 @@ def collect(spec: TableSpec, runs_dir: str | Path) -> TableResult:
         fold_values: dict[str, dict[Any, float]] = {}
         for column in spec.columns:
             mine = [p for p in plans if p.part == column.part] if column.metric else []
-            values, present, std = [], 0, None
+            values, present, std, nans = [], 0, None, 0
             per_fold: dict[Any, float] = {}
             for plan in mine:
                 metrics, exists = fetched[(plan.part, plan.fold)]
                 present += int(exists)
                 key = row.metric_key(column)
                 value = metrics.get(key) if key else None
+                nans += int(value is not None and math.isnan(value))
                 if value is not None and not math.isnan(value):
                     values.append(value * column.scale)
                     per_fold[plan.fold] = value * column.scale
@@ -797,6 +799,7 @@ def collect(spec: TableSpec, runs_dir: str | Path) -> TableResult:
                 std,
                 row.published.get(column.name),
                 row.published_std.get(column.name),
+                nans,
             )
         if row.reference:
             status = "published only"
@@ -835,10 +838,13 @@ def _fmt(value: float | None, digits: int) -> str:
 
 
 def format_ours(cell: Cell, column: ColumnSpec, reference: bool) -> str:
-    """Our side of a cell: the value (± spread, k/n folds when partial), "not run" or "not logged"."""
+    """Our side of a cell: the value (± spread, k/n folds when partial), "not run", "not logged", or "nan"
+    when the run logged NaN (e.g. a recall over a test set without nodules)."""
     if reference or not column.metric or cell.expected == 0:
         return NO_VALUE
     if not cell.values:
+        if cell.nan_runs:
+            return "nan"
         return NOT_RUN if cell.runs_present == 0 else NOT_LOGGED
     text = _fmt(cell.mean, column.digits)
     spread = cell.spread

@@ -10,6 +10,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -231,8 +232,11 @@ def test_include_takes_a_package_run_table_and_detects_cycles(tmp_path):
 # ---------------------------------------------------------------------------------------- run reading
 def test_metrics_csv_summary_and_best(tmp_path):
     path = tmp_path / "metrics.csv"
-    path.write_text("epoch,step,val/cpm,train/loss\n0,1,0.5,\n0,2,,0.9\n1,3,0.7,\n2,4,0.6,nan\n")
-    assert read_metrics_csv(path) == {"val/cpm": 0.6, "train/loss": 0.9}
+    path.write_text(
+        "epoch,step,val/cpm,train/loss,val/recall\n0,1,0.5,,nan\n0,2,,0.9,\n1,3,0.7,,\n2,4,0.6,nan,\n"
+    )
+    values = read_metrics_csv(path)
+    assert values["val/cpm"] == 0.6 and values["train/loss"] == 0.9 and math.isnan(values["val/recall"])
     assert read_metrics_csv(path, "maximize")["val/cpm"] == 0.7
     assert read_metrics_csv(path, "minimize")["val/cpm"] == 0.5
 
@@ -461,3 +465,10 @@ def test_a_row_can_point_at_a_finished_runs_metrics_file(tmp_path):
     row = collect(spec, tmp_path / "runs").rows[1]
     assert row.cells["acc"].mean == pytest.approx(90.0) and row.cells["acc"].spread == pytest.approx(2.0)
     assert row.status == "partial" and row.cells["auc"].runs_present == 1
+
+
+def test_a_metric_logged_as_nan_reads_nan_not_missing(tmp_path):
+    spec = parse_table(__import__("yaml").safe_load(BASIC))
+    fake_run(tmp_path, "demo-a", "test", {"test/acc": math.nan, "test/roc_auc": 0.7})
+    md = render_markdown(collect(spec, tmp_path))
+    assert "| Model A | partial | nan / 80.0 ± 1.5 | 70.0 / 70.5 |" in md
