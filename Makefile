@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
+export PYTHONUTF8 := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-slow lint format bench clean-venv
