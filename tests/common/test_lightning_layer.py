@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,8 @@ from torchmetrics.classification import BinaryAccuracy
 
 from common.lightning import BaseTask, EnvWandbLogger, default_loggers, wandb_mode
 from common.lightning.cli import LungCLI
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class ToyTask(BaseTask):
@@ -132,12 +137,23 @@ trainer:
     return config
 
 
-def test_cli_fit_writes_run_folder_with_config_csv_and_offline_wandb(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
+def test_cli_fit_writes_run_folder_with_config_csv_and_offline_wandb(tmp_path):
+    # A fresh process: wandb keeps process-wide state, so an earlier test's run must not decide this one's.
     config = _write_config(tmp_path)
-    cli = LungCLI(ToyTask, ToyData, package="toy", args=["fit", "--config", str(config)])
-    run_dir = Path(cli.trainer.log_dir)
+    code = (
+        "from common.lightning.cli import LungCLI\n"
+        "from tests.common.test_lightning_layer import ToyData, ToyTask\n"
+        f"cli = LungCLI(ToyTask, ToyData, package='toy', args=['fit', '--config', {str(config)!r}])\n"
+        "print('LOG_DIR=' + cli.trainer.log_dir)\n"
+        "print('LR=' + str(cli.model.hparams.lr))\n"
+    )
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    run_dir = Path(lines["LOG_DIR"])
     assert run_dir.parent.name == "toy_experiment", "run folder is named after the config file"
     saved = (run_dir / "config.yaml").read_text()
     assert "batch_size: 4" in saved, "interpolation is resolved in the saved config"
@@ -147,7 +163,7 @@ def test_cli_fit_writes_run_folder_with_config_csv_and_offline_wandb(tmp_path, m
     assert "val/acc" in metrics and "train/acc" in metrics and "val/loss" in metrics
     wandb_dirs = list((tmp_path / "runs" / "toy_experiment" / "wandb").glob("offline-run-*"))
     assert wandb_dirs, "wandb ran offline with no network"
-    assert cli.model.hparams.lr == 0.01
+    assert float(lines["LR"]) == 0.01
 
 
 def test_cli_print_config(tmp_path, capsys):
