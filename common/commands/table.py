@@ -4,7 +4,7 @@
     lungdata table render glance_table3                        # runs what is missing under runs/, then renders
     lungdata table render glance_table3 --from-runs runs/      # only reads finished runs
     lungdata table render claf_table9 --dry-run                # prints the commands it would run
-    lungdata table render glance_table7 --rows lambda_0.2 -- --trainer.max_epochs=5   # overrides after `--`
+    lungdata table render glance_table7 --rows lambda_0.2 --override trainer.max_epochs=5   # on every run
 
 Tables are the files of `configs/tables/` (schema: `common.experiments.tables`). The markdown is printed and
 written with the CSV to `--out` (default `<runs>/tables/`).
@@ -28,6 +28,14 @@ from common.experiments.tables import (
 )
 
 
+def _override(text: str) -> str:
+    """`trainer.max_epochs=5` → `--trainer.max_epochs=5` (a leading `--` is accepted too)."""
+    key, sep, _ = text.removeprefix("--").partition("=")
+    if not sep or not key:
+        raise ValueError(f"--override {text!r}: write KEY=VALUE, e.g. trainer.max_epochs=5")
+    return "--" + text.removeprefix("--")
+
+
 def _list(args: argparse.Namespace) -> int:
     for spec in list_tables():
         ours = sum(1 for r in spec.rows if not r.reference)
@@ -36,11 +44,11 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    overrides = [a for a in (args.overrides or []) if a != "--"]
+    overrides = [_override(a) for a in args.override]
     if args.from_runs is not None:
         if overrides or args.extra_config or args.rows:
             raise ValueError(
-                "--from-runs only reads finished runs; --rows, --extra-config and overrides run things"
+                "--from-runs only reads finished runs; --rows, --extra-config and --override run things"
             )
         runs_dir = args.from_runs
         if not runs_dir.is_dir():
@@ -104,7 +112,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the commands of the missing runs and stop"
     )
     render.add_argument("--timeout", type=float, help="seconds per launched command")
-    render.add_argument("overrides", nargs="*", help="after `--`: overrides appended to every command")
+    render.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="CLI setting appended to every command, e.g. trainer.max_epochs=5 (repeatable)",
+    )
     render.set_defaults(func=_render)
     return parser
 

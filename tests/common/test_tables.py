@@ -472,3 +472,29 @@ def test_a_metric_logged_as_nan_reads_nan_not_missing(tmp_path):
     fake_run(tmp_path, "demo-a", "test", {"test/acc": math.nan, "test/roc_auc": 0.7})
     md = render_markdown(collect(spec, tmp_path))
     assert "| Model A | partial | nan / 80.0 ± 1.5 | 70.0 / 70.5 |" in md
+
+
+def test_lungdata_table_render_passes_overrides_to_every_run(tmp_path, monkeypatch, capsys):
+    from common.cli import main
+
+    monkeypatch.chdir(REPO)
+    argv = [
+        "table",
+        "render",
+        "glance_table7",
+        "--dry-run",
+        "--runs-dir",
+        str(tmp_path),
+        "--rows",
+        "lambda_0.2",
+    ]
+    assert (
+        main([*argv, "--override", "trainer.max_epochs=5", "--override=--data.init_args.batch_size=2"]) == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(
+        "--trainer.max_epochs=5 --data.init_args.batch_size=2 --run_name=" in x for x in lines
+    )
+    assert " validate " in lines[1]
+    assert main([*argv, "--override", "trainer.max_epochs"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
