@@ -66,16 +66,38 @@ def m3net_datamodule(root: Path, cache: Path) -> NodulePatchDataModule:
 
 
 def train_m3net(
-    data_root: Path, work: Path, stage1_epochs: int = 12, stage2_epochs: int = 8
+    data_root: Path,
+    work: Path,
+    stage1_epochs: int = 10,
+    stage2_epochs: int = 6,
+    backbones: dict[int, dict] | None = None,
+    lr: float = 1e-3,
+    cache: Path | None = None,
 ) -> dict[str, float]:
-    """Stage 1 per scale, then stage 2; test ROC-AUC of each on the held-out patients."""
-    datamodule = m3net_datamodule(data_root, work / "cache")
+    """Stage 1 per scale, then stage 2; test ROC-AUC of each on the held-out patients.
+
+    Args:
+        data_root: the LIDC tree.
+        work: folder for the cache and checkpoints.
+        stage1_epochs / stage2_epochs: training length.
+        backbones: scale → backbone spec replacing the "tiny" preset's.
+        lr: stage-1 learning rate (stage 2 uses 0.3 × lr).
+        cache: patch cache folder (default `work/cache`).
+    """
+    datamodule = m3net_datamodule(data_root, cache or work / "cache")
+    backbones = backbones or {}
     aucs: dict[str, float] = {}
     checkpoints = {}
     for scale in (32, 64, 96):
         seed_everything(scale)
         task = ScaleTask(
-            scale=scale, preset="tiny", in_slices=DEPTH, lr=1e-3, weight_decay=1e-4, n_bootstrap=200
+            scale=scale,
+            preset="tiny",
+            backbone=backbones.get(scale),
+            in_slices=DEPTH,
+            lr=lr,
+            weight_decay=1e-4,
+            n_bootstrap=200,
         )
         trainer = _trainer(work / f"s{scale}", stage1_epochs)
         trainer.fit(task, datamodule=datamodule)
@@ -86,11 +108,12 @@ def train_m3net(
     seed_everything(0)
     task = M3NetTask(
         preset="tiny",
+        backbones=backbones or None,
         in_slices=DEPTH,
         stage1_checkpoints=checkpoints,
         freeze="lower",
         frozen_groups=2,
-        lr=3e-4,
+        lr=0.3 * lr,
         weight_decay=1e-4,
         n_bootstrap=200,
     )
