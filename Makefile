@@ -10,7 +10,7 @@ export PYTHONHASHSEED := 0
 export PYTHONUTF8 := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow lint format bench clean-venv
+.PHONY: help install demo test test-slow lint format bench clean-venv
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install the toolkit with pinned versions (constraints.txt)
+
+demo: $(STAMP) ## synthetic LUNA16 -> CLAF stage 1 + MPPN on CPU -> official FROC; prints the report folder
+	$(PY) -m lungdet.demo --out demo_out
 
 test: $(STAMP) ## run the default test suite (CPU, a few minutes)
 	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile
