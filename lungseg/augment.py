@@ -149,7 +149,7 @@ class SliceAugment:
         """Warp one sample.
 
         Args:
-            image: (H, W) float32 working image.
+            image: (H, W) or (H, W, C) float32 working image (C: 2.5D context channels).
             mask: (H, W) uint8 nodule mask.
             centers_yx: nodule cross-section centres (y, x) in working pixels.
             diameters: their diameters in working pixels.

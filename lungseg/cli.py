@@ -13,7 +13,7 @@ Sub-commands::
 omegaconf interpolation, run folder with the resolved config, CSV + wandb logging, seed 0). A second
 ``--config`` layers a table row over a dataset config: ``configs/glance/<row>.yaml`` only sets
 ``model.init_args.variant`` (and, for Table 7, the λdet preset), so ablations need no code edits.
-``data.init_args.image_size`` is linked to ``model.init_args.image_size``.
+``data.init_args.image_size`` and ``context_slices`` are linked to the same ``model.init_args``.
 
 ``complexity`` prints the parameter / FLOP report of :mod:`lungseg.complexity` per component (stem, GCT,
 MRGAM, CSCF, PRD, heads) for the model the configs describe (variant + ``model_overrides``), at
@@ -51,6 +51,7 @@ class GlanceCLI(LungCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
+        parser.link_arguments("data.init_args.context_slices", "model.init_args.context_slices")
 
     def _parse_ckpt_path(self) -> None:
         from lungseg.task import RUN_SETTINGS
@@ -97,6 +98,9 @@ def model_from_configs(paths: Sequence[str | Path]) -> tuple[str, dict[str, Any]
     size = data_args.get("image_size", model_args.get("image_size"))
     if size is not None:
         overrides.setdefault("img_size", int(size))
+    context = int(data_args.get("context_slices", model_args.get("context_slices", 0)) or 0)
+    if context:
+        overrides.setdefault("in_channels", 2 * context + 1)
     return str(model_args.get("variant", "full")), overrides
 
 

@@ -134,6 +134,11 @@ class ScanView:
         )
         return window(hu, lo, hi)
 
+    def image_stack(self, z: int, lo: float, hi: float, context: int = 0, step: int = 1) -> np.ndarray:
+        """Slices ``z − context·step … z + context·step`` (clamped to the scan) as channels: (2·context+1, S, S)."""
+        zs = np.clip(z + step * np.arange(-context, context + 1), 0, self.shape[0] - 1)
+        return np.stack([self.image_slice(int(k), lo, hi) for k in zs])
+
     def mask_slice(self, z: int) -> np.ndarray:
         """Nodule mask of slice ``z`` at the working size (uint8 0/1; zeros without masks)."""
         if not self.has_mask:
@@ -165,6 +170,7 @@ class GlanceSliceDataset(Dataset):
         augment: the augmentation, or ``None``.
         heatmap_sigma_scale, min_heatmap_sigma: Gaussian σ = max(min, scale · diameter) in working pixels.
         slices: ``"lung"`` (slices with lung ± margin, plus every nodule slice) or ``"all"``.
+        context_slices, context_step: 2.5D input, see :class:`GlanceDataModule`.
     """
 
     def __init__(
@@ -175,9 +181,12 @@ class GlanceSliceDataset(Dataset):
         heatmap_sigma_scale: float = 1.0 / 6.0,
         min_heatmap_sigma: float = 1.0,
         slices: str = "lung",
+        context_slices: int = 0,
+        context_step: int = 1,
     ) -> None:
         self.views = list(views)
         self.window = (float(window_hu[0]), float(window_hu[1]))
+        self.context = (int(context_slices), int(context_step))
         self.augment = augment
         self.sigma_scale = heatmap_sigma_scale
         self.min_sigma = min_heatmap_sigma
@@ -202,19 +211,20 @@ class GlanceSliceDataset(Dataset):
         """Sample ``i``; ``seed`` fixes the augmentation (default: drawn from torch's generator)."""
         s, z, _ = (int(v) for v in self.index[i])
         view = self.views[s]
-        image = view.image_slice(z, *self.window)
+        image = view.image_stack(z, *self.window, *self.context).transpose(1, 2, 0)  # (S, S, C)
         mask = view.mask_slice(z)
         centres, diameters = view.centres(z)
         if self.augment is not None:
             if seed is None:
                 seed = int(torch.randint(0, 2**31 - 1, ()).item())
             image, mask, centres, diameters = self.augment(image, mask, centres, diameters, seed)
+        image = image.reshape(image.shape[0], image.shape[1], -1)
         size = image.shape[0]
         heatmap = gaussian_center_heatmap(
             (size, size), centres, diameters, sigma_scale=self.sigma_scale, min_sigma=self.min_sigma
         )
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)),
             "mask": torch.from_numpy(mask.astype(np.float32))[None],
             "heatmap": torch.from_numpy(heatmap)[None],
             "has_mask": torch.tensor(view.has_mask),
@@ -238,16 +248,23 @@ class GlanceScanDataset(Dataset):
         views: the part's scans.
         window_hu: lung window.
         slices: ``"lung"`` (slices with lung ± margin; all when the lung mask is empty) or ``"all"``.
+        context_slices, context_step: 2.5D input, see :class:`GlanceDataModule`.
     """
 
     collate_fn = staticmethod(collate_scans)
 
     def __init__(
-        self, views: Sequence[ScanView], window_hu: tuple[float, float] = GLANCE_WINDOW, slices: str = "lung"
+        self,
+        views: Sequence[ScanView],
+        window_hu: tuple[float, float] = GLANCE_WINDOW,
+        slices: str = "lung",
+        context_slices: int = 0,
+        context_step: int = 1,
     ) -> None:
         self.views = list(views)
         self.window = (float(window_hu[0]), float(window_hu[1]))
         self.slices = slices
+        self.context = (int(context_slices), int(context_step))
 
     def __len__(self) -> int:
         return len(self.views)
@@ -255,11 +272,13 @@ class GlanceScanDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         view = self.views[i]
         zs = np.arange(view.shape[0]) if self.slices == "all" else view.lung_slices
-        stack = np.stack([view.image_slice(int(z), *self.window) for z in zs]).astype(np.float16)
+        stack = np.stack([view.image_stack(int(z), *self.window, *self.context) for z in zs]).astype(
+            np.float16
+        )
         entry = view.entry
         return {
             "uid": view.uid,
-            "image": torch.from_numpy(stack)[:, None],
+            "image": torch.from_numpy(stack),
             "slices": torch.from_numpy(np.asarray(zs, dtype=np.int64)),
             "box": view.box.as_tuple(),
             "image_size": view.image_size,
@@ -296,6 +315,10 @@ class GlanceDataModule(CacheDataModule):
         rotation_deg, scale_range, elastic, elastic_sigma, elastic_displacement, p_affine, p_elastic:
             see :class:`lungseg.augment.SliceAugment`.
         eval_batch_size: scans per validation/test/predict batch.
+        context_slices: 2.5D input: ``k`` neighbouring slices on each side become extra input channels
+            (``2k + 1`` in all; linked to the task's ``context_slices``). 0 — the paper's single slice — by
+            default.
+        context_step: cache slices between two context channels (at 1 mm: the context reaches ±k·step mm).
     """
 
     def __init__(
@@ -334,6 +357,8 @@ class GlanceDataModule(CacheDataModule):
         p_affine: float = 0.8,
         p_elastic: float = 0.3,
         eval_batch_size: int = 1,
+        context_slices: int = 0,
+        context_step: int = 1,
     ) -> None:
         super().__init__(
             dataset=dataset,
@@ -383,6 +408,12 @@ class GlanceDataModule(CacheDataModule):
             "p_elastic": p_elastic,
         }
         self.eval_batch_size = eval_batch_size
+        if context_slices < 0 or context_step < 1:
+            raise ValueError(
+                f"context_slices must be >= 0 and context_step >= 1, got {context_slices}, {context_step}"
+            )
+        self.context_slices = context_slices
+        self.context_step = context_step
 
     @property
     def has_masks(self) -> bool:
@@ -410,9 +441,16 @@ class GlanceDataModule(CacheDataModule):
         if part == "train":
             augment = SliceAugment(self.image_size, **self.augment_kwargs) if self.augment else None
             return GlanceSliceDataset(
-                views, self.window_hu, augment, self.heatmap_sigma_scale, self.min_heatmap_sigma, self.slices
+                views,
+                self.window_hu,
+                augment,
+                self.heatmap_sigma_scale,
+                self.min_heatmap_sigma,
+                self.slices,
+                self.context_slices,
+                self.context_step,
             )
-        return GlanceScanDataset(views, self.window_hu, self.slices)
+        return GlanceScanDataset(views, self.window_hu, self.slices, self.context_slices, self.context_step)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]

@@ -100,6 +100,7 @@ class GlanceTask(BaseTask):
             ``gradient_checkpointing`` …).
         loss_overrides: ``GlanceLoss`` keyword arguments that win over the preset (``lambda_det`` …).
         image_size: working size; sets the GCT positional-embedding grid (must equal the datamodule's).
+        context_slices: 2.5D input, ``2k + 1`` channels (must equal the datamodule's; linked by the CLI).
         optimizer, lr, weight_decay, scheduler, t0, step_size, gamma, monitor: see ``BaseTask``.
         peak_threshold, nms_kernel, nms_radius_mm, max_peaks_per_slice, seg_threshold, mask_filter_radius,
             heatmap_sigma_scale, merge_distance_mm, merge_gap, min_slices, max_candidates, slice_batch_size:
@@ -121,6 +122,7 @@ class GlanceTask(BaseTask):
         model_overrides: dict[str, Any] | None = None,
         loss_overrides: dict[str, Any] | None = None,
         image_size: int = 512,
+        context_slices: int = 0,
         optimizer: str = "adamw",
         lr: float = 1e-4,
         weight_decay: float = 0.05,
@@ -152,6 +154,7 @@ class GlanceTask(BaseTask):
         self.model_overrides = dict(model_overrides or {})
         self.loss_overrides = dict(loss_overrides or {})
         self.image_size = image_size
+        self.context_slices = context_slices
         self.with_hd95 = with_hd95
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"mask_format={mask_format!r}: choose one of {sorted(MASK_FORMATS)}")
@@ -194,7 +197,11 @@ class GlanceTask(BaseTask):
 
     # ------------------------------------------------------------------ configure_* hooks
     def configure_models(self) -> None:
-        config = {"img_size": self.image_size, **self.model_overrides}
+        config = {
+            "img_size": self.image_size,
+            "in_channels": 2 * self.context_slices + 1,
+            **self.model_overrides,
+        }
         self.model = build_glance(self.variant.name, **config)
 
     def configure_losses(self) -> None:

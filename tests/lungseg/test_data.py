@@ -123,6 +123,24 @@ def test_scan_items_carry_geometry_and_labels(fit_datamodule) -> None:
     assert item["nodules"].shape[1] == 4 and len(item["direction"]) == 9
 
 
+def test_context_slices_become_channels(lidc_root, lidc_cache) -> None:
+    dm = make_datamodule(lidc_root, lidc_cache, context_slices=1, context_step=2, augment=True)
+    dm.setup("fit")
+    dataset = dm.datasets["train"]
+    i = int(np.flatnonzero(dataset.nodule_slices)[0])
+    sample = dataset.sample(i, seed=3)
+    assert sample["image"].shape == (3, SIZE, SIZE) and sample["mask"].shape == (1, SIZE, SIZE)
+    view = dataset.views[int(dataset.index[i, 0])]
+    z = int(dataset.index[i, 1])
+    stack = view.image_stack(z, -1000.0, 400.0, 1, 2)
+    assert np.array_equal(stack[1], view.image_slice(z, -1000.0, 400.0))
+    assert np.array_equal(stack[2], view.image_slice(min(z + 2, view.shape[0] - 1), -1000.0, 400.0))
+    edge = view.image_stack(0, -1000.0, 400.0, 1, 2)
+    assert np.array_equal(edge[0], edge[1]), "context is clamped at the first slice"
+    item = dm.datasets["val"][0]
+    assert item["image"].shape[1] == 3
+
+
 def test_detection_only_mode_has_heatmaps_but_no_masks(lidc_root, lidc_cache) -> None:
     dm = make_datamodule(lidc_root, lidc_cache, masks="none", augment=False)
     assert not dm.has_masks
