@@ -213,3 +213,24 @@ def test_augmentation_is_seeded() -> None:
     first = augment(image, mask, [(30.0, 30.0)], [12.0], 123)
     again = augment(image, mask, [(30.0, 30.0)], [12.0], 123)
     assert np.array_equal(first[0], again[0]) and first[2] == again[2]
+
+
+def test_lndb_masks_come_from_the_reader_segmentations(tmp_path) -> None:
+    from common.synth.lndb import make_lndb
+
+    make_lndb(tmp_path / "lndb", n_scans=1, seed=0)
+    dm = GlanceDataModule(
+        dataset="lndb", root=str(tmp_path / "lndb"), cache_dir=str(tmp_path / "cache"), image_size=SIZE
+    )
+    assert dm.has_masks
+    dm.prepare_data()
+    cache = PreprocessedCache(tmp_path / "cache")
+    store = NoduleMaskStore(cache)
+    (uid,) = cache.uids
+    labels, label_of = store.load(uid)
+    voxels = store.meta(uid)["voxels"]
+    segmented = [n for n in cache.entry(uid)["nodules"] if voxels[n["nodule_id"]] > 0]
+    assert segmented, "the synthetic LNDb scan has segmented nodules"
+    for nodule in segmented:
+        zyx = tuple(np.round(nodule["voxel_zyx"]).astype(int))
+        assert labels[zyx] == label_of[nodule["nodule_id"]]

@@ -74,3 +74,26 @@ def test_row_config_trains_and_validates(config: Path, small_config: Path, train
     else:
         assert not metrics["seg"].update_called
     metrics.reset()
+
+
+@pytest.mark.parametrize(
+    "name, dataset, masks, split",
+    [
+        ("glance_lidc", "lidc", True, "ratio"),
+        ("glance_lndb", "lndb", True, "ratio"),
+        ("glance_luna16", "luna16", False, "luna16_subsets"),
+        ("glance_tianchi", "tianchi", False, "ratio"),
+    ],
+)
+def test_dataset_configs_parse(name: str, dataset: str, masks: bool, split: str, tmp_path) -> None:
+    cli = GlanceCLI(
+        GlanceTask,
+        GlanceDataModule,
+        args=["--config", str(REPO / "configs" / f"{name}.yaml"), f"--trainer.default_root_dir={tmp_path}"],
+        run=False,
+    )
+    dm, task = cli.datamodule, cli.model
+    assert dm.dataset_name == dataset and dm.has_masks == masks and dm.split_kind == split
+    assert dm.image_size == task.image_size == 512 and dm.batch_size == 8
+    assert task.hparams.lr == 1e-4 and task.hparams.weight_decay == 0.05 and task.hparams.t0 == 20
+    assert task.variant.name == "full"
