@@ -188,7 +188,7 @@ class _DetectionTaskMixin:
 
     def _write_test_outputs(self, result: FROCResult | None, name: str, kind: str = "") -> None:
         rows = self._gather_rows(_key("test", kind))
-        if self.trainer.global_rank != 0 or (kind and not rows):
+        if self.trainer.global_rank != 0 or (kind and result is None and not rows):
             return
         run = self._run_dir()
         suffix = f"_{kind}" if kind else ""

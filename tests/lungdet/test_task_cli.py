@@ -27,7 +27,17 @@ def _overlay(tmp_path: Path, tree: Path, cache: Path, stage: int, **data) -> str
     model = (
         {"width": 4, "head_channels": 8, "block_size": 64, "overlap": 0.5, "sw_batch_size": 2}
         if stage == 1
-        else {"width": 2, "chunk_size": 128}
+        else {
+            "width": 2,
+            "chunk_size": 128,
+            # an untrained stage 1 scores ~0.01 everywhere: threshold 0 keeps its 5 best per scan
+            "stage1_inference": {
+                "block_size": 64,
+                "overlap": 0.5,
+                "score_threshold": 0.0,
+                "max_candidates": 5,
+            },
+        }
     )
     config = {
         "model": {"init_args": model},
@@ -147,7 +157,14 @@ def test_mppn_config_fit_test_and_two_stage_predict(
     cli = main(["test", *base, "--data.init_args.eval_candidates", "stage1"])
     assert {"test/cpm", "test/sens@0.55", "test/stage1_cpm"} <= set(_metrics(cli).columns)
     assert (Path(cli.trainer.log_dir) / "test_results.csv").is_file()
-    assert (Path(cli.trainer.log_dir) / "test_results_stage1.csv").is_file()
+    stage1_rows = pd.read_csv(Path(cli.trainer.log_dir) / "test_results_stage1.csv")
+    final_rows = pd.read_csv(Path(cli.trainer.log_dir) / "test_results.csv")
+    assert len(final_rows) == len(stage1_rows) == 5 * len(cli.datamodule.uids["test"])
+    assert (
+        (final_rows[["coordX", "coordY", "coordZ"]] == stage1_rows[["coordX", "coordY", "coordZ"]])
+        .all()
+        .all()
+    )
 
     # predict on a folder of new scans: no LUNA16 root needed, results CSV of the two-stage pipeline
     monkeypatch.delenv("LUNA16_ROOT", raising=False)
@@ -158,7 +175,7 @@ def test_mppn_config_fit_test_and_two_stage_predict(
     main(["predict", *base, *data, "--model.init_args.results_csv", str(out)])
     results = pd.read_csv(out)
     assert list(results.columns) == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
-    assert set(results["seriesuid"]) <= {p.stem for p in folder.glob("*.mhd")}
+    assert set(results["seriesuid"]) == {p.stem for p in folder.glob("*.mhd")} and len(results) == 5
     assert results["probability"].between(0, 1).all()
 
 
