@@ -263,6 +263,15 @@ class RunMetrics:
         return self.values.get(key)
 
 
+def has_finished(run_dir: str | Path, stage: str) -> bool:
+    """Whether a run has a version of `stage` — by its run_info.json, or, for a folder without one (copied
+    from elsewhere), by having logged metrics. A crashed run whose version holds neither does not count."""
+    for version in run_versions(run_dir):
+        if version.stage == stage or (version.stage is None and version.metrics_path.is_file()):
+            return True
+    return False
+
+
 def collect_run_metrics(
     runs_dir: str | Path, run_name: str, keys: Iterable[str], stage: str | None = None
 ) -> RunMetrics:
@@ -362,6 +371,7 @@ __all__ = [
     "collect_run_metrics",
     "find_checkpoint",
     "froc_operating_points",
+    "has_finished",
     "metrics_from_file",
     "read_metrics_csv",
     "read_metrics_file",

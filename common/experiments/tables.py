@@ -69,6 +69,7 @@ from common.experiments.runs import (
     RunMetrics,
     collect_run_metrics,
     find_checkpoint,
+    has_finished,
     metrics_from_file,
     run_versions,
 )
@@ -760,7 +761,7 @@ def _run_metrics(plan: RunPlan, runs_dir: Path, keys: list[str]) -> tuple[RunMet
         path = resolve_path(plan.metrics_file)
         return metrics_from_file(path, keys), True
     metrics = collect_run_metrics(runs_dir, plan.run_name, keys, stage=plan.eval_stage)
-    exists = any(v.stage in (None, plan.eval_stage) for v in run_versions(runs_dir / plan.run_name))
+    exists = has_finished(runs_dir / plan.run_name, plan.eval_stage)
     return metrics, exists
 
 
@@ -966,7 +967,7 @@ def missing_plans(spec: TableSpec, runs_dir: str | Path, rows: Sequence[str] | N
         for plan in spec.plans(row):
             if plan.metrics_file:
                 continue
-            if any(v.stage in (None, plan.eval_stage) for v in run_versions(runs_dir / plan.run_name)):
+            if has_finished(runs_dir / plan.run_name, plan.eval_stage):
                 continue
             out.append(plan)
     return out

@@ -498,3 +498,10 @@ def test_lungdata_table_render_passes_overrides_to_every_run(tmp_path, monkeypat
     assert " validate " in lines[1]
     assert main([*argv, "--override", "trainer.max_epochs"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_a_crashed_run_is_not_a_finished_one(tmp_path):
+    spec = parse_table(__import__("yaml").safe_load(BASIC))
+    (tmp_path / "demo-a" / "version_0").mkdir(parents=True)  # crashed before logging or saving its config
+    assert [p.row for p in missing_plans(spec, tmp_path, ["a"])] == ["a"]
+    assert collect(spec, tmp_path).rows[0].status == NOT_RUN
