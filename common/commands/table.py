@@ -13,6 +13,7 @@ written with the CSV to `--out` (default `<runs>/tables/`).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from common.experiments.tables import (
@@ -45,6 +46,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _render(args: argparse.Namespace) -> int:
     overrides = [_override(a) for a in args.override]
+    failures: list[str] = []
     if args.from_runs is not None:
         if overrides or args.extra_config or args.rows:
             raise ValueError(
@@ -67,19 +69,22 @@ def _render(args: argparse.Namespace) -> int:
         return 0
     else:
         runs_dir = args.runs_dir
-        result = render_table(
+        result, failures = render_table(
             args.name,
             runs_dir,
             rows=args.rows,
             extra_configs=args.extra_config,
             extra_args=overrides,
             timeout=args.timeout,
+            keep_going=not args.stop_on_error,
         )
     out = args.out if args.out is not None else Path(runs_dir) / "tables"
     md, csv_path = write_outputs(result, out)
     print(render_markdown(result))
     print(f"lungdata table: wrote {md} and {csv_path}")
-    return 0
+    for failure in failures:
+        print(f"lungdata table: failed: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -112,6 +117,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the commands of the missing runs and stop"
     )
     render.add_argument("--timeout", type=float, help="seconds per launched command")
+    render.add_argument(
+        "--stop-on-error", action="store_true", help="stop at the first failed run (default: run the others)"
+    )
     render.add_argument(
         "--override",
         action="append",

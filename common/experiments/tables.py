@@ -49,6 +49,7 @@ import re
 import shlex
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -1132,8 +1133,9 @@ def render_table(
     extra_configs: Sequence[str] = (),
     extra_args: Sequence[str] = (),
     timeout: float | None = None,
+    keep_going: bool = True,
     echo: Callable[[str], None] = print,
-) -> TableResult:
+) -> tuple[TableResult, list[str]]:
     """Load a table, run its missing rows (unless `run_missing` is False) and collect the numbers.
 
     Args:
@@ -1145,18 +1147,42 @@ def render_table(
             `PREFIX:FILE` applies only to runs of command PREFIX or built from a config named PREFIX.
         extra_args: overrides appended to every command.
         timeout: seconds per launched command.
+        keep_going: a failing run is reported and the others still run (a table of many long runs should
+            not lose the rest to one crash); False stops at the first failure.
         echo: progress printer.
+
+    Returns:
+        The collected table and one message per failed run (empty when every run succeeded).
     """
     spec = load_table(name_or_path)
+    failures: list[str] = []
     if run_missing:
         plans = missing_plans(spec, runs_dir, rows)
         prerequisites = missing_prerequisites(spec, plans, runs_dir)
         check_plans_data(plans, extra_configs, extra_args, prerequisites)
-        for prerequisite in prerequisites:
-            execute_prerequisite(prerequisite, runs_dir, extra_configs, extra_args, timeout, echo)
-        for plan in plans:
-            execute_plan(plan, runs_dir, extra_configs, extra_args, timeout, echo)
-    return collect(spec, runs_dir)
+        steps: list[tuple[str, Callable[[], None]]] = [
+            (
+                f"prerequisite {p.name} ({p.stage})",
+                partial(execute_prerequisite, p, runs_dir, extra_configs, extra_args, timeout, echo),
+            )
+            for p in prerequisites
+        ]
+        steps += [
+            (
+                f"{p.table} row {p.row!r} ({p.run_name})",
+                partial(execute_plan, p, runs_dir, extra_configs, extra_args, timeout, echo),
+            )
+            for p in plans
+        ]
+        for what, step in steps:
+            try:
+                step()
+            except (RuntimeError, FileNotFoundError, ValueError) as err:
+                if not keep_going:
+                    raise
+                failures.append(f"{what}: {err}")
+                echo(f"FAILED {what} (continuing): {str(err).splitlines()[0]}")
+    return collect(spec, runs_dir), failures
 
 
 __all__ = [

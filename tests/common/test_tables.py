@@ -505,3 +505,20 @@ def test_a_crashed_run_is_not_a_finished_one(tmp_path):
     (tmp_path / "demo-a" / "version_0").mkdir(parents=True)  # crashed before logging or saving its config
     assert [p.row for p in missing_plans(spec, tmp_path, ["a"])] == ["a"]
     assert collect(spec, tmp_path).rows[0].status == NOT_RUN
+
+
+def test_a_failed_run_does_not_stop_the_table(tmp_path, monkeypatch):
+    def failing_launch(argv, log, env=None, cwd=None, timeout=None, check=True):
+        name = next(a.split("=", 1)[1] for a in argv if a.startswith("--run_name="))
+        if name == "demo-a":
+            raise RuntimeError("command failed with exit status 1")
+        fake_run(tmp_path, name, argv[3], {"test/acc": 0.7}, ckpts=["best.ckpt"] if argv[3] == "fit" else ())
+
+    monkeypatch.setattr(tables_module, "launch", failing_launch)
+    monkeypatch.setattr(tables_module, "check_plans_data", lambda *a, **k: None)
+    path = write_table(tmp_path, BASIC.replace("configs/x.yaml", "configs/m3net_lidc.yaml"))
+    result, failures = tables_module.render_table(path, tmp_path, echo=lambda _: None)
+    assert len(failures) == 1 and "row 'a'" in failures[0]
+    assert [r.status for r in result.rows] == [NOT_RUN, "partial", "published only"]
+    with pytest.raises(RuntimeError):
+        tables_module.render_table(path, tmp_path / "again", keep_going=False, echo=lambda _: None)
