@@ -10,7 +10,7 @@ export PYTHONHASHSEED := 0
 export PYTHONUTF8 := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow lint format bench clean-venv
+.PHONY: help install demo reproduce-table3 test test-slow lint format bench clean-venv
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -25,6 +25,20 @@ install: $(STAMP) ## create .venv and install the toolkit with pinned versions (
 
 demo: $(STAMP) ## synthetic LUNA16 -> CLAF stage 1 + MPPN on CPU -> official FROC; prints the report folder
 	$(PY) -m lungdet.demo --out demo_out
+
+reproduce-table3: $(STAMP) ## GLANCE Table 3 for GLANCE + CLAF from LUNA16_ROOT / TIANCHI_ROOT; DATA=demo: synthetic stand-ins
+ifeq ($(DATA),demo)
+	@mkdir -p demo_out/table3
+	cd demo_out/table3 \
+	  && (test -d luna16 || ../../$(PY) -m common.cli synth luna16 --out luna16 --scans 12 --size small --subsets 5) \
+	  && (test -d tianchi || ../../$(PY) -m common.cli synth tianchi --out tianchi --scans 12 --size small) \
+	  && LUNA16_ROOT=luna16 TIANCHI_ROOT=tianchi ../../$(PY) -m common.cli table render glance_table3 --runs-dir runs \
+	       --extra-config lungseg:configs/demo/table3_glance_small.yaml \
+	       --extra-config claf_luna16:configs/demo/claf_demo.yaml \
+	       --extra-config mppn_luna16:configs/demo/mppn_demo.yaml
+else
+	$(PY) -m common.cli table render glance_table3
+endif
 
 test: $(STAMP) ## run the default test suite (CPU, a few minutes)
 	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile
