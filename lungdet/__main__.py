@@ -1,5 +1,7 @@
 """`python -m lungdet …` is the `lungdet` command."""
 
+import sys
+
 from lungdet.cli import main
 
-main()
+sys.exit(main())

@@ -13,20 +13,33 @@ Everything else (run folders, saved configs, loggers, seeding) comes from ``comm
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.cli import ArgsType
 
 from common.lightning.cli import LungCLI
 from common.lightning.datamodule import CacheDataModule
 from common.lightning.task import BaseTask
 
+__all__ = ["main", "run_cli"]
 
-def main(args: ArgsType = None, run: bool = True) -> LungCLI:
-    """Run the `lungdet` command (``args`` instead of ``sys.argv`` for tests and the demo)."""
-    import lungdet.data  # noqa: F401  (registers the datamodules for short class names)
+
+def run_cli(args: ArgsType = None, run: bool = True) -> LungCLI:
+    """Run `lungdet` with ``args`` (default ``sys.argv``) and return the CLI: its trainer, model, datamodule.
+
+    Tests and ``lungdet.demo`` call this in-process to read checkpoints, run folders and splits afterwards.
+    """
+    import lungdet.data  # noqa: F401  (imports the task and datamodule classes the configs name)
     import lungdet.task  # noqa: F401
 
     return LungCLI(BaseTask, CacheDataModule, package="lungdet", args=args, run=run)
 
 
+def main(args: ArgsType = None) -> int:
+    """Entry point of the ``lungdet`` console script."""
+    run_cli(args)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

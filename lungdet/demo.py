@@ -64,9 +64,9 @@ def _synth(tree: Path, scans: int, seed: int) -> None:
 
 
 def _lungdet(args: list[str]):
-    from lungdet.cli import main
+    from lungdet.cli import run_cli
 
-    return main(args)
+    return run_cli(args)
 
 
 def _evaluate(tree: Path, results: Path, seriesuids: Path, bootstrap: int):
@@ -241,6 +241,8 @@ def run_demo(
         run = Path(cli.trainer.log_dir)
         shutil.copy(run / "test_results.csv", report / "results.csv")
         shutil.copy(run / "test_results_stage1.csv", report / "results_stage1_same_candidates.csv")
+        if (run / "test_results_mppn.csv").is_file():
+            shutil.copy(run / "test_results_mppn.csv", report / "results_mppn_alone.csv")
 
     from common.metrics.figures import plot_froc
 
@@ -254,8 +256,12 @@ def run_demo(
             "stage 1 scores, stage-2 candidates": _evaluate(
                 tree, report / "results_stage1_same_candidates.csv", seriesuids, bootstrap
             ),
-            "stage 1 + MPPN (CLAF)": _evaluate(tree, report / "results.csv", seriesuids, bootstrap),
         }
+        if (report / "results_mppn_alone.csv").is_file():
+            evaluated["MPPN alone, stage-2 candidates"] = _evaluate(
+                tree, report / "results_mppn_alone.csv", seriesuids, bootstrap
+            )
+        evaluated["stage 1 + MPPN (CLAF)"] = _evaluate(tree, report / "results.csv", seriesuids, bootstrap)
         rows = [_row(name, result) for name, result in evaluated.items()]
         final = evaluated["stage 1 + MPPN (CLAF)"]
         plot_froc(final, report / "froc.png", label="CLAF stage 1 + MPPN")
@@ -281,6 +287,10 @@ def run_demo(
         f"**CPM {final.cpm:.3f}; sensitivity at {FP_RATE:g} FP/scan "
         f"{rows[-1][f'sens@{FP_RATE:g}']:.3f}** (stage 1 + MPPN; the paper reports CPM 0.878 and 0.900 at 0.55 "
         "FP/scan on real LUNA16 — synthetic phantoms are not comparable, this run shows the pipeline works).",
+        "",
+        "Rows: stage 1 alone (its 100 best candidates per scan); the stage-1 scores and the MPPN probabilities "
+        "of the candidates stage 2 re-scores (the 32 best of stage 1 per scan); the final score of "
+        "`configs/demo/mppn_demo.yaml` (mean of both, see its header).",
         "",
         "Files: `results.csv` (LUNA16 results format), `results_stage1.csv`, `froc.png`, `froc_stage1.png`, "
         "`froc.json`, `froc_table.csv`, `candidates/*.png` (green: annotation, yellow: candidate), "

@@ -20,8 +20,9 @@
     ``stage1_checkpoint`` run on the scan; MPPN probability per candidate, optionally fused with the
     stage-1 score (``stage1_weight``); logs AUC and accuracy over labelled candidates, the FROC of the
     re-scored candidates and sensitivity at 0.55 FP/scan, and — when the candidates carry stage-1 scores —
-    the same FROC numbers for the stage-1 scores of the same candidates (``<stage>/stage1_cpm``, …), so one
-    run shows what stage 2 adds; test writes ``test_results.csv`` and ``test_results_stage1.csv``.
+    the same FROC numbers for the stage-1 scores of the same candidates (``<stage>/stage1_cpm``, …) and,
+    when the scores are fused, for the MPPN alone (``<stage>/mppn_cpm``, …), so one run shows what each
+    stage adds; test writes ``test_results.csv``, ``test_results_stage1.csv`` (and ``_mppn``).
     predict writes the two-stage ``results.csv``.
 
 Reproducibility: before every training batch the global torch/numpy/python generators are reseeded from
@@ -109,11 +110,12 @@ def _reseed_for_batch(epoch: int, batch_idx: int) -> None:
 class _DetectionTaskMixin:
     """FROC bookkeeping shared by both stages: per-stage metrics, per-scan rows, epoch-end logging, files.
 
-    Scores come in *kinds*: ``""`` for a task's own output and ``"stage1"`` for the stage-1 scores of the
-    same candidates (``FPRTask`` records both, so a test run shows what the MPPN adds on identical marks).
+    Scores come in *kinds*: ``""`` for a task's final output, ``"stage1"`` for the stage-1 scores of the
+    same candidates and ``"mppn"`` for the MPPN probability alone when it is fused with them (``FPRTask``
+    records all it has, so a test run shows what each stage contributes on identical marks).
     """
 
-    _KINDS = ("", "stage1")
+    _KINDS = ("", "stage1", "mppn")
 
     def _init_detection_state(self) -> None:
         self.froc = nn.ModuleDict(
@@ -571,6 +573,8 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
                 continue
             if stage1 is not None and not bool(torch.isnan(stage1).any()):
                 self._record_scan(stage, scan, world, stage1, kind="stage1")
+                if self.stage1_weight > 0:
+                    self._record_scan(stage, scan, world, p, kind="mppn")
             if "labels" in scan:
                 labels, ignore = scan["labels"], scan["ignore"].to(torch.bool)
             else:  # stage-1 candidates: label them with the same LUNA16 hit rule as the datamodule
@@ -606,11 +610,15 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
         self._log_classification("val")
         self._log_froc("val")
         self._log_froc("val", "stage1")
+        if self.stage1_weight > 0:
+            self._log_froc("val", "mppn")
 
     def on_test_epoch_end(self) -> None:
         self._log_classification("test")
         self._write_test_outputs(self._log_froc("test"), "CLAF stage 1 + MPPN")
         self._write_test_outputs(self._log_froc("test", "stage1"), "CLAF stage 1 (same candidates)", "stage1")
+        if self.stage1_weight > 0:
+            self._write_test_outputs(self._log_froc("test", "mppn"), "MPPN alone (same candidates)", "mppn")
 
     def on_predict_epoch_end(self) -> None:
         self._write_predictions()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from lungdet.cli import main
+from lungdet.cli import run_cli as main
 
 REPO = Path(__file__).resolve().parents[2]
 CLAF = str(REPO / "configs" / "claf_luna16.yaml")

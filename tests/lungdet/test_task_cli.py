@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from lungdet.cli import main
+from lungdet.cli import run_cli as main
 from lungdet.task import CandidateTask, FPRTask
 
 REPO = Path(__file__).resolve().parents[2]
