@@ -14,7 +14,7 @@ What runs (every step is the `lungdet` command a user would type, called in-proc
 6. a report folder: ``README.md`` (FROC table, CPM, sensitivity at 0.55 FP/scan, timings), ``froc.png`` and
    ``froc_stage1.png``, ``results.csv`` (LUNA16 format), ``froc.json``, candidate overlays and Grad-CAM PNGs.
 
-``python -m lungdet.demo [--out demo] [--scans 20] [--seed 0]``; ``--stage1 "ARGS"`` / ``--stage2 "ARGS"``
+``python -m lungdet.demo [--out demo_out] [--scans 20] [--seed 0]``; ``--stage1 "ARGS"`` / ``--stage2 "ARGS"``
 are appended to the stage's ``lungdet`` command lines (e.g. ``--stage1 "--trainer.max_epochs 2"``).
 """
 
@@ -172,7 +172,7 @@ def _figures(
 
 
 def run_demo(
-    out: str | Path = "demo",
+    out: str | Path = "demo_out",
     scans: int = 20,
     seed: int = 0,
     stage1_args: Sequence[str] = (),
@@ -314,7 +314,7 @@ def run_demo(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="demo", help="working folder (default: demo/)")
+    parser.add_argument("--out", default="demo_out", help="working folder (default: demo_out/)")
     parser.add_argument("--scans", type=int, default=20, help="synthetic scans (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic-data seed")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples of the evaluation")
