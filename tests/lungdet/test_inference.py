@@ -145,3 +145,32 @@ def test_results_csv_is_what_the_official_evaluation_reads(luna_tree, luna_cache
     assert result.counts.sensitivity == 1.0 and result.cpm == pytest.approx(1.0)
     with pytest.raises(ValueError, match="missing"):
         write_results_csv(pd.DataFrame({"seriesuid": ["a"]}), tmp_path / "x.csv")
+
+
+def test_gradcam_of_one_candidate_is_written_as_png(luna_cache, tmp_path):
+    from lungdet.gradcam import ObjectnessScore, gradcam_for_candidate, save_gradcam_png
+
+    torch.manual_seed(0)
+    net = build_candidate_net("ascrm", width=2, head_channels=8).eval()
+    reader = ScanReader(luna_cache)
+    uid = luna_cache.uids[0]
+    nodule = luna_cache.entry(uid)["nodules"][0]
+    image = torch.from_numpy(reader.whole(uid))
+    crop, cam, centre = gradcam_for_candidate(
+        net, image, nodule["voxel_zyx"], crop_size=32, fill=fill_value()
+    )
+    assert crop.shape == cam.shape == (32, 32, 32)
+    assert cam.min() >= 0.0 and cam.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(centre, np.asarray(nodule["voxel_zyx"]) - (np.round(nodule["voxel_zyx"]) - 16))
+    # the explained score is the best anchor logit of the candidate's cell
+    x = torch.from_numpy(crop)[None, None]
+    coords = coordinate_maps(
+        torch.tensor([[0.0, 0.0, 0.0]]), (32, 32, 32), torch.tensor([[32.0, 32.0, 32.0]])
+    )
+    with torch.no_grad():
+        score = ObjectnessScore(net, (3, 4, 5))(x, coords)
+        assert torch.allclose(score[0, 0], net(x, coords)[0, 3, 4, 5, :, 0].max())
+    png = save_gradcam_png(crop, cam, tmp_path / "cam.png", centre, nodule["diameter_mm"], "test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="target_layer"):
+        gradcam_for_candidate(net, image, nodule["voxel_zyx"], crop_size=32, target_layer="nope")
