@@ -258,12 +258,13 @@ def score_candidates(
     Returns:
         (K,) probabilities on the image's device.
     """
-    centres = torch.as_tensor(centres_zyx).reshape(-1, 3)
+    centres = torch.as_tensor(centres_zyx).reshape(-1, 3).cpu()
     size = tuple(int(v) for v in getattr(mppn, "crop_sizes", ((32, 48, 48),))[0])
+    volume = image.detach().cpu()  # crops are cut on the CPU, then moved to the network's device
     out = []
     with torch.no_grad():
         for i in range(0, centres.shape[0], chunk_size):
-            crops = crop_candidates(image, centres[i : i + chunk_size].cpu(), size, pad_value=pad_value)
+            crops = crop_candidates(volume, centres[i : i + chunk_size], size, pad_value=pad_value)
             logits = mppn(crops.to(device=image.device, dtype=image.dtype))
             out.append(mppn.nodule_probability(logits))
     if not out:
