@@ -51,13 +51,13 @@ import albumentations as A
 import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch import LightningDataModule
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from common.datasets.base import Nodule, ScanDataset, ScanRecord
 from common.datasets.image_folders import ImageFolderIndex, ImageSample
 from common.datasets.registry import open_dataset, resolve_root
+from common.lightning.datamodule import PartLoaderDataModule
 from common.preprocess import GLANCE_WINDOW
 from common.splits import Split, SplitItem, ratio_split
 from lungcls.patches import AIR_HU, PatchCache, PatchSettings, context_for, nested_crops
@@ -225,7 +225,7 @@ def _root_digest(path: Path) -> str:
     return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
 
 
-class NodulePatchDataModule(LightningDataModule):
+class NodulePatchDataModule(PartLoaderDataModule):
     """Labelled nodules of a scan dataset as nested native-resolution crops (module docstring).
 
     Args:
@@ -265,6 +265,8 @@ class NodulePatchDataModule(LightningDataModule):
         lenient: skip unreadable scans and bad annotation rows instead of stopping.
         dataset_kwargs: extra adapter arguments (LIDC: source, database, outline, cluster_tol).
     """
+
+    drop_last_train = True  # a last training batch of one sample breaks BatchNorm
 
     def __init__(
         self,
@@ -537,30 +539,6 @@ class NodulePatchDataModule(LightningDataModule):
             return self.tables["predict"]
         return self.tables["test" if part == "predict" else part]
 
-    # ------------------------------------------------------------------------------------ loaders
-    def _loader(self, part: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.datasets[part],
-            batch_size=self.batch_size if part == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            # a last batch of one sample breaks BatchNorm training
-            drop_last=part == "train" and len(self.datasets[part]) > self.batch_size,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", shuffle=False)
-
 
 class FewShotPatchDataModule(NodulePatchDataModule):
     """Few-shot adaptation data (M³Net §4.3): target pairs to fine-tune on, source pairs replayed.
@@ -749,7 +727,7 @@ class PathologyImageDataset(Dataset):
         }
 
 
-class PathologyImageDataModule(LightningDataModule):
+class PathologyImageDataModule(PartLoaderDataModule):
     """The LDFC / spatio-temporal classification image folders (module docstring).
 
     Args:
@@ -770,6 +748,8 @@ class PathologyImageDataModule(LightningDataModule):
         lenient: an empty class folder is a warning, not an error.
         dataset_kwargs: extra adapter arguments.
     """
+
+    drop_last_train = True  # a last training batch of one sample breaks BatchNorm
 
     def __init__(
         self,
@@ -879,26 +859,3 @@ class PathologyImageDataModule(LightningDataModule):
                 "patient_id": [s.patient_id or "" for s in self.samples[part]],
             }
         )
-
-    def _loader(self, part: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.datasets[part],
-            batch_size=self.batch_size if part == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            # a last batch of one sample breaks BatchNorm training
-            drop_last=part == "train" and len(self.datasets[part]) > self.batch_size,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", shuffle=False)

@@ -9,6 +9,9 @@ chooses how one is made and it is saved beside the cache so every later run sees
 - "luna16_subsets": the ten official subsets as folds; `fold` is the test subset, the next one validation;
 - "claf_sixfold": the CLAF paper's six folds (seeded), same rotation;
 - "ratio": patient-level train/val/test by `ratios` (seeded).
+
+`PartLoaderDataModule` holds the loader hooks; datamodules that do not read this cache (the lungcls patch
+and image-folder modules) derive from it directly, so every package builds its loaders in one place.
 """
 
 from __future__ import annotations
@@ -32,7 +35,59 @@ SPLIT_KINDS = ("luna16_subsets", "claf_sixfold", "ratio")
 PARTS = ("train", "val", "test")
 
 
-class CacheDataModule(LightningDataModule, abc.ABC):
+class PartLoaderDataModule(LightningDataModule):
+    """The four loader hooks of Lightning over `self.datasets[part]`, written once for every datamodule.
+
+    A subclass fills `datasets` ("train", "val", "test", "predict") in `setup` and sets `batch_size` and
+    `num_workers`; the class attributes below tune the loaders without repeating them. Training shuffles,
+    the other parts keep their order (predictions are joined back to their rows by index).
+
+    Attributes:
+        eval_batch_size: batch size of val/test/predict; None uses `batch_size`.
+        drop_last_train: drop the last training batch when it is shorter than `batch_size` (and the part
+            holds more than one batch): a last batch of one sample breaks BatchNorm training.
+    """
+
+    datasets: dict[str, Dataset]
+    batch_size: int
+    num_workers: int
+    eval_batch_size: int | None = None
+    drop_last_train: bool = False
+
+    def part_batch_size(self, part: str) -> int:
+        """The batch size of `part`: `batch_size` for training, `eval_batch_size` (if set) otherwise."""
+        if part == "train" or self.eval_batch_size is None:
+            return self.batch_size
+        return self.eval_batch_size
+
+    def _loader(self, part: str, shuffle: bool, batch_size: int | None = None, collate_fn=None) -> DataLoader:
+        """A loader over one part; `collate_fn` defaults to the dataset's own `collate_fn`, if it has one."""
+        dataset = self.datasets[part]
+        batch_size = batch_size or self.part_batch_size(part)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_fn or getattr(dataset, "collate_fn", None),
+            drop_last=self.drop_last_train and part == "train" and len(dataset) > batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)
+
+
+class CacheDataModule(PartLoaderDataModule, abc.ABC):
     """Dataset → preprocessed cache → split → per-part datasets.
 
     Args:
@@ -179,26 +234,3 @@ class CacheDataModule(LightningDataModule, abc.ABC):
     @abc.abstractmethod
     def build_dataset(self, part: str, uids: list[str], cache: PreprocessedCache) -> Dataset:
         """The dataset of one part ("train", "val", "test" or "predict"); subclasses decide what a sample is."""
-
-    # ------------------------------------------------------------------ loaders
-    def _loader(self, part: str, shuffle: bool, batch_size: int | None = None, collate_fn=None) -> DataLoader:
-        return DataLoader(
-            self.datasets[part],
-            batch_size=batch_size or self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_fn or getattr(self.datasets[part], "collate_fn", None),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", shuffle=False)
