@@ -15,9 +15,12 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TMP_MARKER = ".tmp"
 
@@ -59,6 +62,26 @@ def write_text(path: str | Path, text: str, fsync: bool = False) -> Path:
 def write_json(path: str | Path, data: Any, indent: int = 1, fsync: bool = False) -> Path:
     """Write `data` as sorted, indented JSON (stable bytes for the same data) atomically."""
     return write_text(path, json.dumps(data, indent=indent, sort_keys=True) + "\n", fsync=fsync)
+
+
+def write_csv(
+    path: str | Path, frame: pd.DataFrame, index: bool = False, fsync: bool = False, **to_csv
+) -> Path:
+    """Write `frame` as a UTF-8 CSV atomically (the same bytes `frame.to_csv(path, ...)` writes).
+
+    Args:
+        path: the CSV file.
+        frame: the table.
+        index: write the row index as a first column (off: toolkit tables carry their keys as columns).
+        fsync: force the file to disk before the rename (for tables a manifest points at).
+        **to_csv: further `DataFrame.to_csv` options (`float_format`, `header`, ...).
+    """
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
+        frame.to_csv(handle, index=index, **to_csv)
+        if fsync:
+            handle.flush()
+            os.fsync(handle.fileno())
+    return Path(path)
 
 
 class _HashingWriter:

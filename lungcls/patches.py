@@ -44,7 +44,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -54,6 +53,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from common import atomic
 from common import io as ct_io
 from common.cache import PrepareSettings, input_fingerprint
 from common.datasets.base import Nodule, ScanRecord
@@ -231,16 +231,6 @@ def nested_crops(
         start = centre - extent // 2
         out[key] = block[tuple(slice(int(a), int(a + n)) for a, n in zip(start, extent))]
     return out
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
@@ -421,7 +411,7 @@ class PatchCache:
                         continue
                     block, offset = crop_block(array, centre, block_shape, settings.boundary)
                     file = f"{key}.npz"
-                    _atomic_write_bytes(self.root / PATCH_DIR / file, _npz_bytes(block=block))
+                    atomic.write_bytes(self.root / PATCH_DIR / file, _npz_bytes(block=block), fsync=True)
                     cached[key] = {
                         "file": file,
                         "world_xyz": [float(v) for v in nodule.world_xyz],
@@ -445,9 +435,7 @@ class PatchCache:
             scans.pop(uid)
         self._write_manifest(manifest)
         table = pd.DataFrame(rows, columns=list(NODULE_COLUMNS))
-        buffer = io.StringIO()
-        table.to_csv(buffer, index=False)
-        _atomic_write_bytes(self.table_path, buffer.getvalue().encode())
+        atomic.write_csv(self.table_path, table, fsync=True)
         self._table = None
         log.info(
             "nodule patches: %d nodules of %d scans (%d scans read) in %s",
@@ -459,4 +447,4 @@ class PatchCache:
         return table
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
-        _atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        atomic.write_json(self.manifest_path, manifest, fsync=True)

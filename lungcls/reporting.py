@@ -14,7 +14,6 @@ deviation beside it. A report is three files in the run folder:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from common import atomic
 from common.metrics.classification import (
     CLASSIFICATION_KEYS,
     bootstrap_classification_scores,
@@ -106,11 +106,8 @@ def write_classification_report(
         "metrics": scores,
         **(extra or {}),
     }
-    path = out / f"{stage}_metrics.json"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(document, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
-    prediction_table(probs, indices, table, labels).to_csv(out / f"{stage}_predictions.csv", index=False)
+    atomic.write_text(out / f"{stage}_metrics.json", json.dumps(document, indent=2))
+    atomic.write_csv(out / f"{stage}_predictions.csv", prediction_table(probs, indices, table, labels))
     cm = confusion_matrix(labels, probs.argmax(axis=1), num_classes)
     plot_confusion_matrix(cm, out / f"{stage}_confusion_matrix.png", class_names)
     return scores

@@ -26,7 +26,6 @@ that ``lungdata evaluate-froc`` and the official script read.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
+from common import atomic
 from lungdet.anchors import anchor_grid
 from lungdet.data import geometry_of
 from lungdet.models import coordinate_maps, crop_candidates
@@ -292,7 +292,7 @@ def results_frame(rows: Iterable[tuple[str, float, float, float, float]]) -> pd.
 def write_results_csv(
     rows: Iterable[tuple[str, float, float, float, float]] | pd.DataFrame, path: str | Path
 ) -> Path:
-    """Write a LUNA16 results CSV atomically (temporary file + rename).
+    """Write a LUNA16 results CSV atomically (`common.atomic`).
 
     Args:
         rows: (seriesuid, coordX, coordY, coordZ, probability) rows, or a frame with those columns.
@@ -305,9 +305,4 @@ def write_results_csv(
     missing = [c for c in RESULT_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"results need columns {RESULT_COLUMNS}; missing {missing}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame[list(RESULT_COLUMNS)].to_csv(tmp, index=False, float_format="%.6f")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_csv(path, frame[list(RESULT_COLUMNS)], float_format="%.6f")

@@ -21,7 +21,7 @@ earlier ones where two touch.
 
 Rebuilding: the JSON stores a fingerprint of the cache entry (its input fingerprint and shape), the
 dataset, the agreement level, :data:`MASK_VERSION` and the nodule list, so an unchanged scan is skipped and
-a changed one rebuilt. Files are written atomically (temporary file + ``os.replace``), the JSON last, so an
+a changed one rebuilt. Files are written atomically (``common.atomic``), the JSON last, so an
 interrupted build never leaves a label volume that looks finished.
 """
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 import scipy.ndimage as ndi
 
+from common import atomic
 from common.cache import PreprocessedCache
 from common.datasets.base import ScanDataset, ScanRecord
 
@@ -101,23 +101,6 @@ def transfer_box_mask(
     if not out.any():
         return None
     return out, (int(lo[0]), int(lo[1]), int(lo[2]))
-
-
-def _save_atomic(path: Path, array: np.ndarray | None = None, text: str | None = None) -> None:
-    """Write an ``.npy`` array or a text file through a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            if array is not None:
-                np.save(fh, array, allow_pickle=False)
-            else:
-                fh.write((text or "").encode())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class NoduleMaskStore:
@@ -205,9 +188,9 @@ class NoduleMaskStore:
                 counts["skipped"] += 1
                 continue
             labels, table = self._labels(adapter, dataset, record, entry, strict)
-            _save_atomic(self.root / f"{record.uid}.npy", array=labels)
+            atomic.save_npy(self.root / f"{record.uid}.npy", labels, fsync=True)
             body = {"fingerprint": fingerprint, "level": self.level, "dataset": dataset, **table}
-            _save_atomic(self.root / f"{record.uid}.json", text=json.dumps(body))
+            atomic.write_text(self.root / f"{record.uid}.json", json.dumps(body), fsync=True)
             counts["built"] += 1
         log.info(
             "GLANCE nodule masks in %s: %d built, %d up to date",
