@@ -29,7 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import atomic
-from common.synth.pathology_tree import write_bmp, write_voc_annotation
+from common.synth.pathology_tree import (
+    csv_text,
+    scan_entry,
+    scan_volume,
+    start_tree,
+    write_class_images,
+    write_voc_slices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,23 +98,9 @@ def make_ldfc(
     """
     from common.io import write_mhd
     from common.synth.manifest import manifest, write_manifest
-    from common.synth.pathology import (
-        balanced_labels,
-        class_decks,
-        generate_patient,
-        held_out_patients,
-        ldfc_class,
-        window_to_uint8,
-    )
-    from common.synth.pathology_tree import csv_text, scan_entry, scan_volume
-    from common.synth.scan import default_bank
+    from common.synth.pathology import balanced_labels, generate_patient, held_out_patients, ldfc_class
 
-    if n_scans < 1:
-        raise ValueError(f"--scans must be at least 1, got {n_scans}")
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    bank = bank if bank is not None else default_bank()
-    decks = class_decks(bank, ldfc_class, CLASSES, size, seed)
+    root, bank, decks = start_tree(out, n_scans, bank, ldfc_class, CLASSES, size, seed)
     test = set(held_out_patients(n_scans, TEST_FRACTION, math.ceil(len(CLASSES) / nodules_per_scan)))
     labels = balanced_labels(CLASSES, n_scans, nodules_per_scan, sorted(test))
 
@@ -131,9 +124,7 @@ def make_ldfc(
         )
         image_path = root / "MHD_3D" / f"{number}.mhd"
         write_mhd(scan_volume(scan), image_path)
-        geo = scan.geometry
-        slices: dict[int, list] = {}
-        for k, nodule in enumerate(scan.nodules):
+        for nodule in scan.nodules:
             lo, hi = nodule.bbox_lo, nodule.bbox_hi
             centre_zyx = [(a + b) / 2.0 for a, b in zip(lo, hi)]
             world = scan_volume(scan).voxel_to_world(centre_zyx)[0]
@@ -154,25 +145,10 @@ def make_ldfc(
             world_rows.append(
                 (number, *map(_fmt, world), _fmt(nodule.diameter_mm), _fmt(nodule.diameter_mm / 2))
             )
-            z = int(round(nodule.voxel_zyx[0]))
-            name = f"{number}_{z}_{k}"
-            write_bmp(
-                root / "BMP_classification" / part / str(nodule.label) / f"{name}.bmp",
-                window_to_uint8(scan.image[z]),
-            )
-            class_counts[part][str(nodule.label)] += 1
-            slices.setdefault(z, [])
-            n_nodules += 1
-        for z in sorted(slices):
-            boxes = [b for n in scan.nodules if (b := n.slice_box(z)) is not None]
-            name = f"{number}_{z}"
-            pixels = window_to_uint8(scan.image[z])
-            write_bmp(root / "BMP_2D" / "Image" / f"{name}.bmp", pixels)
-            write_voc_annotation(
-                root / "BMP_2D" / "Annotations" / f"{name}.xml", "Image", f"{name}.bmp", pixels.shape, boxes
-            )
-            voc_lists[part].append(name)
-        entry = scan_entry(scan, geo)
+        n_nodules += len(scan.nodules)
+        slices = write_class_images(scan, root / "BMP_classification" / part, class_counts[part])
+        voc_lists[part] += write_voc_slices(scan, slices, root / "BMP_2D", "Image", ".bmp")
+        entry = scan_entry(scan, scan.geometry)
         entry.update({"part": part, "files": {"image": image_path.relative_to(root).as_posix()}})
         entries.append(entry)
         log.debug("synthetic LDFC scan %d/%d written", p + 1, n_scans)

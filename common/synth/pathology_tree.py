@@ -1,4 +1,4 @@
-"""Small writers shared by the LDFC and spatio-temporal stand-ins: CSV text, BMP/JPEG slices, VOC XML.
+"""What the LDFC and spatio-temporal stand-ins share: their start, CSV text, BMP/JPEG slices, VOC XML.
 
 Kept free of heavy imports so `lungdata synth --help` stays fast; the generators import the phantom code
 only when they run.
@@ -9,13 +9,91 @@ from __future__ import annotations
 import csv
 import io
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from common import atomic
+
+
+def start_tree(
+    out: str | Path,
+    n_scans: int,
+    bank,
+    class_rule: Callable[[Any], int],
+    classes: Sequence[int],
+    size: str,
+    seed: int,
+) -> tuple[Path, Any, dict[int, list]]:
+    """Check the scan count, create `out` and deal the class decks: the common start of both generators.
+
+    Returns:
+        The root folder, the shape bank (`bank`, or the process-wide default) and the per-class decks
+        (`common.synth.pathology.class_decks` under `class_rule`).
+    """
+    from common.synth.pathology import class_decks
+    from common.synth.scan import default_bank
+
+    if n_scans < 1:
+        raise ValueError(f"--scans must be at least 1, got {n_scans}")
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    bank = bank if bank is not None else default_bank()
+    return root, bank, class_decks(bank, class_rule, classes, size, seed)
+
+
+def write_class_images(scan, folder: Path, counts: dict[str, int]) -> set[int]:
+    """Write the axial slice through each nodule of `scan` to ``folder/<label>/<uid>_<slice>_<k>.bmp``.
+
+    Args:
+        scan: a `PathologyScan`.
+        folder: the part's class-folder root (``BMP_classification/train``, ``class_dataset/validate``).
+        counts: images per class label (text), updated in place.
+
+    Returns:
+        The slices that hold a nodule centre (the 2D detection images to write).
+    """
+    from common.synth.pathology import window_to_uint8
+
+    slices = set()
+    for k, nodule in enumerate(scan.nodules):
+        z = int(round(nodule.voxel_zyx[0]))
+        write_bmp(folder / str(nodule.label) / f"{scan.uid}_{z}_{k}.bmp", window_to_uint8(scan.image[z]))
+        counts[str(nodule.label)] += 1
+        slices.add(z)
+    return slices
+
+
+def write_voc_slices(
+    scan, slices: Iterable[int], voc_root: Path, image_folder: str, suffix: str
+) -> list[str]:
+    """Write each slice as a VOC image ``<uid>_<slice><suffix>`` in `image_folder` with its XML annotation.
+
+    Args:
+        scan: a `PathologyScan`.
+        slices: the slice indices to write (in sorted order).
+        voc_root: the VOC tree (holding `image_folder` and ``Annotations``).
+        image_folder: ``Image`` (LDFC) or ``JPEGImages`` (spatio-temporal).
+        suffix: ``.bmp`` or ``.jpg``.
+
+    Returns:
+        The image ids written, for the ImageSets lists.
+    """
+    from common.synth.pathology import window_to_uint8
+
+    names = []
+    for z in sorted(slices):
+        boxes = [b for n in scan.nodules if (b := n.slice_box(z)) is not None]
+        name = f"{scan.uid}_{z}"
+        pixels = window_to_uint8(scan.image[z])
+        write_bmp(voc_root / image_folder / f"{name}{suffix}", pixels)
+        write_voc_annotation(
+            voc_root / "Annotations" / f"{name}.xml", image_folder, f"{name}{suffix}", pixels.shape, boxes
+        )
+        names.append(name)
+    return names
 
 
 def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import atomic
-from common.synth.pathology_tree import csv_text, write_bmp, write_voc_annotation
+from common.synth.pathology_tree import (
+    csv_text,
+    scan_entry,
+    scan_volume,
+    start_tree,
+    write_class_images,
+    write_voc_slices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +100,9 @@ def make_spatiotemporal(
     """
     from common.io import write_mhd
     from common.synth.manifest import manifest, write_manifest
-    from common.synth.pathology import (
-        balanced_labels,
-        class_decks,
-        generate_patient,
-        held_out_patients,
-        stpd_class,
-        window_to_uint8,
-    )
-    from common.synth.pathology_tree import scan_entry, scan_volume
-    from common.synth.scan import default_bank
+    from common.synth.pathology import balanced_labels, generate_patient, held_out_patients, stpd_class
 
-    if n_scans < 1:
-        raise ValueError(f"--scans must be at least 1, got {n_scans}")
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    bank = bank if bank is not None else default_bank()
-    decks = class_decks(bank, stpd_class, CLASSES, size, seed)
+    root, bank, decks = start_tree(out, n_scans, bank, stpd_class, CLASSES, size, seed)
     per_patient = time_points(n_scans)
     n_patients = len(per_patient)
     minimum = math.ceil(len(CLASSES) / nodules_per_scan)
@@ -149,31 +142,17 @@ def make_spatiotemporal(
             lung_path = root / "detection_3d" / "lung_mask" / f"{scan.uid}.mhd"
             write_mhd(scan_volume(scan), image_path)
             write_mhd(scan_volume(scan, scan.lung_segmented()), lung_path)
-            slices = set()
-            for k, nodule in enumerate(scan.nodules):
+            for nodule in scan.nodules:
                 rows.append((scan.uid, *(f"{v:.6f}" for v in nodule.world_xyz), f"{nodule.diameter_mm:.6f}"))
-                z = int(round(nodule.voxel_zyx[0]))
-                part = "validate" if validate else "train"
-                name = f"{scan.uid}_{z}_{k}.bmp"
-                pixels = window_to_uint8(scan.image[z])
-                write_bmp(root / "class_dataset" / part / str(nodule.label) / name, pixels)
-                class_counts[part][str(nodule.label)] += 1
-                slices.add(z)
-                n_nodules += 1
-            for z in sorted(slices):
-                boxes = [b for n in scan.nodules if (b := n.slice_box(z)) is not None]
-                name = f"{scan.uid}_{z}"
-                pixels = window_to_uint8(scan.image[z])
-                voc = root / "detection_2d"
-                write_bmp(voc / "JPEGImages" / f"{name}.jpg", pixels)
-                write_voc_annotation(
-                    voc / "Annotations" / f"{name}.xml", "JPEGImages", f"{name}.jpg", pixels.shape, boxes
-                )
-                voc_lists["val" if validate else "train"].append(name)
+            n_nodules += len(scan.nodules)
+            part = "validate" if validate else "train"
+            slices = write_class_images(scan, root / "class_dataset" / part, class_counts[part])
+            voc_names = write_voc_slices(scan, slices, root / "detection_2d", "JPEGImages", ".jpg")
+            voc_lists["val" if validate else "train"] += voc_names
             entry = scan_entry(scan, scan.geometry)
             entry.update(
                 {
-                    "part": "validate" if validate else "train",
+                    "part": part,
                     "files": {
                         "image": image_path.relative_to(root).as_posix(),
                         "lung_segmented": lung_path.relative_to(root).as_posix(),
