@@ -26,6 +26,7 @@ when a label column exists; :meth:`LDFCDataset.classification` (an :class:`Image
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from common.datasets.tables import (
     cell_float,
     csv_line,
     find_scans,
+    locate_in_scan,
     read_table,
 )
 
@@ -182,80 +184,78 @@ class LDFCDataset(ScanDataset):
             records.append(ScanRecord(uid=uid, patient_id=uid, image_path=scans[uid], nodules=nodules))
         return records
 
-    def _voxel_rows(self, scans: dict[str, Path], geometry: GeometryCache) -> dict[str, list[dict]]:
-        c = self.columns
-        path = self.voxel_csv
-        assert path is not None
-        frame = read_table(path, c.voxel(), "LDFCDataset(columns=LDFCColumns(...))")
+    def _table_rows(
+        self,
+        path: Path,
+        columns: dict[str, str],
+        scans: dict[str, Path],
+        parse: Callable[[pd.DataFrame, int, Path, str], dict | str],
+    ) -> dict[str, list[dict]]:
+        """The rows of one annotation table, per scan uid, each with its file line and label.
+
+        `parse(frame, index, path, uid)` reads one row that names a known scan: it returns the row's fields,
+        or the problem with the row as text (unreadable cells may also raise `AnnotationError`); problems
+        go to the row policy.
+        """
+        frame = read_table(path, columns, "LDFCDataset(columns=LDFCColumns(...))")
         if frame.empty:
             raise AnnotationError(f"{path} has a header but no annotation rows")
         out: dict[str, list[dict]] = {}
         for index in frame.index:
-            line = csv_line(index)
             uid = self._row_scan(frame, index, path, scans)
             if uid is None:
                 continue
             try:
-                lo = [cell_float(frame, index, col, path) for col in (c.z_min, c.y_min, c.x_min)]
-                hi = [cell_float(frame, index, col, path) for col in (c.z_max, c.y_max, c.x_max)]
-                centre = [cell_float(frame, index, col, path) for col in (c.z_center, c.y_center, c.x_center)]
-                diameter = cell_float(frame, index, c.diameter_vox, path)
+                row = parse(frame, index, path, uid)
             except AnnotationError as err:
-                self.policy.bad_row(str(err))
+                row = str(err)
+            if isinstance(row, str):
+                self.policy.bad_row(row)
                 continue
-            geo = geometry(uid)
-            if any(a > b for a, b in zip(lo, hi)) or not all(
-                a - 1 <= m <= b + 1 for a, m, b in zip(lo, centre, hi)
-            ):
-                self.policy.bad_row(
-                    f"{path}, line {line}: box min {lo} / max {hi} / centre {centre} (z, y, x) disagree"
-                )
-                continue
-            if not (geo.contains(lo) and geo.contains(hi)):
-                self.policy.bad_row(
-                    f"{path}, line {line}: box {lo}–{hi} (z, y, x voxels) lies outside scan {uid} "
-                    f"of shape {geo.shape_zyx}"
-                )
-                continue
-            row = {"zyx": np.asarray(centre), "lo": lo, "hi": hi, "diameter_vox": diameter, "line": line}
+            row["line"] = csv_line(index)
             row["label"] = self._label(frame, index, path)
             out.setdefault(uid, []).append(row)
         return out
 
+    def _voxel_rows(self, scans: dict[str, Path], geometry: GeometryCache) -> dict[str, list[dict]]:
+        c = self.columns
+
+        def parse(frame: pd.DataFrame, index: int, path: Path, uid: str) -> dict | str:
+            lo = [cell_float(frame, index, col, path) for col in (c.z_min, c.y_min, c.x_min)]
+            hi = [cell_float(frame, index, col, path) for col in (c.z_max, c.y_max, c.x_max)]
+            centre = [cell_float(frame, index, col, path) for col in (c.z_center, c.y_center, c.x_center)]
+            diameter = cell_float(frame, index, c.diameter_vox, path)
+            where = f"{path}, line {csv_line(index)}"
+            if any(a > b for a, b in zip(lo, hi)) or not all(
+                a - 1 <= m <= b + 1 for a, m, b in zip(lo, centre, hi)
+            ):
+                return f"{where}: box min {lo} / max {hi} / centre {centre} (z, y, x) disagree"
+            geo = geometry(uid)
+            if not (geo.contains(lo) and geo.contains(hi)):
+                return (
+                    f"{where}: box {lo}–{hi} (z, y, x voxels) lies outside scan {uid} "
+                    f"of shape {geo.shape_zyx}"
+                )
+            return {"zyx": np.asarray(centre), "lo": lo, "hi": hi, "diameter_vox": diameter}
+
+        assert self.voxel_csv is not None
+        return self._table_rows(self.voxel_csv, c.voxel(), scans, parse)
+
     def _world_rows(self, scans: dict[str, Path], geometry: GeometryCache) -> dict[str, list[dict]]:
         c = self.columns
-        path = self.world_csv
-        assert path is not None
-        frame = read_table(path, c.world(), "LDFCDataset(columns=LDFCColumns(...))")
-        if frame.empty:
-            raise AnnotationError(f"{path} has a header but no annotation rows")
-        out: dict[str, list[dict]] = {}
-        for index in frame.index:
-            line = csv_line(index)
-            uid = self._row_scan(frame, index, path, scans)
-            if uid is None:
-                continue
-            try:
-                xyz = np.asarray(
-                    [cell_float(frame, index, col, path) for col in (c.world_x, c.world_y, c.world_z)]
-                )
-                diameter = cell_float(frame, index, c.diameter_mm, path)
-                radius = cell_float(frame, index, c.radius_mm, path)
-            except AnnotationError as err:
-                self.policy.bad_row(str(err))
-                continue
-            geo = geometry(uid)
-            zyx = geo.world_to_voxel(xyz)
-            if not geo.contains(zyx):
-                self.policy.bad_row(
-                    f"{path}, line {line}: nodule at world {tuple(np.round(xyz, 2))} lies outside scan {uid} "
-                    f"(voxel {tuple(np.round(zyx, 1))}, shape {geo.shape_zyx})"
-                )
-                continue
-            row = {"xyz": xyz, "diameter_mm": diameter, "radius_mm": radius, "line": line}
-            row["label"] = self._label(frame, index, path)
-            out.setdefault(uid, []).append(row)
-        return out
+
+        def parse(frame: pd.DataFrame, index: int, path: Path, uid: str) -> dict | str:
+            xyz = np.asarray(
+                [cell_float(frame, index, col, path) for col in (c.world_x, c.world_y, c.world_z)]
+            )
+            diameter = cell_float(frame, index, c.diameter_mm, path)
+            radius = cell_float(frame, index, c.radius_mm, path)
+            where = f"{path}, line {csv_line(index)}"
+            _, problem = locate_in_scan(geometry(uid), xyz, where, "nodule", f"scan {uid}")
+            return problem or {"xyz": xyz, "diameter_mm": diameter, "radius_mm": radius}
+
+        assert self.world_csv is not None
+        return self._table_rows(self.world_csv, c.world(), scans, parse)
 
     def _row_scan(self, frame: pd.DataFrame, index: int, path: Path, scans: dict[str, Path]) -> str | None:
         raw = frame.at[index, self.columns.scan]

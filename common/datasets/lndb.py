@@ -42,6 +42,7 @@ from common.datasets.tables import (
     cell_float,
     csv_line,
     find_scans,
+    locate_in_scan,
     read_table,
 )
 
@@ -217,13 +218,9 @@ class LNDbDataset(ScanDataset):
                     "finding ids"
                 )
                 continue
-            geo = geometry(uid)
-            zyx = geo.world_to_voxel(xyz)
-            if not geo.contains(zyx):
-                self.policy.bad_row(
-                    f"{path}, line {line}: finding at world {tuple(round(v, 2) for v in xyz)} lies outside "
-                    f"{uid} (voxel {tuple(np.round(zyx, 1))}, shape {geo.shape_zyx})"
-                )
+            zyx, problem = locate_in_scan(geometry(uid), xyz, f"{path}, line {line}", "finding", uid)
+            if problem:
+                self.policy.bad_row(problem)
                 continue
             extras = {
                 "voxel_zyx": tuple(float(v) for v in zyx),

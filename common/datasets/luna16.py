@@ -44,6 +44,7 @@ from common.datasets.tables import (
     cell_float,
     csv_line,
     find_scans,
+    locate_in_scan,
     mhd_data_file,
     read_table,
 )
@@ -281,16 +282,11 @@ class LUNA16Dataset(ScanDataset):
         for record in self.records if uids is None else [self[u] for u in uids]:
             geo = self.geometry(record.uid)
             for finding in [*record.nodules, *record.excluded]:
-                zyx = geo.world_to_voxel(finding.world_xyz)
-                if geo.contains(zyx):
-                    continue
                 where = finding.extras.get("source", "annotation")
-                message = (
-                    f"{where}: finding at world {tuple(round(float(v), 2) for v in finding.world_xyz)} lies "
-                    f"outside scan {record.uid} (voxel {tuple(round(float(v), 1) for v in zyx)}, shape {geo.shape_zyx})"
-                )
-                self.policy.bad_row(message)
-                problems.append(message)
+                _, problem = locate_in_scan(geo, finding.world_xyz, where, "finding", f"scan {record.uid}")
+                if problem:
+                    self.policy.bad_row(problem)
+                    problems.append(problem)
         return problems
 
 

@@ -160,6 +160,31 @@ class WorldColumns:
         return {"seriesuid": self.seriesuid, "x": self.x, "y": self.y, "z": self.z, "diameter": self.diameter}
 
 
+def locate_in_scan(geo: ScanGeometry, xyz, where: str, what: str, scan: str) -> tuple[np.ndarray, str | None]:
+    """The continuous voxel (z, y, x) of a world centre, and the problem to report if it is outside the scan.
+
+    Every adapter checks its annotation centres against the scan header the same way and words the
+    problem the same way, so a bad row reads alike whichever dataset it comes from.
+
+    Args:
+        geo: the scan's header geometry.
+        xyz: world centre (x, y, z) mm.
+        where: the file and line of the row ("annotations.csv, line 5").
+        what: what the row holds ("nodule", "finding", "annotation").
+        scan: how the message names the scan ("scan 12", "LNDb-0001").
+
+    Returns:
+        The voxel centre and None, or the voxel centre and the message for `RowPolicy.bad_row`.
+    """
+    zyx = geo.world_to_voxel(xyz)
+    if geo.contains(zyx):
+        return zyx, None
+    return zyx, (
+        f"{where}: {what} at world {tuple(round(float(v), 2) for v in xyz)} lies outside {scan} "
+        f"(voxel {tuple(round(float(v), 1) for v in zyx)}, shape {geo.shape_zyx})"
+    )
+
+
 class GeometryCache:
     """Header geometry per scan, read once."""
 
@@ -203,13 +228,11 @@ def world_nodules_from_csv(
         except AnnotationError as err:
             policy.bad_row(str(err))
             continue
-        geo = geometry(uid)
-        zyx = geo.world_to_voxel(xyz)
-        if not geo.contains(zyx):
-            policy.bad_row(
-                f"{path}, line {line}: annotation at world {tuple(round(v, 2) for v in xyz)} lies outside "
-                f"scan {uid!r} (voxel {tuple(np.round(zyx, 1))}, shape {geo.shape_zyx})"
-            )
+        zyx, problem = locate_in_scan(
+            geometry(uid), xyz, f"{path}, line {line}", "annotation", f"scan {uid!r}"
+        )
+        if problem:
+            policy.bad_row(problem)
             continue
         nodule = Nodule(
             world_xyz=xyz,  # type: ignore[arg-type]
