@@ -33,6 +33,7 @@ way by ``lungdet.data.EpochSampler``.
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
@@ -107,7 +108,7 @@ def _reseed_for_batch(epoch: int, batch_idx: int) -> None:
     random.seed(seed)
 
 
-class _DetectionTaskMixin:
+class _DetectionTaskMixin(abc.ABC):
     """FROC bookkeeping shared by both stages: per-stage metrics, per-scan rows, epoch-end logging, files.
 
     Scores come in *kinds*: ``""`` for a task's final output, ``"stage1"`` for the stage-1 scores of the
@@ -116,6 +117,22 @@ class _DetectionTaskMixin:
     """
 
     _KINDS = ("", "stage1", "mppn")
+    monitor = "val/cpm"
+    monitor_mode = "max"
+
+    @abc.abstractmethod
+    def _eval_step(self, scans: list[dict[str, Any]], stage: str) -> None:
+        """Score the scans of one batch and record them for `stage` ("val", "test" or "predict")."""
+
+    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> int:
+        self._eval_step(batch, "predict")
+        return len(batch)
 
     def _init_detection_state(self) -> None:
         self.froc = nn.ModuleDict(
@@ -254,9 +271,6 @@ class CandidateTask(_DetectionTaskMixin, BaseTask):
     in the config of every run that evaluates or predicts.
     """
 
-    monitor = "val/cpm"
-    monitor_mode = "max"
-
     def __init__(
         self,
         variant: str = "ascrm",
@@ -385,16 +399,6 @@ class CandidateTask(_DetectionTaskMixin, BaseTask):
             world = candidates_to_world(cands[:, 1:4], scan["entry"])
             self._record_scan(stage, scan, world, cands[:, 0])
 
-    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> int:
-        self._eval_step(batch, "predict")
-        return len(batch)
-
     def on_validation_epoch_end(self) -> None:
         self._rows["val"] = []
         self._log_froc("val")
@@ -426,9 +430,6 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
         lr: learning rate (paper: 1e-4).
         **kwargs: other ``BaseTask`` arguments.
     """
-
-    monitor = "val/cpm"
-    monitor_mode = "max"
 
     def __init__(
         self,
@@ -588,16 +589,6 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
                 self.metrics_for(stage).update(p[keep], target)
                 loss = F.binary_cross_entropy(p[keep].clamp(1e-6, 1 - 1e-6), target.to(p.dtype))
                 self.log(f"{stage}/loss", loss, batch_size=int(keep.sum()))
-
-    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> int:
-        self._eval_step(batch, "predict")
-        return len(batch)
 
     def _log_classification(self, stage: str) -> None:
         metrics = self.metrics_for(stage)
