@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from common.synth.nodules import BankNodule, NoduleTemplate, ShapeBank, nodule_appearance
-from common.synth.phantom import ScanGeometry, build_anatomy, draw_geometry, finish_scan
+from common.synth.phantom import PhantomGeometry, build_anatomy, draw_geometry, finish_scan
 from common.synth.scan import LOCATIONS, MAX_DIAMETER_MM, _Placer, default_bank
 
 #: LDFC classification window (papers/003 clips HU to [−1200, 600]).
@@ -157,7 +157,7 @@ class PathologyScan:
     uid: str
     patient: str
     time_point: int
-    geometry: ScanGeometry
+    geometry: PhantomGeometry
     image: np.ndarray  # int16 (z, y, x), stored orientation
     lung_labels: np.ndarray  # uint8 (z, y, x), stored orientation
     nodules: list[PlacedNodule] = field(default_factory=list)
@@ -176,7 +176,7 @@ def window_to_uint8(image: np.ndarray, window: tuple[float, float] = BMP_WINDOW_
 
 
 def _storage_mask(
-    geometry: ScanGeometry, start: np.ndarray, mask: np.ndarray
+    geometry: PhantomGeometry, start: np.ndarray, mask: np.ndarray
 ) -> tuple[tuple[int, int, int], np.ndarray]:
     if not geometry.flipped:
         return tuple(int(v) for v in start), np.ascontiguousarray(mask)  # type: ignore[return-value]

@@ -86,8 +86,10 @@ def size_shape(size: str) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
-class ScanGeometry:
-    """Where a phantom scan sits in the world.
+class PhantomGeometry:
+    """Where a phantom scan sits in the world: the grid the generator draws before it builds the anatomy.
+
+    Its counterpart for real scans is `common.datasets.geometry.ScanGeometry` (read from a scan header).
 
     Attributes:
         shape: array shape (z, y, x).
@@ -137,7 +139,7 @@ class ScanGeometry:
         return zyx
 
 
-def draw_geometry(rng: np.random.Generator, size: str = "small", flipped: bool = False) -> ScanGeometry:
+def draw_geometry(rng: np.random.Generator, size: str = "small", flipped: bool = False) -> PhantomGeometry:
     """Draw per-scan spacing and a LUNA16-like non-zero origin.
 
     In-plane spacing is uniform in 0.6–0.9 mm, slice spacing one of 1.25/1.5/2.0/2.5 mm (the LUNA16
@@ -163,7 +165,7 @@ def draw_geometry(rng: np.random.Generator, size: str = "small", flipped: bool =
         origin[0] += pixel * (nx - 1)
         origin[1] += pixel * (ny - 1)
     origin = np.round(origin, 6)
-    return ScanGeometry(
+    return PhantomGeometry(
         shape=shape,
         spacing=spacing,
         origin=(float(origin[0]), float(origin[1]), float(origin[2])),
@@ -397,7 +399,7 @@ class Anatomy:
         return (self.labels == LEFT_LUNG_LABEL) | (self.labels == RIGHT_LUNG_LABEL)
 
 
-def _centred_axes(geometry: ScanGeometry) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _centred_axes(geometry: PhantomGeometry) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Open-grid mm coordinates (z, y, x broadcastable) centred on the volume, plus the centre index."""
     nz, ny, nx = geometry.shape
     sx, sy, sz = geometry.spacing
@@ -426,7 +428,7 @@ def _segment_distance(
 
 def _draw_tube(
     target: np.ndarray,
-    geometry: ScanGeometry,
+    geometry: PhantomGeometry,
     centre_index: np.ndarray,
     start: np.ndarray,
     end: np.ndarray,
@@ -521,7 +523,7 @@ def _grow_tree(
 
 
 def _lung_box(
-    lung: LungShape, geometry: ScanGeometry, centre_index: np.ndarray
+    lung: LungShape, geometry: PhantomGeometry, centre_index: np.ndarray
 ) -> tuple[slice, slice, slice]:
     """Index bounding box (z, y, x slices) that surely contains the lung (field deformation ≤ 2·amplitude)."""
     sx, sy, sz = geometry.spacing
@@ -541,7 +543,7 @@ def _lung_box(
     )
 
 
-def build_anatomy(rng: np.random.Generator, geometry: ScanGeometry) -> Anatomy:
+def build_anatomy(rng: np.random.Generator, geometry: PhantomGeometry) -> Anatomy:
     """Draw and rasterise the anatomy of one scan in the canonical frame."""
     z, y, x, centre_index = _centred_axes(geometry)
     nz, ny, nx = geometry.shape
@@ -729,7 +731,7 @@ def build_anatomy(rng: np.random.Generator, geometry: ScanGeometry) -> Anatomy:
 
 
 def finish_scan(
-    rng: np.random.Generator, hu: np.ndarray, anatomy: Anatomy, geometry: ScanGeometry
+    rng: np.random.Generator, hu: np.ndarray, anatomy: Anatomy, geometry: PhantomGeometry
 ) -> np.ndarray:
     """Blur, add correlated noise, pad outside the field of view, and round to int16 (canonical frame).
 

@@ -42,7 +42,7 @@ from common.synth.nodules import (
 )
 from common.synth.phantom import (
     Anatomy,
-    ScanGeometry,
+    PhantomGeometry,
     build_anatomy,
     draw_geometry,
     finish_scan,
@@ -177,7 +177,7 @@ class SynthScan:
     series_uid: str
     study_uid: str
     patient_id: str
-    geometry: ScanGeometry
+    geometry: PhantomGeometry
     image: np.ndarray  # int16 (z, y, x), stored orientation
     lung_labels: np.ndarray  # uint8 (z, y, x), stored orientation (3 left, 4 right, 5 airway)
     findings: list[Finding]
@@ -247,7 +247,7 @@ class _Placer:
     """Finds verified positions for findings in the canonical frame and pastes them."""
 
     def __init__(
-        self, rng: np.random.Generator, anatomy: Anatomy, geometry: ScanGeometry, hu: np.ndarray
+        self, rng: np.random.Generator, anatomy: Anatomy, geometry: PhantomGeometry, hu: np.ndarray
     ) -> None:
         self.rng = rng
         self.anatomy = anatomy
@@ -546,7 +546,7 @@ def generate_scan(seed: int, index: int, size: str = "small", bank: ShapeBank | 
     )
 
 
-def _to_storage_mask(geometry: ScanGeometry, start: np.ndarray, mask: np.ndarray) -> ReaderMask:
+def _to_storage_mask(geometry: PhantomGeometry, start: np.ndarray, mask: np.ndarray) -> ReaderMask:
     start = np.asarray(start, dtype=int)
     if not geometry.flipped:
         return ReaderMask(tuple(int(v) for v in start), np.ascontiguousarray(mask))
@@ -557,7 +557,7 @@ def _to_storage_mask(geometry: ScanGeometry, start: np.ndarray, mask: np.ndarray
 
 
 def _negative_candidates(
-    rng: np.random.Generator, anatomy: Anatomy, geometry: ScanGeometry, findings: list[dict[str, Any]]
+    rng: np.random.Generator, anatomy: Anatomy, geometry: PhantomGeometry, findings: list[dict[str, Any]]
 ) -> np.ndarray:
     """Class-0 candidates: vessel bifurcations, points on thicker vessels, random lung points, and the
     excluded findings, minus anything within an accepted nodule's radius (which would be a hit)."""
