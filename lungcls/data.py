@@ -57,7 +57,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from common.datasets.base import Nodule, ScanDataset, ScanRecord
 from common.datasets.image_folders import ImageFolderIndex, ImageSample
 from common.datasets.registry import open_dataset, resolve_root
-from common.lightning.datamodule import PartLoaderDataModule
+from common.lightning.datamodule import PartLoaderDataModule, path_digest
 from common.preprocess import GLANCE_WINDOW
 from common.splits import Split, SplitItem, ratio_split
 from lungcls.patches import AIR_HU, PatchCache, PatchSettings, context_for, nested_crops
@@ -221,10 +221,6 @@ class NodulePatchDataset(Dataset):
         }
 
 
-def _root_digest(path: Path) -> str:
-    return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
-
-
 class NodulePatchDataModule(PartLoaderDataModule):
     """Labelled nodules of a scan dataset as nested native-resolution crops (module docstring).
 
@@ -364,7 +360,7 @@ class NodulePatchDataModule(PartLoaderDataModule):
             return Path(self._cache_dir)
         root = resolve_root(self.dataset_name, self.root)
         s = self.patch_settings
-        return Path("cache") / f"m3net-{self.dataset_name}-{_root_digest(root)}-{s.context}x{s.context_depth}"
+        return Path("cache") / f"m3net-{self.dataset_name}-{path_digest(root)}-{s.context}x{s.context_depth}"
 
     @property
     def cache(self) -> PatchCache:
@@ -522,16 +518,16 @@ class NodulePatchDataModule(PartLoaderDataModule):
             self.tables.update(self.split_tables())
             counts = {p: (len(self.tables[p]), int((self.tables[p]["label"] > 0).sum())) for p in PART_NAMES}
             log.info("nodule split (%s level), (nodules, label > 0): %s", self.split_level, counts)
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-        for part in wanted.get(stage or "fit", PART_NAMES):
-            if part not in self.datasets:
-                source = "test" if part == "predict" else part
-                if self.tables[source].empty:
-                    raise ValueError(
-                        f"the {source} part of the nodule split is empty ({len(self.labelled_table())} labelled "
-                        "nodules); use more scans, other ratios or another split file"
-                    )
-                self.datasets[part] = self.build_dataset(part, self.tables[source])
+        self.setup_parts(stage, self._dataset_for)
+
+    def _dataset_for(self, part: str) -> Dataset:
+        source = "test" if part == "predict" else part
+        if self.tables[source].empty:
+            raise ValueError(
+                f"the {source} part of the nodule split is empty ({len(self.labelled_table())} labelled "
+                "nodules); use more scans, other ratios or another split file"
+            )
+        return self.build_dataset(part, self.tables[source])
 
     def table(self, part: str) -> pd.DataFrame:
         """Nodule table of a part ("train", "val", "test"; "predict": the test part or `predict_csv`)."""
@@ -840,14 +836,14 @@ class PathologyImageDataModule(PartLoaderDataModule):
             else:
                 self.samples["predict"] = test
             log.info("pathology images: %s", {k: len(v) for k, v in self.samples.items()})
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-        for part in wanted.get(stage or "fit", ("train", "val", "test")):
-            if part not in self.datasets:
-                if not self.samples[part]:
-                    raise ValueError(f"the {part} part of {self.dataset_name} has no images")
-                self.datasets[part] = PathologyImageDataset(
-                    self.samples[part], self.img_size, self.in_chans, augment=self.augment and part == "train"
-                )
+        self.setup_parts(stage, self._dataset_for)
+
+    def _dataset_for(self, part: str) -> PathologyImageDataset:
+        if not self.samples[part]:
+            raise ValueError(f"the {part} part of {self.dataset_name} has no images")
+        return PathologyImageDataset(
+            self.samples[part], self.img_size, self.in_chans, augment=self.augment and part == "train"
+        )
 
     def table(self, part: str) -> pd.DataFrame:
         """Images of a part: file, label, class folder, patient id."""

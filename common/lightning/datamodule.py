@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,13 @@ log = logging.getLogger(__name__)
 
 SPLIT_KINDS = ("luna16_subsets", "claf_sixfold", "ratio")
 PARTS = ("train", "val", "test")
+#: the parts each Lightning stage needs (any other stage: all of `PARTS`)
+STAGE_PARTS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+
+
+def path_digest(path: str | Path) -> str:
+    """Eight hex digits naming a folder by its resolved path, for cache folders that must not collide."""
+    return hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:8]
 
 
 class PartLoaderDataModule(LightningDataModule):
@@ -53,6 +61,12 @@ class PartLoaderDataModule(LightningDataModule):
     num_workers: int
     eval_batch_size: int | None = None
     drop_last_train: bool = False
+
+    def setup_parts(self, stage: str | None, dataset_for: Callable[[str], Dataset]) -> None:
+        """Build the datasets `stage` needs (None: "fit") that are not built yet, `dataset_for(part)` each."""
+        for part in STAGE_PARTS.get(stage or "fit", PARTS):
+            if part not in self.datasets:
+                self.datasets[part] = dataset_for(part)
 
     def part_batch_size(self, part: str) -> int:
         """The batch size of `part`: `batch_size` for training, `eval_batch_size` (if set) otherwise."""
@@ -155,13 +169,11 @@ class CacheDataModule(PartLoaderDataModule, abc.ABC):
     def cache_dir(self) -> Path:
         if self._cache_dir:
             return Path(self._cache_dir)
-        digest = hashlib.sha1(str(self.resolved_root.resolve()).encode()).hexdigest()[:8]
-        return Path("cache") / f"{self.dataset_name}-{digest}"
+        return Path("cache") / f"{self.dataset_name}-{path_digest(self.resolved_root)}"
 
     @property
     def predict_cache_dir(self) -> Path:
-        digest = hashlib.sha1(str(Path(self.predict_root).resolve()).encode()).hexdigest()[:8]
-        return self.cache_dir.parent / f"predict-{digest}"
+        return self.cache_dir.parent / f"predict-{path_digest(self.predict_root)}"
 
     @property
     def settings(self) -> PrepareSettings:
@@ -184,10 +196,7 @@ class CacheDataModule(PartLoaderDataModule, abc.ABC):
         if not self.uids:
             self.uids = self._resolve_split()
             log.info("split %s: %s", self.split_kind, {k: len(v) for k, v in self.uids.items()})
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-        for part in wanted.get(stage or "fit", PARTS):
-            if part not in self.datasets:
-                self.datasets[part] = self._dataset_for(part)
+        self.setup_parts(stage, self._dataset_for)
 
     def _dataset_for(self, part: str) -> Dataset:
         if part == "predict" and self.predict_root:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-from common.lightning.datamodule import PartLoaderDataModule
+from common.lightning.datamodule import PartLoaderDataModule, path_digest
 
 
 class _Parts(PartLoaderDataModule):
@@ -47,3 +47,28 @@ def test_evaluation_parts_keep_their_order_and_training_shuffles():
     torch.manual_seed(0)
     assert next(iter(module.val_dataloader()))[0].tolist() == list(range(64))
     assert next(iter(module.train_dataloader()))[0].tolist() != list(range(64))
+
+
+def test_setup_parts_builds_what_each_stage_needs_once():
+    module = _Parts(n=3, batch_size=2, eval_batch_size=None, drop_last=False)
+    module.datasets = {}
+    built: list[str] = []
+
+    def dataset_for(part: str) -> TensorDataset:
+        built.append(part)
+        return TensorDataset(torch.zeros(1))
+
+    module.setup_parts("fit", dataset_for)
+    module.setup_parts("validate", dataset_for)
+    module.setup_parts(None, dataset_for)
+    module.setup_parts("test", dataset_for)
+    module.setup_parts("predict", dataset_for)
+    assert built == ["train", "val", "test", "predict"]
+    assert sorted(module.datasets) == ["predict", "test", "train", "val"]
+
+
+def test_path_digest_names_the_resolved_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    assert path_digest("a") == path_digest(tmp_path / "a") == path_digest(tmp_path / "a" / ".." / "a")
+    assert len(path_digest("a")) == 8 and path_digest("a") != path_digest(tmp_path)
