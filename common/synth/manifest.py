@@ -70,6 +70,21 @@ def manifest(
     }
 
 
+def start_tree(out: str | Path, n_scans: int, bank: ShapeBank | None) -> tuple[Path, ShapeBank]:
+    """Check the scan count and create the tree folder: how every generator starts.
+
+    Returns:
+        The tree root and the shape bank to draw nodules from (`bank`, or the process-wide default).
+    """
+    from common.synth.scan import default_bank
+
+    if n_scans < 1:
+        raise ValueError(f"--scans must be at least 1, got {n_scans}")
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    return root, bank if bank is not None else default_bank()
+
+
 def write_manifest(folder: Path, document: dict[str, Any]) -> Path:
     path = folder / MANIFEST_NAME
     atomic.write_text(path, json.dumps(document, indent=1, sort_keys=True) + "\n")

@@ -162,6 +162,11 @@ class PathologyScan:
     lung_labels: np.ndarray  # uint8 (z, y, x), stored orientation
     nodules: list[PlacedNodule] = field(default_factory=list)
 
+    @property
+    def series_uid(self) -> str:
+        """The uid written into the scan's header (`SynthScan`'s name for it, so one writer serves both)."""
+        return self.uid
+
     def lung_segmented(self) -> np.ndarray:
         """The CT with everything outside the lungs set to air (the spatio-temporal ``lung_mask`` data)."""
         lungs = (self.lung_labels == 3) | (self.lung_labels == 4)

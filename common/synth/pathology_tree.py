@@ -1,4 +1,4 @@
-"""What the LDFC and spatio-temporal stand-ins share: their start, CSV text, BMP/JPEG slices, VOC XML.
+"""Writers the stand-ins share: CSV text, and (LDFC, spatio-temporal) BMP/JPEG slices and VOC XML.
 
 Kept free of heavy imports so `lungdata synth --help` stays fast; the generators import the phantom code
 only when they run.
@@ -18,7 +18,7 @@ import numpy as np
 from common import atomic
 
 
-def start_tree(
+def start_pathology_tree(
     out: str | Path,
     n_scans: int,
     bank,
@@ -27,20 +27,16 @@ def start_tree(
     size: str,
     seed: int,
 ) -> tuple[Path, Any, dict[int, list]]:
-    """Check the scan count, create `out` and deal the class decks: the common start of both generators.
+    """Start a tree (`common.synth.manifest.start_tree`) and deal the class decks of its nodules.
 
     Returns:
         The root folder, the shape bank (`bank`, or the process-wide default) and the per-class decks
         (`common.synth.pathology.class_decks` under `class_rule`).
     """
+    from common.synth.manifest import start_tree
     from common.synth.pathology import class_decks
-    from common.synth.scan import default_bank
 
-    if n_scans < 1:
-        raise ValueError(f"--scans must be at least 1, got {n_scans}")
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    bank = bank if bank is not None else default_bank()
+    root, bank = start_tree(out, n_scans, bank)
     return root, bank, class_decks(bank, class_rule, classes, size, seed)
 
 
@@ -96,11 +92,12 @@ def write_voc_slices(
     return names
 
 
-def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """CSV text with a header line, "\\n" line ends and quotes only where a field needs them ("1,3")."""
+def csv_text(header: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> str:
+    """CSV text with a header line (None: none), "\\n" line ends and quotes only where a field needs them."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
+    if header is not None:
+        writer.writerow(header)
     writer.writerows(rows)
     return buffer.getvalue()
 
@@ -148,20 +145,6 @@ def write_voc_annotation(
     ET.indent(root)
     atomic.write_bytes(path, ET.tostring(root, encoding="utf-8") + b"\n")
     return path
-
-
-def scan_volume(scan, array: np.ndarray | None = None):
-    """A `PathologyScan` (or another array on its grid) as a `common.io.CTVolume`, stored orientation."""
-    from common.io import CTVolume
-
-    g = scan.geometry
-    return CTVolume(
-        array=scan.image if array is None else array,
-        spacing=g.spacing,
-        origin=g.origin,
-        direction=np.asarray(g.direction, dtype=np.float64).reshape(3, 3),
-        series_uid=scan.uid,
-    )
 
 
 def scan_entry(scan, geometry) -> dict[str, Any]:

@@ -33,8 +33,7 @@ from common import atomic
 from common.synth.pathology_tree import (
     csv_text,
     scan_entry,
-    scan_volume,
-    start_tree,
+    start_pathology_tree,
     write_class_images,
     write_voc_slices,
 )
@@ -99,10 +98,11 @@ def make_spatiotemporal(
         ValueError: too few patients for a training and a validation part that both hold every class.
     """
     from common.io import write_mhd
+    from common.synth.luna16 import scan_volume
     from common.synth.manifest import manifest, write_manifest
     from common.synth.pathology import balanced_labels, generate_patient, held_out_patients, stpd_class
 
-    root, bank, decks = start_tree(out, n_scans, bank, stpd_class, CLASSES, size, seed)
+    root, bank, decks = start_pathology_tree(out, n_scans, bank, stpd_class, CLASSES, size, seed)
     per_patient = time_points(n_scans)
     n_patients = len(per_patient)
     minimum = math.ceil(len(CLASSES) / nodules_per_scan)

@@ -58,14 +58,10 @@ def make_tianchi(
     """Generate `n_scans` phantoms and write them as a Tianchi tree under `out`."""
     from common.io import write_mhd
     from common.synth.luna16 import scan_volume
-    from common.synth.manifest import manifest, scan_entry, write_manifest
-    from common.synth.scan import default_bank, generate_scan
+    from common.synth.manifest import manifest, scan_entry, start_tree, write_manifest
+    from common.synth.scan import generate_scan
 
-    if n_scans < 1:
-        raise ValueError(f"--scans must be at least 1, got {n_scans}")
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    bank = bank if bank is not None else default_bank()
+    root, bank = start_tree(out, n_scans, bank)
     n_train = n_scans - n_scans // 4
     rows: dict[str, list[tuple]] = {"train": [], "val": []}
     entries, ids = [], []
