@@ -38,6 +38,17 @@ GROUPINGS = ("radii", "pylidc")
 #: LUNA16-merged nodules of every scan, computed once per database (the filters then only select rows).
 _RADII_TABLES: weakref.WeakKeyDictionary[LIDCDatabase, dict[str, pd.DataFrame]] = weakref.WeakKeyDictionary()
 
+#: the centre columns of both derived nodule tables ← their columns in the grouped-nodule table
+CENTRE_SOURCES = {
+    "voxelX": "x",
+    "voxelY": "y",
+    "voxelZ": "z",
+    "mmX": "x_mm",
+    "mmY": "y_mm",
+    "mmZ": "z_mm",
+    "worldZ": "world_z",
+}
+CENTRE_COLUMNS = list(CENTRE_SOURCES)
 LUNA16_SCAN_COLUMNS = [
     "seriesuid",
     "patient_id",
@@ -50,13 +61,7 @@ LUNA16_SCAN_COLUMNS = [
 ]
 LUNA16_NODULE_COLUMNS = [
     "seriesuid",
-    "voxelX",
-    "voxelY",
-    "voxelZ",
-    "mmX",
-    "mmY",
-    "mmZ",
-    "worldZ",
+    *CENTRE_COLUMNS,
     "diameter_mm",
     "n_readers",
     "annotation_ids",
@@ -69,13 +74,7 @@ M3NET_COLUMNS = [
     "scan_nodule_index",
     "annotation_ids",
     "n_readers",
-    "voxelX",
-    "voxelY",
-    "voxelZ",
-    "mmX",
-    "mmY",
-    "mmZ",
-    "worldZ",
+    *CENTRE_COLUMNS,
     "diameter_mm",
     *RATING_NAMES,
     "malignancy_mean",
@@ -139,17 +138,7 @@ def _grouped_nodules(db: LIDCDatabase, scan_ids: Sequence[int], grouping: str) -
 
 
 def _centre_columns(table: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "voxelX": table["x"],
-            "voxelY": table["y"],
-            "voxelZ": table["z"],
-            "mmX": table["x_mm"],
-            "mmY": table["y_mm"],
-            "mmZ": table["z_mm"],
-            "worldZ": table["world_z"],
-        }
-    )
+    return pd.DataFrame({name: table[source] for name, source in CENTRE_SOURCES.items()})
 
 
 def derive_luna16(
