@@ -57,6 +57,7 @@ from common import atomic
 from common import io as ct_io
 from common.cache import PrepareSettings, input_fingerprint
 from common.datasets.base import Nodule, ScanRecord
+from common.datasets.tables import RowPolicy
 from common.preprocess import HU_MIN, clip_hu
 
 log = logging.getLogger(__name__)
@@ -353,6 +354,7 @@ class PatchCache:
             The nodule table.
         """
         read_fn = read_fn or _default_read
+        policy = RowPolicy(strict, log)
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = self._manifest()
         if manifest.get("settings") != settings.to_dict():
@@ -390,10 +392,10 @@ class PatchCache:
                 try:
                     volume = read_fn(record)
                 except (OSError, ValueError, RuntimeError) as err:
-                    message = f"{record.image_path}: cannot read scan {record.uid} for nodule patches ({err})"
-                    if strict:
-                        raise ValueError(message + " (pass lenient=True to skip such scans)") from err
-                    log.warning("skipped: %s", message)
+                    policy.bad_row(
+                        f"{record.image_path}: cannot read scan {record.uid} for nodule patches ({err})",
+                        fix="pass lenient=True to skip such scans",
+                    )
                     continue
                 n_read += 1
                 array = clip_hu(volume.array)
@@ -401,13 +403,11 @@ class PatchCache:
                 for key, nodule in todo:
                     centre = volume.world_to_voxel(nodule.world_xyz)[0]
                     if not volume.contains_voxel(centre[None])[0]:
-                        message = (
+                        policy.bad_row(
                             f"{record.image_path}: nodule {nodule.nodule_id or key} at world "
-                            f"{tuple(round(v, 1) for v in nodule.world_xyz)} lies outside the scan"
+                            f"{tuple(round(v, 1) for v in nodule.world_xyz)} lies outside the scan",
+                            fix="check the annotation table or pass lenient=True",
                         )
-                        if strict:
-                            raise ValueError(message + " (check the annotation table or pass lenient=True)")
-                        log.warning("skipped: %s", message)
                         continue
                     block, offset = crop_block(array, centre, block_shape, settings.boundary)
                     file = f"{key}.npz"

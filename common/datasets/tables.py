@@ -36,10 +36,10 @@ class RowPolicy:
         self.log = logger or log
         self.skipped: list[str] = []
 
-    def bad_row(self, message: str) -> None:
-        """Report one unusable row: raise in strict mode, else log a warning and remember it."""
+    def bad_row(self, message: str, fix: str = "pass strict=False / --lenient to skip such rows") -> None:
+        """Report one unusable row (or scan): raise in strict mode, naming `fix`; else log and remember it."""
         if self.strict:
-            raise AnnotationError(message + " (pass strict=False / --lenient to skip such rows)")
+            raise AnnotationError(f"{message} ({fix})")
         self.log.warning("skipped: %s", message)
         self.skipped.append(message)
 
