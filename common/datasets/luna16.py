@@ -41,6 +41,7 @@ from common.datasets.geometry import ScanGeometry
 from common.datasets.tables import (
     AnnotationError,
     RowPolicy,
+    WorldColumns,
     cell_float,
     csv_line,
     find_scans,
@@ -57,14 +58,12 @@ CSV_FOLDERS = ("", "CSVFILES", "candidates_V2", "evaluationScript/annotations", 
 
 
 @dataclass(frozen=True)
-class LUNA16Columns:
-    """Column names of the LUNA16 CSVs (annotations, excluded, candidates), in case a copy renames them."""
+class LUNA16Columns(WorldColumns):
+    """Column names of the LUNA16 CSVs (annotations, excluded, candidates), in case a copy renames them.
 
-    seriesuid: str = "seriesuid"
-    x: str = "coordX"
-    y: str = "coordY"
-    z: str = "coordZ"
-    diameter: str = "diameter_mm"
+    The world columns are those of every LUNA16-style table (`WorldColumns`); candidates add their label.
+    """
+
     label: str = "class"
 
     def world(self) -> dict[str, str]:

@@ -43,21 +43,6 @@ HELP = "LDFC tree: MHD_3D/<n>.mhd, all_anno_3D.csv, anno_WorldCoord.csv, BMP_cla
 DEFAULT_SCANS = 5
 CLASSES = (0, 1, 2)
 TEST_FRACTION = 0.2
-VOXEL_COLUMNS = (
-    "index",
-    "image",
-    "x_min",
-    "x_max",
-    "y_min",
-    "y_max",
-    "z_min",
-    "z_max",
-    "x_center",
-    "y_center",
-    "z_center",
-    "diameter",
-)
-WORLD_COLUMNS = ("index", "coordX", "coordY", "coordZ", "diameter_mm", "radius")
 
 
 @dataclass(frozen=True)
@@ -95,6 +80,7 @@ def make_ldfc(
     Raises:
         ValueError: too few scans for a train and a test part that both hold every class.
     """
+    from common.datasets.ldfc import CLASS_NAMES, LDFCColumns
     from common.io import write_mhd
     from common.synth.luna16 import scan_volume
     from common.synth.manifest import manifest, write_manifest
@@ -153,12 +139,13 @@ def make_ldfc(
         entries.append(entry)
         log.debug("synthetic LDFC scan %d/%d written", p + 1, n_scans)
 
-    atomic.write_text(root / "all_anno_3D.csv", csv_text(VOXEL_COLUMNS, voxel_rows))
-    atomic.write_text(root / "anno_WorldCoord.csv", csv_text(WORLD_COLUMNS, world_rows))
+    # the headers the adapter reads by default; the voxel table also names its image file
+    columns = LDFCColumns()
+    voxel_header = [columns.scan, "image", *list(columns.voxel().values())[1:]]
+    atomic.write_text(root / "all_anno_3D.csv", csv_text(voxel_header, voxel_rows))
+    atomic.write_text(root / "anno_WorldCoord.csv", csv_text(list(columns.world().values()), world_rows))
     for part, names in voc_lists.items():
         atomic.write_text(root / "BMP_2D" / "ImageSets" / f"{part}.txt", "\n".join(names) + "\n")
-    classes = {"0": "benign", "1": "adenocarcinoma", "2": "squamous cell carcinoma"}
-    write_manifest(
-        root, manifest("ldfc", seed, size, entries, bank, {"classes": classes, "class_rule": "ldfc_class"})
-    )
+    extra = {"classes": dict(CLASS_NAMES), "class_rule": "ldfc_class"}
+    write_manifest(root, manifest("ldfc", seed, size, entries, bank, extra))
     return LDFCTree(root, n_scans, n_nodules, class_counts, {k: len(v) for k, v in voc_lists.items()})

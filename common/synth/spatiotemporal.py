@@ -46,14 +46,6 @@ CLASSES = (1, 2, 3, 4, 5, 6)
 VALIDATE_FRACTION = 1 / 6
 TIME_POINT_PATTERN = (2, 1, 2, 1, 3)
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
-CLASS_NAMES = {
-    1: "invasive adenocarcinoma",
-    2: "minimally invasive adenocarcinoma",
-    3: "adenocarcinoma in situ",
-    4: "other malignant subtypes",
-    5: "inflammation",
-    6: "other benign subtypes",
-}
 
 
 @dataclass(frozen=True)
@@ -97,6 +89,7 @@ def make_spatiotemporal(
     Raises:
         ValueError: too few patients for a training and a validation part that both hold every class.
     """
+    from common.datasets.spatiotemporal import CLASS_NAMES
     from common.io import write_mhd
     from common.synth.luna16 import scan_volume
     from common.synth.manifest import manifest, write_manifest
@@ -169,10 +162,10 @@ def make_spatiotemporal(
         )
     readme = ["Synthetic stand-in (lungdata synth spatiotemporal); images per class:"]
     for part, counts in class_counts.items():
-        readme.append(f"{part}: " + ", ".join(f"{c} ({CLASS_NAMES[int(c)]}): {n}" for c, n in counts.items()))
+        readme.append(f"{part}: " + ", ".join(f"{c} ({CLASS_NAMES[c]}): {n}" for c, n in counts.items()))
     atomic.write_text(root / "class_dataset" / "READ_ME.txt", "\n".join(readme) + "\n")
     extra = {
-        "classes": {str(k): v for k, v in CLASS_NAMES.items()},
+        "classes": dict(CLASS_NAMES),
         "class_rule": "stpd_class",
         "patients": n_patients,
         "time_points": dict(Counter(per_patient)),
