@@ -10,8 +10,9 @@ chooses how one is made and it is saved beside the cache so every later run sees
 - "claf_sixfold": the CLAF paper's six folds (seeded), same rotation;
 - "ratio": patient-level train/val/test by `ratios` (seeded).
 
-`PartLoaderDataModule` holds the loader hooks; datamodules that do not read this cache (the lungcls patch
-and image-folder modules) derive from it directly, so every package builds its loaders in one place.
+`PartLoaderDataModule` holds the per-part datasets and the loader hooks; datamodules that do not read this
+cache (the lungcls patch and image-folder modules) derive from it directly, so every package builds its
+parts and loaders in one place.
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ def path_digest(path: str | Path) -> str:
 
 
 class PartLoaderDataModule(LightningDataModule):
-    """The four loader hooks of Lightning over `self.datasets[part]`, written once for every datamodule.
+    """Datasets per part and Lightning's four loader hooks over them, written once for every datamodule.
 
-    A subclass fills `datasets` ("train", "val", "test", "predict") in `setup` and sets `batch_size` and
-    `num_workers`; the class attributes below tune the loaders without repeating them. Training shuffles,
-    the other parts keep their order (predictions are joined back to their rows by index).
+    A subclass builds `datasets` ("train", "val", "test", "predict") in `setup` through `setup_parts` and
+    sets `batch_size` and `num_workers`; the class attributes below tune the loaders without repeating
+    them. Training shuffles, the other parts keep their order (predictions are joined back by index).
 
     Attributes:
         eval_batch_size: batch size of val/test/predict; None uses `batch_size`.
