@@ -39,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from common.atomic import atomic_path
 from common.experiments.launch import PACKAGE_COMMANDS, launch, package_command, resolve_path
 from common.experiments.runs import read_metrics_csv
 
@@ -399,10 +400,8 @@ def rank(results: Sequence[TrialResult], goal: str) -> list[TrialResult]:
 
 def write_results(results: Sequence[TrialResult], spec: SweepSpec, path: Path) -> Path:
     """The ranked results CSV: rank, trial, status, metric value, seconds, every parameter, run folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     names = [p.name for p in spec.parameters]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["rank", "trial", "status", spec.metric or "metric", "seconds", *names, "folder"])
         for position, result in enumerate(rank(results, spec.goal), start=1):
@@ -419,7 +418,6 @@ def write_results(results: Sequence[TrialResult], spec: SweepSpec, path: Path) -
                     result.folder,
                 ]
             )
-    os.replace(tmp, path)
     return path
 
 

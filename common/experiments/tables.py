@@ -55,6 +55,7 @@ from typing import Any
 
 import yaml
 
+from common.atomic import atomic_path, write_text
 from common.experiments.launch import (
     PACKAGE_COMMANDS,
     check_dataset_roots,
@@ -941,15 +942,9 @@ def render_csv(result: TableResult) -> str:
 def write_outputs(result: TableResult, out_dir: str | Path) -> tuple[Path, Path]:
     """Write `<table>.md` and `<table>.csv` into `out_dir` (atomically); return their paths."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for suffix, text in ((".md", render_markdown(result)), (".csv", render_csv(result))):
-        path = out_dir / f"{result.spec.name}{suffix}"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths[0], paths[1]
+    markdown = write_text(out_dir / f"{result.spec.name}.md", render_markdown(result))
+    table = write_text(out_dir / f"{result.spec.name}.csv", render_csv(result))
+    return markdown, table
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -1033,12 +1028,11 @@ def _store_computed(run_dir: Path, values: Mapping[str, float], target: str) -> 
     """Write a function part's result as a run version (metrics.csv + run_info.json, stage "compute")."""
     numbers = [v.number for v in run_versions(run_dir)]
     folder = run_dir / f"version_{(max(numbers) + 1) if numbers else 0}"
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "metrics.csv").open("w", newline="") as handle:
+    with atomic_path(folder / "metrics.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(list(values))
         writer.writerow([repr(v) for v in values.values()])
-    (folder / "run_info.json").write_text(json.dumps({"stage": COMPUTE_STAGE, "function": target}, indent=2))
+    write_text(folder / "run_info.json", json.dumps({"stage": COMPUTE_STAGE, "function": target}, indent=2))
     return folder
 
 
