@@ -21,8 +21,12 @@ With C classes, N_c test samples of class c and class weight w_c = N_c / N (pape
 Predictions are the arg-max class. Mean ± std "across samples" (M³Net §4.3) is a bootstrap over
 test samples: :func:`bootstrap_classification_scores`.
 
-For validation loops :func:`classification_metric_collection` gives the same numbers as a
-torchmetrics ``MetricCollection`` (checked against this module in the tests).
+For validation and test loops, :class:`ClassificationScores` is the torchmetrics form of
+:func:`classification_scores`: it keeps every sample's label and probabilities with its dataset index, so
+under DDP the samples that ``DistributedSampler`` pads in are counted once
+(:mod:`common.metrics.unique_samples`), and computes the numbers above on the whole set.
+:func:`classification_metric_collection` gives the same numbers with torchmetrics' own classes (checked
+against this module in the tests), but it cannot tell a padded copy from a new sample.
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.stats import rankdata
+
+from common.metrics.unique_samples import UniqueSampleMetric
 
 CLASSIFICATION_KEYS = ("acc", "bacc", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc", "qwk")
 
@@ -210,3 +217,56 @@ def classification_metric_collection(num_classes: int, prefix: str | None = None
         },
         prefix=prefix,
     )
+
+
+class ClassificationScores(UniqueSampleMetric):
+    """:func:`classification_scores` over the distinct samples of all ranks (DDP padding counted once).
+
+    Each sample is stored as its label, its class probabilities and its key (the dataset index in the
+    batch), so ``compute()`` sees the whole evaluation set once, in key order, whatever the number of
+    ranks. :meth:`compute_samples` returns those samples for reports (predictions tables, bootstrap).
+
+    Args:
+        num_classes: C; ``update`` takes (B, C) probabilities.
+        kwargs: torchmetrics ``Metric`` options.
+    """
+
+    higher_is_better = True
+
+    def __init__(self, num_classes: int, **kwargs: Any) -> None:
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        super().__init__(width=num_classes + 1, **kwargs)
+        self.num_classes = int(num_classes)
+        self._last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def update(self, probs: Any, labels: Any, keys: Any) -> None:
+        """Add a batch: (B, C) probabilities, (B,) integer labels, (B,) sample keys (dataset indices)."""
+        p = torch.as_tensor(probs).detach().to(torch.float64).cpu()
+        y = torch.as_tensor(labels).detach().reshape(-1).cpu()
+        if p.ndim != 2 or p.shape[1] != self.num_classes or p.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"expected (B, {self.num_classes}) probabilities for {y.shape[0]} labels, got {tuple(p.shape)}"
+            )
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}); got {y.min()}..{y.max()}")
+        self._add(keys, torch.cat((y.to(torch.float64).reshape(-1, 1), p), 1))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """The metrics of ``CLASSIFICATION_KEYS`` on the distinct samples (NaN when there are none)."""
+        keys, rows = self.unique_samples()
+        labels, probs = rows[:, 0].astype(np.int64), rows[:, 1:]
+        self._last = (keys, labels, probs)
+        if keys.size == 0:
+            return {k: torch.tensor(float("nan")) for k in CLASSIFICATION_KEYS}
+        scores = classification_scores(labels, probs, self.num_classes)
+        return {k: torch.tensor(scores[k], dtype=torch.float32) for k in CLASSIFICATION_KEYS}
+
+    def compute_samples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(keys, labels, probabilities (m, C)) of the distinct samples of all ranks, in key order.
+
+        Goes through :meth:`compute` so that the states are gathered across ranks first.
+        """
+        self.compute()
+        assert self._last is not None
+        return self._last

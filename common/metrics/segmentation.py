@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchmetrics import Metric
-from torchmetrics.utilities.data import dim_zero_cat
+
+from common.metrics.unique_samples import UniqueSampleMetric
 
 SEGMENTATION_KEYS = ("dice", "iou", "sensitivity", "precision", "hd95")
 
@@ -128,38 +128,53 @@ def aggregate_segmentation_scores(cases: Iterable[dict[str, float]]) -> dict[str
     return out
 
 
-class SegmentationScores(Metric):
+class SegmentationScores(UniqueSampleMetric):
     """Per-case Dice / IoU / sensitivity / precision / HD95 accumulated across batches and ranks.
 
-    Each ``update`` scores its cases on the spot and stores one row per case (``cat`` state), so the
-    epoch value is the mean over cases of all ranks, NaN-aware as in
-    :func:`aggregate_segmentation_scores`. HD95 runs on CPU through MONAI; switch it off for cheap
-    per-epoch validation with ``with_hd95=False``.
+    Each ``update`` scores its cases on the spot and stores one row per case with the case's key, so the
+    epoch value is the mean over the distinct cases of all ranks, NaN-aware as in
+    :func:`aggregate_segmentation_scores`. A case that ``DistributedSampler`` padded in (the same scan
+    scored on two ranks) carries the same key twice and counts once (:mod:`common.metrics.unique_samples`);
+    without keys every row is a case of its own. HD95 runs on CPU through MONAI; switch it off for cheap
+    per-epoch validation with ``with_hd95=False``. After ``compute()``, :attr:`n_cases` is the number of
+    distinct cases it averaged (the same on every rank).
 
     Args:
         with_hd95: compute HD95 (mm) as well.
         threshold: probabilities above this are foreground when float maps are passed.
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
 
     def __init__(self, with_hd95: bool = True, threshold: float = 0.5, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(width=len(SEGMENTATION_KEYS), **kwargs)
         self.with_hd95 = with_hd95
         self.threshold = threshold
-        self.add_state("rows", default=[], dist_reduce_fx="cat")
+        self.n_cases = 0
 
-    def update(self, preds: Any, targets: Any, spacings: Sequence[Sequence[float]] | None = None) -> None:
+    def update(
+        self,
+        preds: Any,
+        targets: Any,
+        spacings: Sequence[Sequence[float]] | None = None,
+        keys: Sequence[int] | torch.Tensor | None = None,
+    ) -> None:
         """Score a batch: ``preds``/``targets`` (B, [Z,] Y, X) masks or probability maps.
 
         Args:
             preds: predictions; floats are thresholded at ``threshold``.
             targets: reference masks.
             spacings: per case (x, y[, z]) in mm, or None for 1 mm.
+            keys: per case a non-negative integer naming it on every rank (e.g.
+                ``sample_key(uid, nodule_label)``), or None: no de-duplication.
         """
         n = len(preds)
+        if len(targets) != n or (spacings is not None and len(spacings) != n):
+            raise ValueError(
+                f"got {n} predictions, {len(targets)} references"
+                + ("" if spacings is None else f" and {len(spacings)} spacings")
+                + "; pass one of each per case"
+            )
         rows = []
         for i in range(n):
             p = preds[i]
@@ -172,10 +187,12 @@ class SegmentationScores(Metric):
                 p, targets[i], None if spacings is None else spacings[i], with_hd95=self.with_hd95
             )
             rows.append([s.get(k, float("nan")) for k in SEGMENTATION_KEYS])
-        self.rows.append(torch.tensor(rows, dtype=torch.float64, device=self.device).reshape(-1, 5))
+        self._add(keys, torch.tensor(rows, dtype=torch.float64).reshape(-1, len(SEGMENTATION_KEYS)))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        rows = dim_zero_cat(self.rows).reshape(-1, 5).cpu().numpy() if self.rows else np.zeros((0, 5))
+        """Mean of each metric over the distinct cases where it is defined (NaN when there are none)."""
+        _, rows = self.unique_samples()
+        self.n_cases = int(rows.shape[0])
         keys = SEGMENTATION_KEYS if self.with_hd95 else SEGMENTATION_KEYS[:-1]
         agg = aggregate_segmentation_scores({k: r[j] for j, k in enumerate(keys)} for r in rows)
         return {k: torch.tensor(agg.get(k, float("nan")), dtype=torch.float32) for k in keys}

@@ -11,6 +11,7 @@ from sklearn import metrics as skm
 
 from common.metrics.classification import (
     CLASSIFICATION_KEYS,
+    ClassificationScores,
     bootstrap_classification_scores,
     classification_metric_collection,
     classification_scores,
@@ -126,3 +127,20 @@ def test_torchmetrics_collection_matches(c: int) -> None:
     got = {k.removeprefix("val/"): float(v) for k, v in collection.compute().items()}
     for key in CLASSIFICATION_KEYS:
         assert got[key] == pytest.approx(ours[key], abs=1e-5), key
+
+
+def test_classification_scores_metric_counts_a_padded_sample_once() -> None:
+    y, p = _data(50, 3, 2)
+    ours = classification_scores(y, p)
+    metric = ClassificationScores(3)
+    order = np.random.default_rng(0).permutation(50)
+    for part in (order[:20], order[20:], order[:3]):  # the last batch repeats samples (DDP padding)
+        metric.update(torch.from_numpy(p[part]), torch.from_numpy(y[part]), torch.from_numpy(part))
+    got = {k: float(v) for k, v in metric.compute().items()}
+    assert got == pytest.approx(ours, rel=1e-6, nan_ok=True)
+    keys, labels, probs = metric.compute_samples()
+    assert keys.tolist() == list(range(50)) and (labels == y).all() and np.allclose(probs, p)
+    metric.reset()
+    assert all(math.isnan(float(v)) for v in metric.compute().values())
+    with pytest.raises(ValueError, match="labels"):
+        metric.update(torch.from_numpy(p[:2]), torch.tensor([0, 3]), torch.tensor([0, 1]))

@@ -12,6 +12,7 @@ from scipy import ndimage
 from sklearn.metrics import precision_score, recall_score
 
 from common.metrics.segmentation import (
+    SEGMENTATION_KEYS,
     SegmentationScores,
     aggregate_segmentation_scores,
     hd95,
@@ -142,3 +143,23 @@ def test_aggregate_and_torchmetrics_form() -> None:
     out = metric.compute()
     for key in ("dice", "iou", "sensitivity", "hd95"):
         assert float(out[key]) == pytest.approx(agg[key], rel=1e-6), key
+
+
+def test_scores_keyed_cases_count_once_and_compute_reads_gathered_tensor_states() -> None:
+    cases = [_blobs((12, 16, 16), s) for s in range(3)]
+    spacing = (0.8, 0.8, 1.5)
+    agg = aggregate_segmentation_scores(segmentation_scores(p, t, spacing) for p, t in cases)
+    metric = SegmentationScores()
+    for group in ([0, 1], [2, 0]):  # case 0 again, as DistributedSampler padding delivers it
+        metric.update([cases[i][0] for i in group], [cases[i][1] for i in group], [spacing] * 2, keys=group)
+    out = metric.compute()
+    assert metric.n_cases == 3
+    for key in SEGMENTATION_KEYS:
+        assert float(out[key]) == pytest.approx(agg[key], rel=1e-6), key
+    # After a DDP sync torchmetrics leaves each "cat" list state as one tensor; compute must read that.
+    for name in ("sample_key", "sample_token", "sample_rows"):
+        setattr(metric, name, torch.cat(getattr(metric, name)))
+    metric._computed = None
+    assert float(metric.compute()["dice"]) == pytest.approx(agg["dice"], rel=1e-6)
+    with pytest.raises(ValueError, match="per case"):
+        metric.update([cases[0][0]], [], [spacing])
