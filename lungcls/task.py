@@ -2,12 +2,11 @@
 
 All three share `ClassificationTask` (a `common.lightning.BaseTask`):
 
-- validation logs the full metric set of `common.metrics.classification` as a torchmetrics collection
-  (``val/acc``, ``val/roc_auc``, … ; ``val/loss``), so checkpoints can monitor any of them;
-- test gathers every probability (DDP-safe, `torchmetrics.aggregation.CatMetric`), logs each metric on the
-  whole test set (``test/<metric>``) and its bootstrap std (``test/<metric>_std``), and writes the report
-  of `lungcls.reporting` (metrics JSON with mean ± std, predictions CSV, confusion matrix PNG) into the
-  run folder;
+- validation logs the full metric set of `common.metrics.classification` (``val/acc``, ``val/roc_auc``,
+  …) and ``val/loss`` on the whole validation set, so checkpoints can monitor any of them;
+- test gathers every probability, logs each metric on the whole test set (``test/<metric>``, ``test/loss``)
+  and its bootstrap std (``test/<metric>_std``), and writes the report of `lungcls.reporting` (metrics JSON
+  with mean ± std, predictions CSV, confusion matrix PNG) into the run folder;
 - predict writes ``predict_predictions.csv`` (class probabilities per sample, joined with the part's
   table from the datamodule — nodule key, scan uid, world centre; never a patient id).
 
@@ -24,6 +23,16 @@ checkpoint (`init_checkpoint`) on `lungcls.data.FewShotPatchDataModule`.
 `PathologyTask` — a timm classifier from the papers' zoo by name (`lungcls.models.pathology`), CE, scored
 by ACC and QWK (the whole set is reported too).
 
+Evaluation under DDP: every validation/test sample is stored with its dataset index (``batch["index"]``)
+in `common.metrics.classification.ClassificationScores` and `common.metrics.unique_samples.UniqueSampleMean`,
+so the samples that ``DistributedSampler`` pads in (3 images on 2 ranks are scored as 4) count once and
+every number equals the single-process one. ``<stage>/loss`` is therefore the per-sample part of the
+objective averaged over the set — PyTorch's weighted-mean cross-entropy for `ScaleTask` and
+`PathologyTask` (their whole objective), the fused and per-scale cross-entropies for `M3NetTask` (also
+logged as ``<stage>/ce_fused``, ``<stage>/ce_<scale>``). M3Net's alignment and attention terms compare the
+samples of a batch with each other, so they have no per-sample value; they are logged as batch means
+(``val/align``, ``val/attn``, …) and depend on how the set is cut into batches and ranks.
+
 Checkpoint loading: stage-1 and initial checkpoints are read with ``torch.load(weights_only=True)`` and
 only their ``state_dict`` is used. A stage-2 run resumed with ``--ckpt_path`` does not reload the stage-1
 files (the checkpoint holds the trained branches).
@@ -34,25 +43,47 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MetricCollection
-from torchmetrics.aggregation import CatMetric
 
 from common.lightning import BaseTask
-from common.metrics.classification import CLASSIFICATION_KEYS, classification_metric_collection
-from lungcls.losses import AlignmentLoss, M3NetLoss
+from common.metrics.classification import CLASSIFICATION_KEYS, ClassificationScores
+from common.metrics.unique_samples import UniqueSampleMean
+from lungcls.losses import AlignmentLoss, M3NetLoss, attention_l2_penalty
 from lungcls.models import create_m3net, create_pathology_classifier, create_scale_classifier
 from lungcls.reporting import format_scores, prediction_table, write_classification_report
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClassificationTask", "M3NetTask", "PathologyTask", "ScaleTask", "load_state_dict"]
+__all__ = [
+    "ClassificationTask",
+    "EvaluationTerms",
+    "M3NetTask",
+    "PathologyTask",
+    "ScaleTask",
+    "load_state_dict",
+]
+
+
+class EvaluationTerms(NamedTuple):
+    """What one evaluation batch contributes to the set-level numbers (module docstring).
+
+    Attributes:
+        logits: (B, C) class logits.
+        per_sample: name → (B,) per-sample loss terms with ``reduction="none"``; ``"loss"`` is required.
+        weights: (B,) denominators: the class weight of each target, or ones.
+        batch_terms: name → scalar terms that exist only per batch (logged as batch means).
+    """
+
+    logits: Tensor
+    per_sample: dict[str, Tensor]
+    weights: Tensor
+    batch_terms: dict[str, Tensor]
 
 
 def load_state_dict(path: str | Path, what: str = "checkpoint") -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -111,14 +142,22 @@ class ClassificationTask(BaseTask):
         super().__init__(**kwargs)
         weight = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("ce_weight", weight, persistent=False)
-        self._gathered = {k: CatMetric() for k in ("probs", "labels", "indices")}
-        for name, metric in self._gathered.items():
-            self.add_module(f"_test_{name}", metric)
         self._predictions: list[tuple[Tensor, Tensor]] = []
         self.test_scores: dict[str, dict[str, float]] = {}
 
     def configure_metrics(self) -> MetricCollection:
-        return classification_metric_collection(self.hparams.num_classes)
+        """Scores and per-sample loss terms keyed by dataset index (each sample once under DDP)."""
+        return MetricCollection(
+            {
+                "scores": ClassificationScores(self.hparams.num_classes),
+                "loss": UniqueSampleMean(self.sample_loss_names()),
+            },
+            compute_groups=False,
+        )
+
+    def sample_loss_names(self) -> tuple[str, ...]:
+        """Names of the per-sample loss terms `_evaluation_terms` returns (``"loss"`` first)."""
+        return ("loss",)
 
     # ------------------------------------------------------------------------------------- hooks
     def _logits(self, batch: Mapping[str, Any]) -> Tensor:
@@ -135,11 +174,33 @@ class ClassificationTask(BaseTask):
         )
         return loss, logits, {}
 
+    @staticmethod
+    def _sample_ce(logits: Tensor, labels: Tensor, weight: Tensor | None, smoothing: float) -> Tensor:
+        """(B,) cross-entropy terms whose sum over a set divided by Σ weight[label] is the mean CE."""
+        return F.cross_entropy(
+            logits.float(), labels, weight=weight, label_smoothing=smoothing, reduction="none"
+        )
+
+    @staticmethod
+    def _target_weights(labels: Tensor, weight: Tensor | None) -> Tensor:
+        return (
+            weight[labels].float()
+            if weight is not None
+            else torch.ones(labels.shape[0], device=labels.device)
+        )
+
+    def _evaluation_terms(self, batch: Mapping[str, Any]) -> EvaluationTerms:
+        """Per-sample CE of the task's logits (the whole objective of the single-head tasks)."""
+        logits = self._logits(batch)
+        labels = batch["label"]
+        ce = self._sample_ce(logits, labels, self.ce_weight, self.hparams.label_smoothing)
+        return EvaluationTerms(logits, {"loss": ce}, self._target_weights(labels, self.ce_weight), {})
+
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.init_checkpoint and not self._resuming():
             state, _ = load_state_dict(self.hparams.init_checkpoint, "init_checkpoint")
             missing, unexpected = self.load_state_dict(state, strict=False)
-            if unexpected or [k for k in missing if not k.startswith("_test_")]:
+            if unexpected or missing:
                 raise ValueError(
                     f"init_checkpoint {self.hparams.init_checkpoint} does not match {type(self).__name__}: "
                     f"missing {missing[:5]}, unexpected {unexpected[:5]}"
@@ -161,24 +222,26 @@ class ClassificationTask(BaseTask):
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        loss, logits, parts = self._loss(batch, "val")
+    def _evaluate(self, batch: Mapping[str, Any], stage: str) -> None:
+        """Score a validation/test batch into the stage's metrics, keyed by dataset index."""
+        terms = self._evaluation_terms(batch)
+        metrics = self.metrics_for(stage)
+        index = batch["index"]
+        metrics["scores"].update(terms.logits.float().softmax(dim=1), batch["label"], index)
+        metrics["loss"].update(index, terms.per_sample, terms.weights)
         n = self._batch_size(batch)
-        self.val_metrics.update(logits.float().softmax(dim=1), batch["label"])
-        self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=n, sync_dist=True)
-        for name, value in parts.items():
-            self.log(f"val/{name}", value, on_epoch=True, batch_size=n, sync_dist=True)
+        for name, value in terms.batch_terms.items():
+            self.log(f"{stage}/{name}", value, on_epoch=True, batch_size=n, sync_dist=True)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute())
+        self.log_dict({k: float(v) for k, v in self.val_metrics.compute().items()})
         self.val_metrics.reset()
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        loss, logits, _ = self._loss(batch, "test")
-        self.log("test/loss", loss, on_epoch=True, batch_size=self._batch_size(batch), sync_dist=True)
-        self._gathered["probs"].update(logits.float().softmax(dim=1))
-        self._gathered["labels"].update(batch["label"])
-        self._gathered["indices"].update(batch["index"])
+        self._evaluate(batch, "test")
 
     def _table(self, part: str) -> pd.DataFrame | None:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -200,11 +263,11 @@ class ClassificationTask(BaseTask):
         return list(names) if names else None
 
     def on_test_epoch_end(self) -> None:
-        probs = self._gathered["probs"].compute().reshape(-1, self.hparams.num_classes).cpu().numpy()
-        labels = self._gathered["labels"].compute().cpu().numpy().astype(np.int64)
-        indices = self._gathered["indices"].compute().cpu().numpy().astype(np.int64)
-        for metric in self._gathered.values():
-            metric.reset()
+        indices, labels, probs = self.test_metrics["scores"].compute_samples()
+        losses = {k: float(v) for k, v in self.test_metrics["loss"].compute().items()}
+        self.test_metrics.reset()
+        for name, value in losses.items():
+            self.log(f"test/{name}", value)
         if self.trainer.is_global_zero:
             self.test_scores = write_classification_report(
                 self._out_dir(),
@@ -455,6 +518,33 @@ class M3NetTask(ClassificationTask):
         parts = self.criterion(output, batch["label"])
         loss = parts.pop("loss")
         return loss, output.logits, {k: v.detach() for k, v in parts.items()}
+
+    def sample_loss_names(self) -> tuple[str, ...]:
+        return ("loss", "ce_fused", *(f"ce_{int(s)}" for s in self.hparams.scales))
+
+    def _evaluation_terms(self, batch: Mapping[str, Any]) -> EvaluationTerms:
+        """Per-sample fused and per-scale CEs (their weighted sum is ``loss``); alignment/attention per batch."""
+        output = self.model(batch["patches"])
+        labels = batch["label"]
+        crit = self.criterion
+        per_sample = {
+            "ce_fused": self._sample_ce(output.logits, labels, crit.class_weights, crit.label_smoothing)
+        }
+        loss = crit.fused_weight * per_sample["ce_fused"]
+        for scale, logits in output.scale_logits.items():
+            per_sample[f"ce_{int(scale)}"] = self._sample_ce(
+                logits, labels, crit.class_weights, crit.label_smoothing
+            )
+            loss = loss + crit.scale_weight * per_sample[f"ce_{int(scale)}"]
+        per_sample["loss"] = loss
+        batch_terms: dict[str, Tensor] = {}
+        if crit.beta:
+            batch_terms.update({k: v.detach() for k, v in crit.alignment(output.embeddings).items()})
+        if crit.lambda_attn and output.attention:
+            batch_terms["attn"] = attention_l2_penalty(output.attention).detach()
+        return EvaluationTerms(
+            output.logits, per_sample, self._target_weights(labels, crit.class_weights), batch_terms
+        )
 
 
 class PathologyTask(ClassificationTask):
