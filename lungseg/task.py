@@ -16,7 +16,8 @@ predict_scan` gives 3D candidates and the nodule probability volume, then
 
 * ``<stage>/dice``, ``/iou``, ``/seg_sensitivity``, ``/seg_precision``, ``/hd95`` (mm) — per nodule, 3D,
   on the cache grid, inside the nodule's bounding box + 3 voxels, other nodules' voxels left out
-  (:class:`common.metrics.segmentation.SegmentationScores`); scans with masks only;
+  (:class:`common.metrics.segmentation.SegmentationScores`); scans with masks only; each nodule is keyed by
+  (scan uid, label value), so a scan that DDP's ``DistributedSampler`` pads in twice is scored once;
 * ``<stage>/cpm`` and ``<stage>/sens@0.125 … sens@8`` — LUNA16 FROC (:class:`common.metrics.froc_torch.
   LUNA16FROC`, official hit rules, DDP-gathered);
 * ``<stage>/precision``, ``/recall``, ``/f1``, ``/fp`` (GLANCE Table 3's FP column = 100 − precision %),
@@ -37,6 +38,7 @@ evaluation and output settings (:data:`RUN_SETTINGS`) are left out so that ``lun
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ from torchmetrics import MetricCollection
 from common.lightning.task import BaseTask
 from common.metrics.froc_torch import LUNA16FROC, scan_key_from_uid
 from common.metrics.segmentation import SegmentationScores
+from common.metrics.unique_samples import sample_key
 from lungseg.inference import (
     InferenceConfig,
     ScanPrediction,
@@ -276,24 +279,32 @@ class GlanceTask(BaseTask):
         labels = item.get("labels")
         if labels is None or pred.probability is None:
             return
-        preds, targets = self.nodule_boxes(labels, pred.probability >= self.inference.seg_threshold)
+        values, preds, targets = self.nodule_boxes(labels, pred.probability >= self.inference.seg_threshold)
         if preds:
             spacing = tuple(float(v) for v in item["spacing"])
-            metrics["seg"].update(preds, targets, [spacing] * len(preds))
+            # a nodule is (scan, label value) on every rank: a scan padded in twice is scored once
+            keys = [sample_key(item["uid"], v) for v in values]
+            metrics["seg"].update(preds, targets, [spacing] * len(preds), keys=keys)
 
     @staticmethod
-    def nodule_boxes(labels: np.ndarray, predicted: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Per reference nodule: (prediction, reference) in its bounding box + margin, other nodules masked."""
-        preds, targets = [], []
+    def nodule_boxes(
+        labels: np.ndarray, predicted: np.ndarray
+    ) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+        """Per reference nodule: its label value and (prediction, reference) in its bounding box + margin.
+
+        Voxels of other nodules inside the box are left out of both masks.
+        """
+        values, preds, targets = [], [], []
         for value, box in enumerate(ndi.find_objects(np.asarray(labels)), start=1):
             if box is None:
                 continue
             grown = tuple(slice(max(s.start - BOX_MARGIN, 0), s.stop + BOX_MARGIN) for s in box)
             region = np.asarray(labels[grown])
             others = (region > 0) & (region != value)
+            values.append(value)
             preds.append(np.asarray(predicted[grown], dtype=bool) & ~others)
             targets.append(region == value)
-        return preds, targets
+        return values, preds, targets
 
     def _evaluate(self, batch: list[dict[str, Any]], stage: str) -> None:
         for item in batch:
@@ -310,9 +321,14 @@ class GlanceTask(BaseTask):
         metrics = self.metrics_for(stage)
         values: dict[str, torch.Tensor] = {}
         seg = metrics["seg"]
-        if seg.update_called:
+        # Computed on every rank even without local cases: under DDP compute() gathers, and a rank whose
+        # scans had no masks must take part; n_cases (all ranks) decides whether there is anything to log.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method.*")
+            seg_values = seg.compute()
+        if seg.n_cases:
             names = {"sensitivity": "seg_sensitivity", "precision": "seg_precision"}
-            values.update({f"{stage}/{names.get(k, k)}": v for k, v in seg.compute().items()})
+            values.update({f"{stage}/{names.get(k, k)}": v for k, v in seg_values.items()})
         if metrics["froc"].update_called:
             values.update({f"{stage}/{k}": v for k, v in metrics["froc"].compute().items()})
             counts = metrics["operating"].compute_result().counts
