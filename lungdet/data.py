@@ -44,7 +44,6 @@ what ran before; resuming from an epoch-end checkpoint replays exactly the same 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -61,7 +60,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from common.cache import PreprocessedCache, prepare_cache
 from common.datasets.geometry import ScanGeometry
 from common.datasets.registry import open_dataset
-from common.lightning.datamodule import CacheDataModule
+from common.lightning.datamodule import CacheDataModule, path_digest
 from common.metrics.froc import UNKNOWN_DIAMETER_MM
 from common.metrics.froc_io import read_results
 from common.preprocess import CLAF_WINDOW
@@ -705,9 +704,10 @@ class _LungdetDataModule(CacheDataModule):
     # Predicting on a folder of new scans must not need the training dataset (a hospital has no LUNA16).
     @property
     def predict_cache_dir(self) -> Path:
-        digest = hashlib.sha1(str(Path(self.predict_root).resolve()).encode()).hexdigest()[:8]
+        """The base class's folder (`predict-<digest of predict_root>` beside the cache), found without
+        resolving the training root."""
         base = Path(self._cache_dir).parent if self._cache_dir else Path("cache")
-        return base / f"predict-{digest}"
+        return base / f"predict-{path_digest(self.predict_root)}"
 
     def _predicting_folder(self) -> bool:
         trainer = getattr(self, "trainer", None)
