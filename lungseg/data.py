@@ -477,12 +477,3 @@ class GlanceDataModule(CacheDataModule):
             persistent_workers=self.num_workers > 0,
             drop_last=False,
         )
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False, batch_size=self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False, batch_size=self.eval_batch_size)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", shuffle=False, batch_size=self.eval_batch_size)
