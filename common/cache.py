@@ -46,7 +46,7 @@ from common import atomic, preprocess
 from common import io as ct_io
 from common.datasets.base import Nodule, ScanRecord
 from common.datasets.geometry import ScanGeometry
-from common.datasets.tables import AnnotationError
+from common.datasets.tables import RowPolicy, locate_in_scan
 
 log = logging.getLogger(__name__)
 
@@ -173,20 +173,16 @@ def _finding_entries(
     original: ScanGeometry,
     cached: ScanGeometry,
     uid: str,
-    strict: bool,
+    policy: RowPolicy,
 ) -> list[dict[str, Any]]:
-    """Findings as manifest rows (world and cached-grid voxel coordinates); out-of-volume ones are errors."""
+    """Findings as manifest rows (world and cached-grid voxel coordinates); out-of-volume ones are bad rows."""
     rows = []
     for finding in findings:
         xyz = np.asarray(finding.world_xyz, dtype=np.float64)
-        if not original.contains(original.world_to_voxel(xyz)):
-            message = (
-                f"{finding.extras.get('source', 'annotation')}: finding at world {tuple(round(float(v), 2) for v in xyz)} lies "
-                f"outside scan {uid} (size {original.size_xyz} voxels at spacing {original.spacing})"
-            )
-            if strict:
-                raise AnnotationError(message + "; fix the row, or pass --lenient / strict=False to drop it")
-            log.warning("dropped: %s", message)
+        where = str(finding.extras.get("source", "annotation"))
+        _, problem = locate_in_scan(original, xyz, where, "finding", f"scan {uid}")
+        if problem:
+            policy.bad_row(problem, fix="fix the row, or pass --lenient / strict=False to drop it")
             continue
         row: dict[str, Any] = {
             "world_xyz": [float(v) for v in xyz],
@@ -216,9 +212,10 @@ def _annotations(record: ScanRecord, entry: dict[str, Any], strict: bool) -> dic
         entry["original_shape"], entry["original_spacing"], entry["origin"], entry["direction"]
     )
     cached = _geometry(entry["shape"], entry["spacing"], entry["origin"], entry["direction"])
+    policy = RowPolicy(strict, log)
     return {
-        "nodules": _finding_entries(record.nodules, original, cached, record.uid, strict),
-        "excluded": _finding_entries(record.excluded, original, cached, record.uid, strict),
+        "nodules": _finding_entries(record.nodules, original, cached, record.uid, policy),
+        "excluded": _finding_entries(record.excluded, original, cached, record.uid, policy),
     }
 
 
