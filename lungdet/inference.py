@@ -38,6 +38,7 @@ from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
 from common import atomic
+from common.metrics.froc_io import RESULT_COLUMNS
 from lungdet.anchors import anchor_grid
 from lungdet.data import geometry_of
 from lungdet.models import coordinate_maps, crop_candidates
@@ -54,8 +55,6 @@ __all__ = [
     "suppress_near_duplicates",
     "write_results_csv",
 ]
-
-RESULT_COLUMNS: tuple[str, ...] = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
 
 
 def _stride_of(net: nn.Module) -> int:

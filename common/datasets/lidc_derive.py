@@ -28,6 +28,7 @@ import pandas as pd
 from scipy.sparse.csgraph import connected_components
 
 from common.datasets.lidc_db import RATING_NAMES, LIDCDatabase, malignancy_label
+from common.datasets.tables import ANNOTATION_COLUMNS
 
 #: The numbers the papers report, for comparison in the CLI and the docs.
 LUNA16_PUBLISHED = {"scans": 888, "nodules": 1186}
@@ -328,7 +329,7 @@ def luna16_annotations_csv(nodules: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(
             "world coordinates missing: add them with join_world(nodules, origin, spacing, direction)"
         )
-    return nodules[["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]].copy()
+    return nodules[list(ANNOTATION_COLUMNS)].copy()
 
 
 def label_counts(table: pd.DataFrame) -> dict[str, int]:

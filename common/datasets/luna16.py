@@ -69,6 +69,14 @@ class LUNA16Columns(WorldColumns):
     def world(self) -> dict[str, str]:
         return {"seriesuid": self.seriesuid, "x": self.x, "y": self.y, "z": self.z}
 
+    def candidate_header(self) -> tuple[str, ...]:
+        """The header of a candidate CSV with these names, in LUNA16's order."""
+        return (*self.centre(), self.label)
+
+
+#: Header of LUNA16's candidates.csv / candidates_V2.csv, the names `LUNA16Dataset.candidates` returns.
+CANDIDATE_COLUMNS: tuple[str, ...] = LUNA16Columns().candidate_header()
+
 
 class LUNA16Dataset(ScanDataset):
     """The LUNA16 tree as `ScanRecord`s.
@@ -247,15 +255,8 @@ class LUNA16Dataset(ScanDataset):
         path = self.find_file(self.candidates_name)
         cols = self.columns
         frame = read_table(path, {**cols.world(), "label": cols.label}, "LUNA16Dataset(columns=...)")
-        frame = frame.rename(
-            columns={
-                cols.seriesuid: "seriesuid",
-                cols.x: "coordX",
-                cols.y: "coordY",
-                cols.z: "coordZ",
-                cols.label: "class",
-            }  # fmt: skip
-        )[["seriesuid", "coordX", "coordY", "coordZ", "class"]]
+        frame = frame.rename(columns=dict(zip(cols.candidate_header(), CANDIDATE_COLUMNS)))
+        frame = frame[list(CANDIDATE_COLUMNS)]
         frame["seriesuid"] = frame["seriesuid"].str.strip()
         try:
             frame = frame.astype({"coordX": float, "coordY": float, "coordZ": float, "class": int})

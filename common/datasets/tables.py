@@ -159,6 +159,19 @@ class WorldColumns:
     def as_dict(self) -> dict[str, str]:
         return {"seriesuid": self.seriesuid, "x": self.x, "y": self.y, "z": self.z, "diameter": self.diameter}
 
+    def centre(self) -> tuple[str, str, str, str]:
+        """The scan and world-centre columns in file order; every LUNA16-style table starts with them."""
+        return (self.seriesuid, self.x, self.y, self.z)
+
+    def header(self) -> tuple[str, ...]:
+        """The header of an annotation CSV with these names, in LUNA16's order."""
+        return (*self.centre(), self.diameter)
+
+
+#: Header of LUNA16's annotations.csv and annotations_excluded.csv (Tianchi and the spatio-temporal set copy
+#: it); the readers, the FROC evaluation and the synthetic trees all take it from here.
+ANNOTATION_COLUMNS: tuple[str, ...] = WorldColumns().header()
+
 
 def locate_in_scan(geo: ScanGeometry, xyz, where: str, what: str, scan: str) -> tuple[np.ndarray, str | None]:
     """The continuous voxel (z, y, x) of a world centre, and the problem to report if it is outside the scan.

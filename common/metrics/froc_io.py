@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.datasets.tables import ANNOTATION_COLUMNS, WorldColumns
 from common.metrics.froc import (
     BOOTSTRAP_GRID,
     FP_RATES,
@@ -38,8 +39,8 @@ from common.metrics.froc import (
 
 log = logging.getLogger(__name__)
 
-ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
-RESULT_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
+#: Header of a LUNA16 CAD result CSV (the submission format the official evaluation script reads).
+RESULT_COLUMNS: tuple[str, ...] = (*WorldColumns().centre(), "probability")
 _MAX_LISTED = 5
 
 

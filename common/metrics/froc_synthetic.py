@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
-RESULT_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
+from common.datasets.tables import ANNOTATION_COLUMNS
+from common.metrics.froc_io import RESULT_COLUMNS
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from common import atomic
+from common.datasets.luna16 import CANDIDATE_COLUMNS
+from common.datasets.tables import ANNOTATION_COLUMNS
 from common.io import CTVolume, write_mhd
 from common.synth.manifest import (
     manifest,
@@ -48,8 +50,6 @@ log = logging.getLogger(__name__)
 
 LUNA16_SUBSETS = 10
 LUNG_MASK_DIR = "seg-lungs-LUNA16"
-ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
-CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "class")
 #: Jitter (fraction of the radius, 1 σ) of the class-1 candidates around the annotated centre.
 CANDIDATE_JITTER = 0.15
 

@@ -45,7 +45,6 @@ DEFAULT_SCANS = 6
 CLASSES = (1, 2, 3, 4, 5, 6)
 VALIDATE_FRACTION = 1 / 6
 TIME_POINT_PATTERN = (2, 1, 2, 1, 3)
-ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 
 
 @dataclass(frozen=True)
@@ -90,6 +89,7 @@ def make_spatiotemporal(
         ValueError: too few patients for a training and a validation part that both hold every class.
     """
     from common.datasets.spatiotemporal import CLASS_NAMES
+    from common.datasets.tables import ANNOTATION_COLUMNS
     from common.io import write_mhd
     from common.synth.luna16 import scan_volume
     from common.synth.manifest import manifest, write_manifest

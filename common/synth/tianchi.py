@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 HELP = "Tianchi tree: train_subsetNN/val_subsetNN LKDS-XXXXX.mhd, csv/{train,val}/annotations.csv"
 DEFAULT_SCANS = 4
 SCANS_PER_SUBSET = 100
-ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,7 @@ def make_tianchi(
     out: str | Path, n_scans: int = DEFAULT_SCANS, seed: int = 0, size: str = "small", bank=None
 ) -> TianchiTree:
     """Generate `n_scans` phantoms and write them as a Tianchi tree under `out`."""
+    from common.datasets.tables import ANNOTATION_COLUMNS
     from common.io import write_mhd
     from common.synth.luna16 import scan_volume
     from common.synth.manifest import manifest, scan_entry, start_tree, write_manifest
