@@ -66,6 +66,28 @@ def program_command(program: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- configs
+def read_yaml_mapping(path: Path, error: type[Exception], what: str) -> dict[str, Any]:
+    """The mapping a table or sweep file holds; an unreadable file, bad YAML or another top-level value
+    raises the caller's `error`, naming the file, so both formats fail the same way.
+
+    Args:
+        path: the YAML file.
+        error: the caller's exception for a bad file (`TableError`, `SweepError`).
+        what: the kind of file, for the messages ("table file", "sweep file").
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise error(f"{path}: cannot read the {what} ({err})") from err
+    except yaml.YAMLError as err:
+        raise error(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise error(f"{path}: a {what} must be a YAML mapping")
+    return data
+
+
 def _split_override(tokens: Sequence[str], index: int) -> tuple[str | None, Any, int]:
     """(dotted key, value, tokens consumed) of a `--key=value` or `--key value` override at `index`."""
     token = tokens[index]

@@ -37,10 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from common.atomic import atomic_path
-from common.experiments.launch import PACKAGE_COMMANDS, launch, package_command, resolve_path
+from common.experiments.launch import (
+    PACKAGE_COMMANDS,
+    launch,
+    package_command,
+    read_yaml_mapping,
+    resolve_path,
+)
 from common.experiments.runs import read_metrics_csv
 
 METHODS = ("grid", "random", "bayes")
@@ -280,13 +284,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     resolved = resolve_path(path)
     if not resolved.is_file():
         raise FileNotFoundError(f"sweep file {path} does not exist")
-    try:
-        data = yaml.safe_load(resolved.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise SweepError(f"{resolved}: not valid YAML ({err})") from err
-    if not isinstance(data, Mapping):
-        raise SweepError(f"{resolved}: a sweep file must be a YAML mapping")
-    return parse_sweep(data, resolved)
+    return parse_sweep(read_yaml_mapping(resolved, SweepError, "sweep file"), resolved)
 
 
 # --------------------------------------------------------------------------------------------- commands

@@ -53,8 +53,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from common.atomic import atomic_path, write_text
 from common.experiments.launch import (
     PACKAGE_COMMANDS,
@@ -63,6 +61,7 @@ from common.experiments.launch import (
     launch,
     merged_config,
     package_command,
+    read_yaml_mapping,
     repo_root,
     resolve_path,
 )
@@ -548,14 +547,7 @@ def _row(
 def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise TableError(f"{path}: include cycle through {' → '.join(str(p) for p in seen)}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise TableError(f"{path}: cannot read the table file ({err})") from err
-    except yaml.YAMLError as err:
-        raise TableError(f"{path}: not valid YAML ({err})") from err
-    if not isinstance(data, dict):
-        raise TableError(f"{path}: a table file must be a YAML mapping")
+    data = read_yaml_mapping(path, TableError, "table file")
     include = data.pop("include", None)
     if include is None:
         return data
