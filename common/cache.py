@@ -50,7 +50,15 @@ from common.datasets.tables import RowPolicy, locate_in_scan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALGORITHM_VERSION", "BuildReport", "PreprocessedCache", "PrepareSettings", "prepare_cache"]
+__all__ = [
+    "ALGORITHM_VERSION",
+    "BuildReport",
+    "PreprocessedCache",
+    "PrepareSettings",
+    "entry_geometry",
+    "grid_geometry",
+    "prepare_cache",
+]
 
 ALGORITHM_VERSION = 2
 """Bump when resampling, clipping or lung masking change in a way that changes cached arrays."""
@@ -197,7 +205,9 @@ def _finding_entries(
     return rows
 
 
-def _geometry(shape_zyx, spacing, origin, direction) -> ScanGeometry:
+def grid_geometry(shape_zyx, spacing, origin, direction) -> ScanGeometry:
+    """A voxel grid as the manifest stores it (shape z, y, x; spacing and origin x, y, z; direction flat or
+    3×3) as a `ScanGeometry`, so world ↔ voxel goes through the scan's direction like everywhere else."""
     direction = np.asarray(direction, dtype=np.float64).reshape(3, 3)
     return ScanGeometry(
         size_xyz=tuple(int(n) for n in shape_zyx[::-1]),  # type: ignore[arg-type]
@@ -207,11 +217,16 @@ def _geometry(shape_zyx, spacing, origin, direction) -> ScanGeometry:
     )
 
 
+def entry_geometry(entry: dict[str, Any]) -> ScanGeometry:
+    """The cached (resampled) grid of a manifest entry, or of any dict with shape, spacing, origin, direction."""
+    return grid_geometry(entry["shape"], entry["spacing"], entry["origin"], entry["direction"])
+
+
 def _annotations(record: ScanRecord, entry: dict[str, Any], strict: bool) -> dict[str, list]:
-    original = _geometry(
+    original = grid_geometry(
         entry["original_shape"], entry["original_spacing"], entry["origin"], entry["direction"]
     )
-    cached = _geometry(entry["shape"], entry["spacing"], entry["origin"], entry["direction"])
+    cached = entry_geometry(entry)
     policy = RowPolicy(strict, log)
     return {
         "nodules": _finding_entries(record.nodules, original, cached, record.uid, policy),

@@ -57,8 +57,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common.cache import PreprocessedCache, prepare_cache
-from common.datasets.geometry import ScanGeometry
+from common.cache import PreprocessedCache, entry_geometry, prepare_cache
 from common.datasets.registry import open_dataset
 from common.lightning.datamodule import CacheDataModule, path_digest
 from common.metrics.froc import UNKNOWN_DIAMETER_MM
@@ -81,7 +80,6 @@ __all__ = [
     "collate_scans",
     "dilate_mask",
     "fill_value",
-    "geometry_of",
     "label_candidates",
 ]
 
@@ -106,17 +104,6 @@ DEFAULT_FILL = fill_value()
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def geometry_of(entry: dict[str, Any]) -> ScanGeometry:
-    """The cached 1 mm grid of a manifest entry as a ``ScanGeometry`` (world ↔ voxel through the direction)."""
-    direction = np.asarray(entry["direction"], dtype=np.float64).reshape(3, 3)
-    return ScanGeometry(
-        size_xyz=tuple(int(n) for n in entry["shape"][::-1]),  # type: ignore[arg-type]
-        spacing=tuple(float(s) for s in entry["spacing"]),  # type: ignore[arg-type]
-        origin=tuple(float(o) for o in entry["origin"]),  # type: ignore[arg-type]
-        direction=tuple(tuple(float(v) for v in row) for row in direction),
-    )
 
 
 def _findings(entry: dict[str, Any], key: str) -> np.ndarray:
@@ -565,7 +552,7 @@ def candidate_table(
     dropped = 0
     for uid, frame in table.groupby("seriesuid", sort=True):
         entry = reader.entry(str(uid))
-        geo = geometry_of(entry)
+        geo = entry_geometry(entry)
         world = frame[["coordX", "coordY", "coordZ"]].to_numpy(np.float64)
         vox = geo.world_to_voxel(world).reshape(-1, 3)
         inside = np.array([geo.contains(v) for v in vox], dtype=bool)

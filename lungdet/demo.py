@@ -111,8 +111,8 @@ def _figures(
     """Overlays of the best-scoring candidates (true and false) and Grad-CAM of a few nodules."""
     import torch
 
-    from common.cache import PreprocessedCache
-    from lungdet.data import ScanReader, geometry_of, label_candidates
+    from common.cache import PreprocessedCache, entry_geometry
+    from lungdet.data import ScanReader, label_candidates
     from lungdet.figures import save_candidate_overlay
     from lungdet.gradcam import gradcam_for_candidate, save_gradcam_png
     from lungdet.task import CandidateTask
@@ -133,7 +133,7 @@ def _figures(
         if shown[kind] >= n // 2:
             continue
         shown[kind] += 1
-        zyx = geometry_of(entry).world_to_voxel(world[0])
+        zyx = entry_geometry(entry).world_to_voxel(world[0])
         nodules = np.array([[*f["voxel_zyx"], f["diameter_mm"]] for f in entry["nodules"]]).reshape(-1, 4)
         path = report / "candidates" / f"{kind.lower()}_{shown[kind]}.png"
         written.append(

@@ -38,9 +38,9 @@ from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
 from common import atomic
+from common.cache import entry_geometry
 from common.metrics.froc_io import RESULT_COLUMNS
 from lungdet.anchors import anchor_grid
-from lungdet.data import geometry_of
 from lungdet.models import coordinate_maps, crop_candidates
 from lungdet.postprocess import candidates_from_prediction
 
@@ -234,7 +234,7 @@ def candidates_to_world(voxel_zyx: Tensor | np.ndarray, entry: dict[str, Any]) -
     zyx = np.asarray(torch.as_tensor(voxel_zyx).detach().cpu().numpy(), dtype=np.float64).reshape(-1, 3)
     if zyx.shape[0] == 0:
         return np.zeros((0, 3))
-    return geometry_of(entry).voxel_to_world(zyx).reshape(-1, 3)
+    return entry_geometry(entry).voxel_to_world(zyx).reshape(-1, 3)
 
 
 def score_candidates(
