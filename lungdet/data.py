@@ -80,6 +80,7 @@ __all__ = [
     "collate_scans",
     "dilate_mask",
     "fill_value",
+    "finding_array",
     "label_candidates",
 ]
 
@@ -110,6 +111,21 @@ def _findings(entry: dict[str, Any], key: str) -> np.ndarray:
     """(n, 7) float64: world x, y, z, voxel z, y, x, diameter (−1 kept) of a manifest finding list."""
     rows = [(*f["world_xyz"], *f["voxel_zyx"], f["diameter_mm"]) for f in entry.get(key, [])]
     return np.asarray(rows, dtype=np.float64).reshape(-1, 7)
+
+
+def finding_array(entry: dict[str, Any], key: str, space: str = "world") -> np.ndarray:
+    """(n, 4) float64 centre + diameter (−1 kept) of a manifest finding list ("nodules", "excluded").
+
+    Args:
+        entry: a cache manifest entry.
+        key: which finding list.
+        space: "world" for x, y, z mm (what `label_candidates` and the FROC rule take), "voxel" for the
+            cached grid's z, y, x (what crops and figures take).
+    """
+    if space not in ("world", "voxel"):
+        raise ValueError(f"space must be 'world' or 'voxel', got {space!r}")
+    columns = [0, 1, 2, 6] if space == "world" else [3, 4, 5, 6]
+    return _findings(entry, key)[:, columns]
 
 
 def _sized(diameters: np.ndarray) -> np.ndarray:
@@ -460,13 +476,12 @@ class ScanDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         uid = self.uids[index]
         entry = self.reader.entry(uid)
-        nod, exc = _findings(entry, "nodules"), _findings(entry, "excluded")
         item: dict[str, Any] = {
             "uid": uid,
             "image": torch.from_numpy(self.reader.whole(uid)),
             "entry": {k: entry[k] for k in ("shape", "spacing", "origin", "direction")},
-            "nodules": torch.as_tensor(np.concatenate([nod[:, :3], nod[:, 6:7]], axis=1)),
-            "excluded": torch.as_tensor(np.concatenate([exc[:, :3], exc[:, 6:7]], axis=1)),
+            "nodules": torch.as_tensor(finding_array(entry, "nodules")),
+            "excluded": torch.as_tensor(finding_array(entry, "excluded")),
         }
         if self.candidates is not None:
             frame = self.candidates.get(uid)
@@ -557,9 +572,8 @@ def candidate_table(
         vox = geo.world_to_voxel(world).reshape(-1, 3)
         inside = np.array([geo.contains(v) for v in vox], dtype=bool)
         dropped += int((~inside).sum())
-        nod, exc = _findings(entry, "nodules"), _findings(entry, "excluded")
         labels, ignore = label_candidates(
-            world, np.concatenate([nod[:, :3], nod[:, 6:7]], 1), np.concatenate([exc[:, :3], exc[:, 6:7]], 1)
+            world, finding_array(entry, "nodules"), finding_array(entry, "excluded")
         )
         frame = frame.assign(vz=vox[:, 0], vy=vox[:, 1], vx=vox[:, 2], label=labels, ignore=ignore)
         parts.append(frame[inside])

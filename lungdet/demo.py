@@ -112,7 +112,7 @@ def _figures(
     import torch
 
     from common.cache import PreprocessedCache, entry_geometry
-    from lungdet.data import ScanReader, label_candidates
+    from lungdet.data import ScanReader, finding_array, label_candidates
     from lungdet.figures import save_candidate_overlay
     from lungdet.gradcam import gradcam_for_candidate, save_gradcam_png
     from lungdet.task import CandidateTask
@@ -123,10 +123,10 @@ def _figures(
     shown = {"TP": 0, "FP": 0}
     for _, row in results.iterrows():
         entry = reader.entry(row["seriesuid"])
-        nod = np.array([[*f["world_xyz"], f["diameter_mm"]] for f in entry["nodules"]]).reshape(-1, 4)
-        exc = np.array([[*f["world_xyz"], f["diameter_mm"]] for f in entry["excluded"]]).reshape(-1, 4)
         world = row[["coordX", "coordY", "coordZ"]].to_numpy(np.float64)[None]
-        label, ignore = label_candidates(world, nod, exc)
+        label, ignore = label_candidates(
+            world, finding_array(entry, "nodules"), finding_array(entry, "excluded")
+        )
         if ignore[0]:
             continue
         kind = "TP" if label[0] else "FP"
@@ -134,7 +134,7 @@ def _figures(
             continue
         shown[kind] += 1
         zyx = entry_geometry(entry).world_to_voxel(world[0])
-        nodules = np.array([[*f["voxel_zyx"], f["diameter_mm"]] for f in entry["nodules"]]).reshape(-1, 4)
+        nodules = finding_array(entry, "nodules", space="voxel")
         path = report / "candidates" / f"{kind.lower()}_{shown[kind]}.png"
         written.append(
             save_candidate_overlay(
