@@ -16,6 +16,8 @@ import time
 import traceback
 from pathlib import Path
 
+from common import atomic
+
 BENCHMARKS = (
     "bench.preprocess_bench",
     "bench.froc_bench",
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"## {name}", "", "| measure | value |", "| --- | --- |"]
         lines += [f"| {key} | {_format_value(value)} |" for key, value in results.items()]
         lines.append("")
-    Path(args.out).write_text("\n".join(lines))
+    atomic.write_text(args.out, "\n".join(lines))
     print(f"wrote {args.out}")
     return 1 if failed else 0
 

@@ -39,6 +39,8 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from common import atomic  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 STAGE1_CONFIG = REPO / "configs" / "demo" / "claf_demo.yaml"
 STAGE2_CONFIG = REPO / "configs" / "demo" / "mppn_demo.yaml"
@@ -248,7 +250,7 @@ def run_demo(
 
     with timed("official evaluation"):
         seriesuids = report / "seriesuids_test.csv"
-        seriesuids.write_text("".join(f"{u}\n" for u in test_uids))
+        atomic.write_text(seriesuids, "".join(f"{u}\n" for u in test_uids))
         evaluated = {
             "stage 1 (CLAF candidate net)": _evaluate(
                 tree, report / "results_stage1.csv", seriesuids, bootstrap
@@ -266,10 +268,11 @@ def run_demo(
         final = evaluated["stage 1 + MPPN (CLAF)"]
         plot_froc(final, report / "froc.png", label="CLAF stage 1 + MPPN")
         plot_froc(evaluated["stage 1 (CLAF candidate net)"], report / "froc_stage1.png", label="CLAF stage 1")
-        (report / "froc.json").write_text(
-            json.dumps({name: r.to_dict(include_curve=True) for name, r in evaluated.items()}, indent=2)
+        atomic.write_text(
+            report / "froc.json",
+            json.dumps({name: r.to_dict(include_curve=True) for name, r in evaluated.items()}, indent=2),
         )
-        pd.DataFrame(rows).to_csv(report / "froc_table.csv", index=False)
+        atomic.write_csv(report / "froc_table.csv", pd.DataFrame(rows))
     if figures:
         with timed("figures"):
             _figures(report, cache, pd.read_csv(report / "results.csv"), stage1_ckpt)
@@ -302,7 +305,7 @@ def run_demo(
         f"| total | {sum(timings.values()):.0f} |",
         "",
     ]
-    (report / "README.md").write_text("\n".join(text))
+    atomic.write_text(report / "README.md", "\n".join(text))
     return {
         "report": report,
         "rows": rows,

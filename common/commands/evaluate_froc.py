@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import atomic
 from common.metrics.froc import BOOTSTRAP_GRID, MAX_MARKS_PER_SCAN, FROCResult
 from common.metrics.froc_io import evaluate_froc_files
 
@@ -89,6 +90,12 @@ def format_report(result: FROCResult) -> str:
     return "\n".join(lines)
 
 
+def _write_columns(path: Path, header: str, *columns: np.ndarray) -> None:
+    """Equal-length columns as a CSV with `header`, 9 decimals, written atomically."""
+    with atomic.atomic_path(path) as tmp:
+        np.savetxt(tmp, np.column_stack(columns), delimiter=",", header=header, comments="", fmt="%.9f")
+
+
 def write_outputs(result: FROCResult, out_dir: Path, name: str) -> dict[str, Path]:
     """Write the JSON summary, the curve CSV, the bootstrap CSV and the figure."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,25 +104,21 @@ def write_outputs(result: FROCResult, out_dir: Path, name: str) -> dict[str, Pat
         "curve": out_dir / "froc_curve.csv",
         "figure": out_dir / "froc.png",
     }
-    paths["json"].write_text(json.dumps(result.to_dict(), indent=1) + "\n")
-    np.savetxt(
-        paths["curve"],
-        np.column_stack((result.curve.fps, result.curve.sensitivity, result.curve.thresholds)),
-        delimiter=",",
-        header="fps_per_scan,sensitivity,threshold",
-        comments="",
-        fmt="%.9f",
+    atomic.write_text(paths["json"], json.dumps(result.to_dict(), indent=1) + "\n")
+    curve = result.curve
+    _write_columns(
+        paths["curve"], "fps_per_scan,sensitivity,threshold", curve.fps, curve.sensitivity, curve.thresholds
     )
     bs = result.bootstrap
     if bs is not None and bs.grid is not None:
         paths["bootstrap"] = out_dir / "froc_bootstrap.csv"
-        np.savetxt(
+        _write_columns(
             paths["bootstrap"],
-            np.column_stack((bs.grid, bs.grid_mean, bs.grid_lower, bs.grid_upper)),
-            delimiter=",",
-            header="fps_per_scan,sensitivity_mean,sensitivity_lower,sensitivity_upper",
-            comments="",
-            fmt="%.9f",
+            "fps_per_scan,sensitivity_mean,sensitivity_lower,sensitivity_upper",
+            bs.grid,
+            bs.grid_mean,
+            bs.grid_lower,
+            bs.grid_upper,
         )
     from common.metrics.figures import plot_froc  # matplotlib only when a figure is written
 
