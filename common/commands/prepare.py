@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from common.cache import PrepareSettings, PreprocessedCache
-from common.datasets.registry import DATASETS, dataset_class, resolve_root
+from common.datasets.registry import DATASETS, open_dataset, resolve_root
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +53,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cls = dataset_class(args.dataset)
     root = resolve_root(args.dataset, args.root)
     if len(args.spacing) not in (1, 3):
         raise ValueError(f"--spacing takes one value or three (x y z), got {args.spacing}")
     spacing = tuple(args.spacing * 3) if len(args.spacing) == 1 else tuple(args.spacing)
     settings = PrepareSettings(spacing=spacing, order=args.order, lung_mask=args.lung_mask)
     strict = not args.lenient
-    dataset = cls(root, strict=strict)
-    records = dataset.records
+    records = open_dataset(args.dataset, root, strict=strict).records
     if not records:
         raise ValueError(f"{args.dataset}: no scans found under {root}")
     cache = PreprocessedCache(args.out)
