@@ -8,23 +8,19 @@ from common.experiments.launch import read_yaml_mapping
 from common.experiments.sweeps import SweepError, load_sweep
 from common.experiments.tables import TableError, load_table
 
+FORMATS = [(load_table, TableError, "table file"), (load_sweep, SweepError, "sweep file")]
 
-def test_invalid_yaml_names_the_file_in_both_formats(tmp_path):
+
+@pytest.mark.parametrize(("load", "error", "kind"), FORMATS)
+def test_bad_files_name_the_file_and_raise_the_formats_error(tmp_path, load, error, kind):
     bad = tmp_path / "bad.yaml"
     bad.write_text("rows: [1, 2\n", encoding="utf-8")
-    with pytest.raises(TableError, match=r"bad\.yaml: not valid YAML"):
-        load_table(bad)
-    with pytest.raises(SweepError, match=r"bad\.yaml: not valid YAML"):
-        load_sweep(bad)
-
-
-def test_a_file_that_is_not_a_mapping_is_refused_with_its_kind(tmp_path):
+    with pytest.raises(error, match=r"bad\.yaml: not valid YAML"):
+        load(bad)
     listed = tmp_path / "listed.yaml"
     listed.write_text("- 1\n- 2\n", encoding="utf-8")
-    with pytest.raises(TableError, match=r"listed\.yaml: a table file must be a YAML mapping"):
-        load_table(listed)
-    with pytest.raises(SweepError, match=r"listed\.yaml: a sweep file must be a YAML mapping"):
-        load_sweep(listed)
+    with pytest.raises(error, match=rf"listed\.yaml: a {kind} must be a YAML mapping"):
+        load(listed)
 
 
 def test_unreadable_file_raises_the_callers_error(tmp_path):
