@@ -28,13 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "scale.md"
 MARKER = "<!-- ddp-test -->"
 TIMEOUT = 600
-# Known DDP defects in code this test exercises (strict: the marker must go once they are fixed):
-KNOWN = {
-    "lungcls": "validation metrics count the sample DistributedSampler pads in twice (3 validation images on 2 "
-    "ranks → 4); lungcls must de-duplicate gathered predictions by sample index or not pad evaluation",
-    "lungseg": "common.metrics.segmentation.SegmentationMetrics.compute tests `if self.rows` after the DDP "
-    "sync has turned the list state into a tensor (RuntimeError: Boolean value of Tensor … is ambiguous)",
-}
 
 
 def documented_commands() -> dict[tuple[str, str], list[str]]:
@@ -128,13 +121,7 @@ def test_documented_commands_cover_fit_and_validate_of_each_package():
         assert (REPO / argv[argv.index("--config") + 1]).is_file()
 
 
-@pytest.mark.parametrize(
-    "package",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=KNOWN[p])) if p in KNOWN else p
-        for p in sorted(DATA)
-    ],
-)
+@pytest.mark.parametrize("package", sorted(DATA))
 def test_two_process_ddp_validation_equals_single_process(package, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     commands = documented_commands()
