@@ -55,9 +55,16 @@ class RunConfigSaver(SaveConfigCallback):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["overwrite"] = True
         super().__init__(*args, **kwargs)
+        self._run_dir: str | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # `trainer.log_dir` broadcasts under DDP, so every rank must ask for it; Lightning calls
+        # `save_config` on rank 0 only, where asking again would leave the other ranks waiting forever.
+        self._run_dir = None if self.already_saved else trainer.log_dir
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        log_dir = trainer.log_dir
+        log_dir = self._run_dir
         if log_dir is None:
             return
         atomic.write_json(Path(log_dir) / "run_info.json", {"stage": stage, **run_info()}, indent=2)
