@@ -2,7 +2,8 @@
 
 - :mod:`common.metrics.froc` — LUNA16 FROC / CPM with the official script's rules and numbers;
   :mod:`common.metrics.froc_io` reads the official CSV inputs; :mod:`common.metrics.froc_torch` is
-  the DDP-correct torchmetrics form for validation loops.
+  the DDP-correct torchmetrics form for validation loops; :mod:`common.metrics.unique_samples` counts each
+  evaluation sample once under DDP (samplers pad sets so that every rank gets the same number).
 - :mod:`common.metrics.detection` — precision / recall / F1 / GLANCE "FP" at an operating point,
   FROC read-offs, COCO AP/AR for 2D boxes.
 - :mod:`common.metrics.segmentation` — Dice, IoU, sensitivity, HD95 (mm) for 2D/3D masks.
@@ -21,6 +22,7 @@ from typing import Any
 _EXPORTS = {
     "classification": (
         "CLASSIFICATION_KEYS",
+        "ClassificationScores",
         "bootstrap_classification_scores",
         "classification_metric_collection",
         "classification_scores",
@@ -54,6 +56,7 @@ _EXPORTS = {
     ),
     "froc_io": ("FROCInputError", "evaluate_froc_files", "load_froc_inputs"),
     "froc_torch": ("LUNA16FROC", "scan_key_from_uid"),
+    "unique_samples": ("UniqueSampleMean", "UniqueSampleMetric", "first_per_key", "sample_key"),
     "segmentation": (
         "SegmentationScores",
         "aggregate_segmentation_scores",

@@ -24,7 +24,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,19 +33,12 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from common.metrics.froc import FP_RATES, MAX_MARKS_PER_SCAN, FROCResult, Reading, evaluate_froc
-
-_TOKEN_RANK_SHIFT = 40
+from common.metrics.unique_samples import TOKEN_RANK_SHIFT, first_per_key, process_rank, sample_key
 
 
 def scan_key_from_uid(uid: str) -> int:
     """A stable non-negative 62-bit integer key for a series UID (same on every rank and run)."""
-    return int.from_bytes(hashlib.blake2b(uid.encode(), digest_size=8).digest(), "little") >> 2
-
-
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return int(torch.distributed.get_rank())
-    return 0
+    return sample_key(uid)
 
 
 def _rows(value: Any, width: int, what: str, index: int) -> torch.Tensor:
@@ -127,7 +119,7 @@ class LUNA16FROC(Metric):
                 + ("" if excluded is None else f" and {len(excluded)} excluded sets")
                 + "; pass one of each per scan"
             )
-        base = (_rank() << _TOKEN_RANK_SHIFT) + self._submitted
+        base = (process_rank() << TOKEN_RANK_SHIFT) + self._submitted
         tokens = torch.arange(base, base + n, dtype=torch.int64)
         self._submitted += n
         cand_rows, cand_tok, nod_rows, nod_tok = [], [], [], []
@@ -189,10 +181,7 @@ class LUNA16FROC(Metric):
         s = self._gathered()
         keys, tokens = s["scan_key"], s["scan_token"]
         # One submission per scan: the smallest token wins (duplicates come from sampler padding).
-        order = np.lexsort((tokens, keys))
-        first = np.ones(order.shape[0], dtype=bool)
-        first[1:] = keys[order][1:] != keys[order][:-1]
-        kept_tokens = tokens[order][first]  # scan i of the evaluation = kept_tokens[i]
+        kept_tokens = tokens[first_per_key(keys, tokens)]  # scan i of the evaluation = kept_tokens[i]
         by_token = np.argsort(kept_tokens)
         kept_sorted = kept_tokens[by_token]
 
