@@ -115,6 +115,32 @@ def test_training_sample_targets_agree(fit_datamodule) -> None:
     assert mask.sum() > 0 and any(mask[y, x] > 0 for y, x in peaks), "a heatmap peak sits on the nodule mask"
 
 
+def test_training_masks_round_trip_onto_the_evaluation_reference(lidc_root, lidc_cache) -> None:
+    """The seg head learns exactly the reference it is scored against, and the resize loses almost nothing.
+
+    Training masks are the label volume's slices carried to the working image (lung box crop, resize);
+    evaluation pastes working-size probabilities back onto the cache grid and compares them with the same
+    label volume. A perfect working-size prediction (the training mask itself) pasted back must therefore
+    give each nodule's reference again, up to the interpolation at its rim.
+    """
+    dm = make_datamodule(lidc_root, lidc_cache, image_size=128, lung_crop=True, augment=False)
+    dm.setup("fit")
+    views = [*dm.datasets["train"].views, *dm.datasets["val"].views]
+    dice = []
+    for view in views:
+        labels = np.asarray(view.array("labels"))
+        back = np.zeros(labels.shape, dtype=bool)
+        for z in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1)):
+            work = view.mask_slice(int(z)).astype(np.float32)
+            back[z] = paste_back(work, view.box, labels.shape[1:]) >= 0.5
+        for value in np.unique(labels[labels > 0]):
+            reference = labels == value
+            predicted = back & (reference | (labels == 0))  # other nodules' voxels are theirs
+            dice.append(2.0 * (predicted & reference).sum() / (predicted.sum() + reference.sum()))
+    assert len(dice) >= 3
+    assert min(dice) >= 0.85 and float(np.mean(dice)) >= 0.95, dice
+
+
 def test_scan_items_carry_geometry_and_labels(fit_datamodule) -> None:
     item = fit_datamodule.datasets["val"][0]
     assert item["image"].dtype == torch.float16 and item["image"].shape[1:] == (1, SIZE, SIZE)
