@@ -8,6 +8,8 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 export PYTHONUTF8 := 1
+# idle OpenMP threads sleep: spinning ones slow 3D convolutions ~10x on a busy few-core machine
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo reproduce-table3 test test-slow lint format bench clean-venv

@@ -237,6 +237,10 @@ def launch(
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
     environment = dict(os.environ)
+    # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other runs, spinning threads
+    # make 3D convolutions an order of magnitude slower (measured: 4.4 s vs 0.5 s per CLAF step on 2
+    # cores); on an idle machine or a GPU run the difference is nil. An explicit setting wins.
+    environment.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     environment.update(env or {})
     start = time.perf_counter()
     with log.open("a", encoding="utf-8", errors="replace") as handle:
