@@ -1,9 +1,11 @@
 """Slow checks (``make test-slow``): GLANCE learns on synthetic LIDC-style scans, the 512×512 complexity report
 runs, and one training step at 512×512 / batch 8 / paper width fits in 24 GiB on CPU.
 
-Learning check. 40 synthetic LIDC-IDRI phantoms (seed 1, ``small``: 1 mm cache ≈ 140² px per slice) are split
-by patient into 30 training, 2 validation and 8 test scans. Each variant (``full``, ``segmentation_only``,
-``detection_only``) is trained the same way on CPU — narrow widths (16–128), lung-box crop resized to
+Learning check. 80 synthetic LIDC-IDRI phantoms (seed 1, ``small``: 1 mm cache ≈ 140² px per slice) are split
+by patient into 68 training, 4 validation and 8 test scans. (With 40 phantoms — 30 training scans, about 60
+nodules — the full model fitted its training scans to Dice 0.82 but reached only 0.48 on the held-out ones:
+the check was limited by the number of distinct training nodules, not by the mask pipeline; issue 6.)
+Each variant (``full``, ``segmentation_only``, ``detection_only``) is trained the same way on CPU — narrow widths (16–128), lung-box crop resized to
 128×128, batch 8, AdamW 2e-3 with a cosine decay over ``STEPS`` steps (faster than the paper's 1e-4 over
 hundreds of epochs, which a CPU test cannot afford), the paper's augmentation and nodule oversampling — and
 scored on the held-out scans with the task's own test loop: per-nodule 3D Dice on the cache grid, and the
@@ -32,6 +34,8 @@ from lungseg.task import GlanceTask
 
 pytestmark = pytest.mark.slow
 
+N_SCANS = 80
+RATIOS = (0.85, 0.05, 0.10)
 STEPS = 1500
 SIZE = 128
 CONTEXT_SLICES = 1
@@ -42,7 +46,7 @@ WIDTHS = {"widths": (16, 32, 64, 128), "stem_channels": (8, 16), "gct_heads": (1
 @pytest.fixture(scope="module")
 def learning_tree(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("learn_lidc")
-    make_lidc(root, n_scans=40, seed=1, size="small")
+    make_lidc(root, n_scans=N_SCANS, seed=1, size="small")
     cache = tmp_path_factory.mktemp("learn_cache")
     return root, cache
 
@@ -52,7 +56,7 @@ def _datamodule(root: Path, cache: Path) -> GlanceDataModule:
         dataset="lidc",
         root=str(root),
         cache_dir=str(cache),
-        ratios=(0.75, 0.05, 0.2),
+        ratios=RATIOS,
         image_size=SIZE,
         lung_crop=True,
         batch_size=8,
