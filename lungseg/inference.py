@@ -37,6 +37,7 @@ probability`` plus ``diameter_mm`` (extra columns are ignored by ``lungdata eval
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import atomic
+from common.datasets.tables import ANNOTATION_COLUMNS
 from common.io import CTVolume, write_mhd, write_nifti
+from common.metrics.froc_io import RESULT_COLUMNS
 from common.preprocess import resample_array
 from lungseg.slices import SquareBox, paste_back
 
@@ -67,8 +71,9 @@ __all__ = [
     "write_results_csv",
 ]
 
-RESULT_HEADER = ("seriesuid", "coordX", "coordY", "coordZ", "probability", "diameter_mm")
-ANNOTATION_HEADER = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
+#: LUNA16 results columns plus the candidate's diameter (the official evaluation ignores extra columns).
+RESULT_HEADER = (*RESULT_COLUMNS, "diameter_mm")
+ANNOTATION_HEADER = ANNOTATION_COLUMNS
 HALF_MAX_SIGMAS = math.sqrt(2.0 * math.log(2.0))  # a Gaussian falls to half its peak at 1.1774 σ
 
 
@@ -432,15 +437,13 @@ def save_mask(mask: np.ndarray, item: dict[str, Any], path: str | Path, grid: st
 
 def write_results_csv(predictions: Iterable[tuple[str, Candidates]], path: str | Path) -> Path:
     """LUNA16 results CSV (plus ``diameter_mm``) for ``(uid, candidates)`` pairs."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(RESULT_HEADER)
-        for uid, cands in predictions:
-            for (x, y, z), p, d in zip(cands.world_xyz, cands.probability, cands.diameter_mm):
-                writer.writerow([uid, f"{x:.4f}", f"{y:.4f}", f"{z:.4f}", f"{p:.6f}", f"{d:.3f}"])
-    return path
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(RESULT_HEADER)
+    for uid, cands in predictions:
+        for (x, y, z), p, d in zip(cands.world_xyz, cands.probability, cands.diameter_mm):
+            writer.writerow([uid, f"{x:.4f}", f"{y:.4f}", f"{z:.4f}", f"{p:.6f}", f"{d:.3f}"])
+    return atomic.write_text(path, buffer.getvalue())
 
 
 def write_reference_csvs(items: Iterable[dict[str, Any]], folder: str | Path) -> dict[str, Path]:
@@ -458,11 +461,12 @@ def write_reference_csvs(items: Iterable[dict[str, Any]], folder: str | Path) ->
     }
     items = list(items)
     for key, field_name in (("annotations", "nodules"), ("excluded", "excluded")):
-        with open(paths[key], "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(ANNOTATION_HEADER)
-            for item in items:
-                for x, y, z, d in np.asarray(item[field_name], dtype=np.float64).reshape(-1, 4):
-                    writer.writerow([item["uid"], f"{x:.4f}", f"{y:.4f}", f"{z:.4f}", f"{d:.3f}"])
-    paths["seriesuids"].write_text("".join(f"{item['uid']}\n" for item in items))
+        buffer = io.StringIO(newline="")
+        writer = csv.writer(buffer)
+        writer.writerow(ANNOTATION_HEADER)
+        for item in items:
+            for x, y, z, d in np.asarray(item[field_name], dtype=np.float64).reshape(-1, 4):
+                writer.writerow([item["uid"], f"{x:.4f}", f"{y:.4f}", f"{z:.4f}", f"{d:.3f}"])
+        atomic.write_text(paths[key], buffer.getvalue())
+    atomic.write_text(paths["seriesuids"], "".join(f"{item['uid']}\n" for item in items))
     return paths
