@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from common.metrics.froc import evaluate_froc
 from common.metrics.froc_io import load_froc_inputs
 from common.metrics.froc_torch import LUNA16FROC
+from tests.common.gloo import gloo_group, run_ranks
 
 CASE = Path(__file__).resolve().parents[1] / "data" / "froc" / "luna_like"
 
@@ -29,11 +26,7 @@ def _inputs():
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         inp = _inputs()
         scans = list(range(rank, len(inp.seriesuids), world))
         if rank == 1:
@@ -55,22 +48,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         values["n_candidates"] = result.counts.n_candidates
         values["sensitivities"] = result.sensitivities.tolist()
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(values))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_two_process_gloo_froc_equals_single_process(tmp_path: Path) -> None:
-    # fork: the children reuse the parent's imports (spawn would re-import torch twice, ~10 s each
-    # on a busy 2-core machine); nothing in the parent has started torch threads at this point.
-    mp.start_processes(
-        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
-    )
+    run_ranks(_worker, tmp_path)
     inp = _inputs()
     ref = evaluate_froc(
         inp.cand_scan,

@@ -8,21 +8,18 @@ metric seeds typed ones — and requires every metric to equal the single-proces
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from common.metrics.classification import ClassificationScores, classification_scores
 from common.metrics.froc_torch import scan_key_from_uid
 from common.metrics.segmentation import SegmentationScores, aggregate_segmentation_scores, segmentation_scores
 from common.metrics.unique_samples import UniqueSampleMean, first_per_key, sample_key
+from tests.common.gloo import gloo_group, run_ranks
 
 N, C = 7, 3
 
@@ -84,11 +81,7 @@ def test_weighted_sample_mean_equals_the_mean_loss_and_ignores_duplicates() -> N
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         labels, logits, _ = _samples()
         probs = torch.from_numpy(logits).softmax(1)
         mine = list(range(rank, N, world)) + ([0] if rank == 1 else [])  # 7 on 2 ranks: 0 padded in
@@ -106,21 +99,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         out["seg/n_cases"] = seg.n_cases
         out["keys"] = scores.compute_samples()[0].tolist()
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_two_gloo_ranks_with_padding_and_an_empty_rank_equal_one_process(tmp_path: Path) -> None:
-    # fork: the children reuse the parent's imports (as in test_froc_ddp.py)
-    mp.start_processes(
-        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
-    )
+    run_ranks(_worker, tmp_path)
     labels, logits, _ = _samples()
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     expected = {f"cls/{k}": v for k, v in classification_scores(labels, probs, C).items()}
