@@ -22,7 +22,7 @@ from lungdet.demo import run_demo
 
 SPLIT = ["--data.init_args.ratios", "[0.5, 0.08, 0.42]"]
 STAGE1 = ["--trainer.max_epochs", "12", "--data.init_args.samples_per_epoch", "512", *SPLIT]
-STAGE2 = ["--trainer.max_epochs", "12", "--data.init_args.samples_per_epoch", "256", *SPLIT]
+STAGE2 = ["--trainer.max_epochs", "12", "--data.init_args.samples_per_epoch", "512", *SPLIT]
 
 
 @pytest.mark.slow
