@@ -270,6 +270,8 @@ class GlanceNet(nn.Module):
             heatmap is at full resolution (16× more background pixels per centre), where 0.1 makes the
             initial focal term ≈ 280 per 512² slice and swamps the segmentation loss, so we default to
             0.01 (initial focal ≈ 5, background share ≈ 0.3).
+        seg_prior: Initial nodule probability of the segmentation head, set through its bias like
+            ``heatmap_prior``; ``None`` (default) keeps PyTorch's initialisation (probability ≈ 0.5).
         gradient_checkpointing: Trade compute for memory in encoder stages and decoder blocks.
         **encoder_kwargs: Forwarded to :class:`DualStreamEncoder` (GCT/MRGAM/conv shapes, ``img_size``…).
     """
@@ -290,6 +292,7 @@ class GlanceNet(nn.Module):
         residual_decoder: bool = True,
         skip_gate: bool = False,
         heatmap_prior: float = 0.01,
+        seg_prior: float | None = None,
         gradient_checkpointing: bool = False,
         **encoder_kwargs: Any,
     ) -> None:
@@ -339,6 +342,11 @@ class GlanceNet(nn.Module):
         self.heatmap_head = nn.Conv2d(final_channels, 1, 1) if "heatmap" in heads else None
         if self.heatmap_head is not None:
             nn.init.constant_(self.heatmap_head.bias, math.log(heatmap_prior / (1 - heatmap_prior)))
+        if seg_prior is not None:
+            if not 0.0 < seg_prior < 1.0:
+                raise ValueError(f"seg_prior must lie in (0, 1), got {seg_prior}.")
+            if self.seg_head is not None:
+                nn.init.constant_(self.seg_head.bias, math.log(seg_prior / (1 - seg_prior)))
 
         intermediate = strides[1:]
         if deep_supervision_strides is None:

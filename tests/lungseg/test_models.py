@@ -127,6 +127,20 @@ def test_overrides_win_over_presets() -> None:
     assert model.encoder.skip_channels == (16, 32, 64, 128)  # two streams concatenated
 
 
+def test_head_priors_set_the_initial_probabilities() -> None:
+    model = small("full", seg_prior=0.01)
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+    assert torch.sigmoid(model.seg_head.bias).item() == pytest.approx(0.01)
+    assert torch.sigmoid(model.heatmap_head.bias).item() == pytest.approx(0.01)  # the default heatmap prior
+    assert torch.sigmoid(out["seg"]).mean().item() < 0.2  # starts near background, not at 0.5
+    default = small("full")
+    assert default.seg_head.bias.abs().max().item() < 1.0  # no prior: PyTorch's initialisation
+    with pytest.raises(ValueError, match="seg_prior"):
+        small("full", seg_prior=1.0)
+
+
 def test_any_multiple_of_32_and_clear_errors() -> None:
     model = small().eval()
     with torch.no_grad():
