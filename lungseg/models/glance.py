@@ -44,6 +44,12 @@ FUSIONS: tuple[str, ...] = ("cscf", "none")
 HEADS: tuple[str, ...] = ("seg", "heatmap")
 
 
+def _set_prior(head: nn.Conv2d | None, prior: float | None) -> None:
+    """Start a logit head at probability ``prior`` everywhere (bias = logit of the prior); None: leave it."""
+    if head is not None and prior is not None:
+        nn.init.constant_(head.bias, math.log(prior / (1 - prior)))
+
+
 def _per_stage(name: str, value: int | Sequence[int], num_stages: int) -> tuple[int, ...]:
     """Broadcast an int to all stages or check a per-stage sequence has one entry per stage."""
     if isinstance(value, int):
@@ -302,6 +308,8 @@ class GlanceNet(nn.Module):
             raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {heads}.")
         if not 0.0 < heatmap_prior < 1.0:
             raise ValueError(f"heatmap_prior must lie in (0, 1), got {heatmap_prior}.")
+        if seg_prior is not None and not 0.0 < seg_prior < 1.0:
+            raise ValueError(f"seg_prior must lie in (0, 1), got {seg_prior}.")
         self.in_channels = in_channels
         self.heads = heads
         self.full_resolution_decoder = full_resolution_decoder
@@ -340,13 +348,8 @@ class GlanceNet(nn.Module):
         final_channels = decoder_channels[0]
         self.seg_head = nn.Conv2d(final_channels, 1, 1) if "seg" in heads else None
         self.heatmap_head = nn.Conv2d(final_channels, 1, 1) if "heatmap" in heads else None
-        if self.heatmap_head is not None:
-            nn.init.constant_(self.heatmap_head.bias, math.log(heatmap_prior / (1 - heatmap_prior)))
-        if seg_prior is not None:
-            if not 0.0 < seg_prior < 1.0:
-                raise ValueError(f"seg_prior must lie in (0, 1), got {seg_prior}.")
-            if self.seg_head is not None:
-                nn.init.constant_(self.seg_head.bias, math.log(seg_prior / (1 - seg_prior)))
+        _set_prior(self.heatmap_head, heatmap_prior)
+        _set_prior(self.seg_head, seg_prior)
 
         intermediate = strides[1:]
         if deep_supervision_strides is None:
