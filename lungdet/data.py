@@ -590,6 +590,12 @@ class FPRCropDataset(Dataset):
     Sample ``i`` of an epoch is a true candidate when ``i % (1 + negatives_per_positive) == 0``; which one,
     and its shift, flips and rotation, come from ``default_rng([seed, epoch, i])``.
 
+    False draws come from the whole false pool, or — with ``stage1_negative_fraction`` — that share of them
+    from the false candidates stage 1 proposed (rows with a stage-1 score). Those are the false positives
+    stage 2 exists to reject; a dataset list such as ``candidates_V2.csv`` is mostly easy lung and vessel
+    points and, drawn uniformly, outnumbers them (18 synthetic training scans: ~4100 listed vs ~1750 stage-1
+    false candidates).
+
     Args:
         reader: prepared-scan reader.
         table: labelled candidates (``candidate_table``); ignored rows are dropped here.
@@ -600,6 +606,8 @@ class FPRCropDataset(Dataset):
         flip: random flips along each axis.
         rotate: random 90° rotations in the axial (y, x) plane (needs a square in-plane crop).
         seed: base seed.
+        stage1_negative_fraction: share of false draws taken from the stage-1 false candidates (0: none
+            singled out, uniform over the whole false pool; ignored when the table has no stage-1 rows).
     """
 
     def __init__(
@@ -613,10 +621,17 @@ class FPRCropDataset(Dataset):
         flip: bool = True,
         rotate: bool = True,
         seed: int = 0,
+        stage1_negative_fraction: float = 0.0,
     ) -> None:
+        if not 0.0 <= stage1_negative_fraction <= 1.0:
+            raise ValueError(f"stage1_negative_fraction must lie in [0, 1], got {stage1_negative_fraction}")
         table = table[~table["ignore"].astype(bool)]
-        self.positives = table[table["label"] == 1][["seriesuid", "vz", "vy", "vx"]].to_numpy(object)
-        self.negatives = table[table["label"] == 0][["seriesuid", "vz", "vy", "vx"]].to_numpy(object)
+        columns = ["seriesuid", "vz", "vy", "vx"]
+        self.positives = table[table["label"] == 1][columns].to_numpy(object)
+        self.negatives = table[table["label"] == 0][columns].to_numpy(object)
+        proposed = (table["label"] == 0) & table["stage1"].notna()
+        self.stage1_negatives = table[proposed][columns].to_numpy(object)
+        self.stage1_fraction = float(stage1_negative_fraction) if len(self.stage1_negatives) else 0.0
         if len(self.positives) == 0 or len(self.negatives) == 0:
             raise ValueError(
                 f"stage-2 training needs true and false candidates, got {len(self.positives)} true and "
@@ -641,6 +656,8 @@ class FPRCropDataset(Dataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         positive = index % (1 + self.ratio) == 0
         pool = self.positives if positive else self.negatives
+        if not positive and self.stage1_fraction > 0 and rng.random() < self.stage1_fraction:
+            pool = self.stage1_negatives
         uid, *centre = pool[int(rng.integers(len(pool)))]
         shift = rng.integers(-self.max_shift, self.max_shift + 1, size=3)
         start = (
@@ -836,6 +853,8 @@ class FPRDataModule(_LungdetDataModule):
         flip: random flips.
         rotate: random 90° in-plane rotations.
         crop_size: the MPPN large crop (z, y, x).
+        stage1_negative_fraction: share of the false crops drawn from stage 1's own false candidates
+            (``candidates_csv``) instead of the whole false pool (see :class:`FPRCropDataset`).
         **kwargs: ``_LungdetDataModule`` / ``CacheDataModule`` arguments.
     """
 
@@ -850,6 +869,7 @@ class FPRDataModule(_LungdetDataModule):
         flip: bool = True,
         rotate: bool = True,
         crop_size: tuple[int, int, int] = MPPN_CROP_SIZES[0],
+        stage1_negative_fraction: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -867,6 +887,7 @@ class FPRDataModule(_LungdetDataModule):
         self.flip = flip
         self.rotate = rotate
         self.crop_size = tuple(int(v) for v in crop_size)
+        self.stage1_negative_fraction = stage1_negative_fraction
         self._dataset_frame: pd.DataFrame | None = None
 
     def _dataset_list(self) -> pd.DataFrame | None:
@@ -906,6 +927,7 @@ class FPRDataModule(_LungdetDataModule):
                 self.flip,
                 self.rotate,
                 self.seed,
+                self.stage1_negative_fraction,
             )
         if part == "predict":
             return ScanDataset(reader, self._predict_uids(uids))

@@ -26,6 +26,7 @@ that ``lungdata evaluate-froc`` and the official script read.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,12 @@ def candidates_to_world(voxel_zyx: Tensor | np.ndarray, entry: dict[str, Any]) -
     return entry_geometry(entry).voxel_to_world(zyx).reshape(-1, 3)
 
 
+#: The 8 mirrorings of a (B, C, Z, Y, X) crop batch: every subset of the three spatial axes.
+MIRRORINGS: tuple[tuple[int, ...], ...] = tuple(
+    axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)
+)
+
+
 def score_candidates(
     mppn: nn.Module,
     image: Tensor,
@@ -244,6 +251,7 @@ def score_candidates(
     *,
     chunk_size: int = 64,
     pad_value: float = 0.0,
+    mirror: bool = False,
 ) -> Tensor:
     """MPPN nodule probability of each candidate, in chunks.
 
@@ -253,6 +261,8 @@ def score_candidates(
         centres_zyx: (K, 3) candidate voxel positions.
         chunk_size: candidates per forward pass.
         pad_value: value outside the scan.
+        mirror: test-time augmentation — the mean probability over the 8 mirrorings of each crop (the flips
+            the MPPN is trained with; 8× the stage-2 compute). The three concentric crops stay concentric.
 
     Returns:
         (K,) probabilities on the image's device.
@@ -264,8 +274,10 @@ def score_candidates(
     with torch.no_grad():
         for i in range(0, centres.shape[0], chunk_size):
             crops = crop_candidates(volume, centres[i : i + chunk_size], size, pad_value=pad_value)
-            logits = mppn(crops.to(device=image.device, dtype=image.dtype))
-            out.append(mppn.nodule_probability(logits))
+            crops = crops.to(device=image.device, dtype=image.dtype)
+            flips = MIRRORINGS if mirror else ((),)
+            probs = [mppn.nodule_probability(mppn(torch.flip(crops, f) if f else crops)) for f in flips]
+            out.append(torch.stack(probs).mean(0))
     if not out:
         return torch.zeros(0, device=image.device)
     return torch.cat(out)

@@ -90,6 +90,7 @@ STAGE2_RUNTIME = (
     "stage1_inference",
     "stage1_weight",
     "chunk_size",
+    "mirror_tta",
     "fp_rate",
     "results_csv",
 )
@@ -424,6 +425,8 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
             e.g. ``{block_size: 128, score_threshold: 0.05}``); the ``CandidateTask`` defaults otherwise.
         stage1_weight: final score = (1 − w)·p_MPPN + w·p_stage1 (0 = MPPN only, the paper).
         chunk_size: candidates per MPPN forward pass at evaluation.
+        mirror_tta: score each candidate as the mean MPPN probability over its 8 mirrored crops (test-time
+            augmentation, 8× the stage-2 compute; not in the paper).
         fp_rate: operating point reported as ``<stage>/sens@<fp_rate>``.
         results_csv: where ``predict`` writes its CSV (default ``<run folder>/results.csv``).
         optimizer: optimiser name (paper: Adam).
@@ -441,6 +444,7 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
         stage1_inference: dict[str, Any] | None = None,
         stage1_weight: float = 0.0,
         chunk_size: int = 64,
+        mirror_tta: bool = False,
         fp_rate: float = 0.55,
         results_csv: str | None = None,
         optimizer: str = "adam",
@@ -457,6 +461,7 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
         self.stage1_inference = dict(stage1_inference or {})
         self.stage1_weight = stage1_weight
         self.chunk_size = chunk_size
+        self.mirror_tta = mirror_tta
         self.fp_rate = fp_rate
         self.results_csv = results_csv
         self._init_detection_state()
@@ -561,6 +566,7 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
                 centres,
                 chunk_size=self.chunk_size,
                 pad_value=self.pad_value,
+                mirror=self.mirror_tta,
             )
         finally:
             self.model.train(was_training)

@@ -208,6 +208,38 @@ def test_fpr_crops_keep_one_true_to_three_false(reader, luna_cache, luna_tree):
     assert any(torch.equal(torch.rot90(sample["image"][0], k, (1, 2)), rotated) for k in range(4))
 
 
+def test_fpr_false_crops_come_from_stage1_candidates_in_the_given_share(reader, luna_cache, luna_tree, tmp_path):
+    uid = luna_cache.uids[1]
+    nodule = reader.entry(uid)["nodules"][0]
+    csv = tmp_path / "stage1.csv"
+    pd.DataFrame(
+        [[uid, nodule["world_xyz"][0] + 30, *nodule["world_xyz"][1:], 0.4]],
+        columns=["seriesuid", "coordX", "coordY", "coordZ", "probability"],
+    ).to_csv(csv, index=False)
+    dataset = LUNA16Dataset(luna_tree).candidates()
+    table = candidate_table(reader, luna_cache.uids, csv_paths=[csv], dataset_candidates=dataset)
+    proposed = table[table["stage1"].notna()]
+    assert len(proposed) == 1 and len(table) > 10
+
+    def false_centres(fraction: float) -> list[tuple]:
+        data = FPRCropDataset(
+            reader, table, samples_per_epoch=80, max_shift=0, flip=False, rotate=False, seed=0,
+            stage1_negative_fraction=fraction,
+        )  # fmt: skip
+        hard = crop_candidates(
+            torch.from_numpy(reader.whole(uid)), proposed[["vz", "vy", "vx"]].to_numpy(float),
+            pad_value=fill_value(),
+        )[0]  # fmt: skip
+        return [torch.equal(data[(i, 2)]["image"], hard) for i in range(80) if i % 4]
+
+    assert all(false_centres(1.0))
+    share = np.mean(false_centres(0.5))
+    assert 0.3 < share < 0.7
+    assert np.mean(false_centres(0.0)) < 0.1
+    with pytest.raises(ValueError, match="stage1_negative_fraction"):
+        FPRCropDataset(reader, table, stage1_negative_fraction=1.5)
+
+
 def test_fpr_training_needs_both_classes(reader, luna_cache, luna_tree):
     table = candidate_table(reader, luna_cache.uids, dataset_candidates=LUNA16Dataset(luna_tree).candidates())
     with pytest.raises(ValueError, match="true and false candidates"):

@@ -12,6 +12,7 @@ from torch import nn
 from common.metrics.froc_io import evaluate_froc_files, read_results
 from lungdet.data import ScanReader, fill_value
 from lungdet.inference import (
+    MIRRORINGS,
     candidates_to_world,
     detect_scan,
     fuse_scores,
@@ -114,6 +115,32 @@ def test_mppn_scores_equal_the_network_on_crops(luna_cache):
         expected = mppn.nodule_probability(mppn(crop_candidates(image, centres, pad_value=fill_value())))
     assert torch.allclose(got, expected, atol=1e-6)
     assert score_candidates(mppn, image, torch.zeros(0, 3)).shape == (0,)
+
+
+class LopsidedScorer(nn.Module):
+    """A stand-in MPPN whose probability depends on which half of the crop is brighter (not mirror-invariant)."""
+
+    crop_sizes = ((32, 48, 48),)
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        left = crops[..., :16, :24, :24].mean((1, 2, 3, 4))
+        return torch.stack([torch.zeros_like(left), 20 * (left - crops.mean((1, 2, 3, 4)))], dim=1)
+
+    def nodule_probability(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.softmax(1)[:, 1]
+
+
+def test_mirror_tta_is_the_mean_over_the_eight_mirrored_crops(luna_cache):
+    scorer = LopsidedScorer()
+    image = torch.from_numpy(ScanReader(luna_cache).whole(luna_cache.uids[0]))
+    centres = torch.tensor([[20.0, 40.0, 50.0], [30.0, 60.0, 70.0]])
+    plain = score_candidates(scorer, image, centres, pad_value=fill_value())
+    mirrored = score_candidates(scorer, image, centres, chunk_size=1, pad_value=fill_value(), mirror=True)
+    crops = crop_candidates(image, centres, pad_value=fill_value())
+    by_hand = torch.stack([scorer.nodule_probability(scorer(torch.flip(crops, axes))) for axes in MIRRORINGS])
+    assert len(set(MIRRORINGS)) == 8 and () in MIRRORINGS
+    assert torch.allclose(mirrored, by_hand.mean(0), atol=1e-6)
+    assert not torch.allclose(mirrored, plain, atol=1e-3)
 
 
 def test_score_fusion():
