@@ -208,7 +208,9 @@ def test_fpr_crops_keep_one_true_to_three_false(reader, luna_cache, luna_tree):
     assert any(torch.equal(torch.rot90(sample["image"][0], k, (1, 2)), rotated) for k in range(4))
 
 
-def test_fpr_false_crops_come_from_stage1_candidates_in_the_given_share(reader, luna_cache, luna_tree, tmp_path):
+def test_fpr_false_crops_come_from_stage1_candidates_in_the_given_share(
+    reader, luna_cache, luna_tree, tmp_path
+):
     uid = luna_cache.uids[1]
     nodule = reader.entry(uid)["nodules"][0]
     csv = tmp_path / "stage1.csv"
