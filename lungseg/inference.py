@@ -94,6 +94,7 @@ class InferenceConfig:
     min_slices: int = 1
     max_candidates: int = 100
     slice_batch_size: int = 16
+    flip_tta: bool = False
 
     def __post_init__(self) -> None:
         if self.nms_kernel < 1 or self.nms_kernel % 2 == 0:
@@ -340,6 +341,31 @@ def _candidates(
     return Candidates(table[:, :3], world.reshape(-1, 3), table[:, 3], table[:, 4], table[:, 5].astype(int))
 
 
+#: In-plane flips of a (B, C, H, W) slice batch averaged by ``flip_tta``: none, vertical, horizontal, both.
+SLICE_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (2, 3))
+
+
+def slice_probabilities(
+    model: nn.Module, chunk: torch.Tensor, flip_tta: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Segmentation and heatmap probabilities (``B×1×H×W``, or None for a missing head) of a slice batch.
+
+    With ``flip_tta`` each is the mean over the four in-plane flips of the input, each flipped back:
+    test-time augmentation at 4× the inference compute (not in the paper).
+    """
+    flips = SLICE_FLIPS if flip_tta else ((),)
+    sums: dict[str, torch.Tensor] = {}
+    for axes in flips:
+        out = model(torch.flip(chunk, axes) if axes else chunk)
+        for key in ("seg", "heatmap"):
+            if key in out:
+                p = torch.sigmoid(out[key].float())
+                p = torch.flip(p, axes) if axes else p
+                sums[key] = sums[key] + p if key in sums else p
+    mean = {key: value / len(flips) for key, value in sums.items()}
+    return mean.get("seg"), mean.get("heatmap")
+
+
 @torch.no_grad()
 def predict_scan(
     model: nn.Module, item: dict[str, Any], cfg: InferenceConfig, filter_by_mask: bool | None = None
@@ -366,9 +392,7 @@ def predict_scan(
     det_rows: list[tuple[float, float, float, float, float]] = []
     for start in range(0, len(slices), cfg.slice_batch_size):
         chunk = item["image"][start : start + cfg.slice_batch_size].to(device=device, dtype=torch.float32)
-        out = model(chunk)
-        prob = torch.sigmoid(out["seg"].float()) if "seg" in out else None
-        heat = torch.sigmoid(out["heatmap"].float()) if "heatmap" in out else None
+        prob, heat = slice_probabilities(model, chunk, cfg.flip_tta)
         peaks = None
         if heat is not None:
             peaks = find_peaks(

@@ -82,6 +82,7 @@ RUN_SETTINGS = [
     "min_slices",
     "max_candidates",
     "slice_batch_size",
+    "flip_tta",
     "operating_threshold",
     "with_hd95",
     "predict_dir",
@@ -106,8 +107,8 @@ class GlanceTask(BaseTask):
         context_slices: 2.5D input, ``2k + 1`` channels (must equal the datamodule's; linked by the CLI).
         optimizer, lr, weight_decay, scheduler, t0, step_size, gamma, monitor: see ``BaseTask``.
         peak_threshold, nms_kernel, nms_radius_mm, max_peaks_per_slice, seg_threshold, mask_filter_radius,
-            heatmap_sigma_scale, merge_distance_mm, merge_gap, min_slices, max_candidates, slice_batch_size:
-            inference settings, see :class:`lungseg.inference.InferenceConfig`.
+            heatmap_sigma_scale, merge_distance_mm, merge_gap, min_slices, max_candidates, slice_batch_size,
+            flip_tta: inference settings, see :class:`lungseg.inference.InferenceConfig`.
         filter_by_mask: filter heatmap peaks by the segmentation (``None``: when the head was trained).
         operating_threshold: probability threshold of the precision / recall / F1 / FP metrics.
         with_hd95: compute HD95 in validation/test (MONAI; a little slower).
@@ -147,6 +148,7 @@ class GlanceTask(BaseTask):
         min_slices: int = 1,
         max_candidates: int = 100,
         slice_batch_size: int = 16,
+        flip_tta: bool = False,
         operating_threshold: float = 0.5,
         with_hd95: bool = True,
         predict_dir: str | None = None,
@@ -188,6 +190,7 @@ class GlanceTask(BaseTask):
             min_slices=min_slices,
             max_candidates=max_candidates,
             slice_batch_size=slice_batch_size,
+            flip_tta=flip_tta,
         )
         self.filter_by_mask = filter_by_mask
         self.operating_threshold = operating_threshold

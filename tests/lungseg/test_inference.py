@@ -17,12 +17,14 @@ from torch import nn
 from common.io import CTVolume, read_volume
 from common.metrics.froc_io import evaluate_froc_files
 from lungseg.inference import (
+    SLICE_FLIPS,
     InferenceConfig,
     SliceDetections,
     find_peaks,
     merge_detections,
     predict_scan,
     save_mask,
+    slice_probabilities,
     voxel_to_world,
     write_reference_csvs,
     write_results_csv,
@@ -241,3 +243,27 @@ def test_task_metrics_match_common_metrics(threshold: float) -> None:
     dice = 2 * (predicted & reference).sum() / (predicted.sum() + reference.sum())
     assert float(values["val/dice"]) == pytest.approx(dice, abs=1e-6) and dice > 0.9
     assert float(values["val/hd95"]) >= 0.0
+
+
+class _Lopsided(torch.nn.Module):
+    """Seg and heatmap logits that depend on the position in the slice (not flip-equivariant)."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        ramp = torch.linspace(-2, 2, x.shape[-1]).expand_as(x[:, :1])
+        return {"seg": x[:, :1] * 3 + ramp, "heatmap": x[:, :1] - ramp.transpose(-1, -2)}
+
+
+def test_flip_tta_averages_the_four_flipped_predictions():
+    torch.manual_seed(0)
+    model, chunk = _Lopsided(), torch.rand(2, 3, 8, 8)
+    seg, heat = slice_probabilities(model, chunk)
+    out = model(chunk)
+    assert torch.equal(seg, torch.sigmoid(out["seg"])) and torch.equal(heat, torch.sigmoid(out["heatmap"]))
+    seg_tta, heat_tta = slice_probabilities(model, chunk, flip_tta=True)
+    for key, got in (("seg", seg_tta), ("heatmap", heat_tta)):
+        views = [torch.sigmoid(model(torch.flip(chunk, a) if a else chunk)[key]) for a in SLICE_FLIPS]
+        by_hand = torch.stack([torch.flip(v, a) if a else v for v, a in zip(views, SLICE_FLIPS)]).mean(0)
+        assert torch.allclose(got, by_hand, atol=1e-6)
+        assert not torch.allclose(got, torch.sigmoid(out[key]), atol=1e-3)
+    only_seg = slice_probabilities(lambda x: {"seg": model(x)["seg"]}, chunk, flip_tta=True)
+    assert only_seg[1] is None and torch.allclose(only_seg[0], seg_tta)
