@@ -9,11 +9,13 @@ preprocessing cache, split files, synthetic trees and prediction outputs resume 
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +59,16 @@ def write_bytes(path: str | Path, data: bytes, fsync: bool = False) -> Path:
 def write_text(path: str | Path, text: str, fsync: bool = False) -> Path:
     """Write UTF-8 text with Unix newlines atomically."""
     return write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def csv_text(header: Sequence[str] | None, rows: Iterable[Sequence[Any]], lineterminator: str = "\n") -> str:
+    """CSV text (for `write_text`) with a header line (None: none); quotes only where a field needs them."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator=lineterminator)
+    if header is not None:
+        writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def write_json(path: str | Path, data: Any, indent: int = 1, fsync: bool = False) -> Path:

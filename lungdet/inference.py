@@ -270,12 +270,12 @@ def score_candidates(
     centres = torch.as_tensor(centres_zyx).reshape(-1, 3).cpu()
     size = tuple(int(v) for v in getattr(mppn, "crop_sizes", ((32, 48, 48),))[0])
     volume = image.detach().cpu()  # crops are cut on the CPU, then moved to the network's device
+    flips = MIRRORINGS if mirror else ((),)
     out = []
     with torch.no_grad():
         for i in range(0, centres.shape[0], chunk_size):
             crops = crop_candidates(volume, centres[i : i + chunk_size], size, pad_value=pad_value)
             crops = crops.to(device=image.device, dtype=image.dtype)
-            flips = MIRRORINGS if mirror else ((),)
             probs = [mppn.nodule_probability(mppn(torch.flip(crops, f) if f else crops)) for f in flips]
             out.append(torch.stack(probs).mean(0))
     if not out:

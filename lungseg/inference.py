@@ -36,8 +36,6 @@ probability`` plus ``diameter_mm`` (extra columns are ignored by ``lungdata eval
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -461,13 +459,12 @@ def save_mask(mask: np.ndarray, item: dict[str, Any], path: str | Path, grid: st
 
 def write_results_csv(predictions: Iterable[tuple[str, Candidates]], path: str | Path) -> Path:
     """LUNA16 results CSV (plus ``diameter_mm``) for ``(uid, candidates)`` pairs."""
-    buffer = io.StringIO(newline="")
-    writer = csv.writer(buffer)
-    writer.writerow(RESULT_HEADER)
-    for uid, cands in predictions:
-        for (x, y, z), p, d in zip(cands.world_xyz, cands.probability, cands.diameter_mm):
-            writer.writerow([uid, f"{x:.4f}", f"{y:.4f}", f"{z:.4f}", f"{p:.6f}", f"{d:.3f}"])
-    return atomic.write_text(path, buffer.getvalue())
+    rows = (
+        [uid, f"{x:.4f}", f"{y:.4f}", f"{z:.4f}", f"{p:.6f}", f"{d:.3f}"]
+        for uid, cands in predictions
+        for (x, y, z), p, d in zip(cands.world_xyz, cands.probability, cands.diameter_mm)
+    )
+    return atomic.write_text(path, atomic.csv_text(RESULT_HEADER, rows, lineterminator="\r\n"))
 
 
 def write_reference_csvs(items: Iterable[dict[str, Any]], folder: str | Path) -> dict[str, Path]:
@@ -485,12 +482,11 @@ def write_reference_csvs(items: Iterable[dict[str, Any]], folder: str | Path) ->
     }
     items = list(items)
     for key, field_name in (("annotations", "nodules"), ("excluded", "excluded")):
-        buffer = io.StringIO(newline="")
-        writer = csv.writer(buffer)
-        writer.writerow(ANNOTATION_HEADER)
-        for item in items:
-            for x, y, z, d in np.asarray(item[field_name], dtype=np.float64).reshape(-1, 4):
-                writer.writerow([item["uid"], f"{x:.4f}", f"{y:.4f}", f"{z:.4f}", f"{d:.3f}"])
-        atomic.write_text(paths[key], buffer.getvalue())
+        rows = (
+            [item["uid"], f"{x:.4f}", f"{y:.4f}", f"{z:.4f}", f"{d:.3f}"]
+            for item in items
+            for x, y, z, d in np.asarray(item[field_name], dtype=np.float64).reshape(-1, 4)
+        )
+        atomic.write_text(paths[key], atomic.csv_text(ANNOTATION_HEADER, rows, lineterminator="\r\n"))
     atomic.write_text(paths["seriesuids"], "".join(f"{item['uid']}\n" for item in items))
     return paths

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import atomic
+from common.atomic import csv_text
 from common.synth.pathology_tree import (
-    csv_text,
     scan_entry,
     start_pathology_tree,
     write_class_images,

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from common import atomic
-from common.synth.pathology_tree import csv_text
+from common.atomic import csv_text
 
 log = logging.getLogger(__name__)
 

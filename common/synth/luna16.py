@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from common import atomic
+from common.atomic import csv_text
 from common.datasets.luna16 import CANDIDATE_COLUMNS
 from common.datasets.tables import ANNOTATION_COLUMNS
 from common.io import CTVolume, write_mhd
@@ -40,7 +41,6 @@ from common.synth.manifest import (
     write_manifest,
 )
 from common.synth.nodules import ShapeBank
-from common.synth.pathology_tree import csv_text
 from common.synth.scan import SynthScan, generate_scan
 
 if TYPE_CHECKING:

@@ -6,7 +6,6 @@ only when they run.
 
 from __future__ import annotations
 
-import csv
 import io
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
@@ -90,16 +89,6 @@ def write_voc_slices(
         )
         names.append(name)
     return names
-
-
-def csv_text(header: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> str:
-    """CSV text with a header line (None: none), "\\n" line ends and quotes only where a field needs them."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    if header is not None:
-        writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def write_bmp(path: Path, pixels: np.ndarray) -> Path:

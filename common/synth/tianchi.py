@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import atomic
-from common.synth.pathology_tree import csv_text
+from common.atomic import csv_text
 
 log = logging.getLogger(__name__)
 

@@ -223,15 +223,18 @@ def test_fpr_false_crops_come_from_stage1_candidates_in_the_given_share(
     proposed = table[table["stage1"].notna()]
     assert len(proposed) == 1 and len(table) > 10
 
-    def false_centres(fraction: float) -> list[tuple]:
+    hard = crop_candidates(
+        torch.from_numpy(reader.whole(uid)),
+        proposed[["vz", "vy", "vx"]].to_numpy(float),
+        pad_value=fill_value(),
+    )[0]
+
+    def false_centres(fraction: float) -> list[bool]:
+        """For each false crop of an epoch: is it the stage-1 false candidate?"""
         data = FPRCropDataset(
             reader, table, samples_per_epoch=80, max_shift=0, flip=False, rotate=False, seed=0,
             stage1_negative_fraction=fraction,
         )  # fmt: skip
-        hard = crop_candidates(
-            torch.from_numpy(reader.whole(uid)), proposed[["vz", "vy", "vx"]].to_numpy(float),
-            pad_value=fill_value(),
-        )[0]  # fmt: skip
         return [torch.equal(data[(i, 2)]["image"], hard) for i in range(80) if i % 4]
 
     assert all(false_centres(1.0))
