@@ -13,6 +13,11 @@ on the held-out scans, with the official LUNA16 evaluation,
   same candidates (final score of `configs/demo/mppn_demo.yaml`: the mean of the MPPN and stage-1
   probabilities; the MPPN-alone CPM is printed too).
 
+Re-scoring cannot add nodules the candidates miss, so the fused CPM is at most the candidates' recall and
+the gain at most recall − stage-1 CPM (printed as the headroom). With 64 scans (36 training) stage 1 came so
+close to its recall (CPM 0.872, recall 0.923) that a gain of 0.05 was out of reach even though the MPPN took
+the CPM to 0.905 (docs/lungdet.md, "Learning check").
+
 The numbers are printed (run with `-s`) and left in the report folder.
 """
 
@@ -56,4 +61,10 @@ def test_stage1_finds_nodules_and_mppn_adds_to_the_cpm(tmp_path, monkeypatch):
     print("timings (s):", {k: round(v) for k, v in result["timings"].items()})
     assert stage1["sens@8"] >= 0.90, f"stage-1 sensitivity at 8 FP/scan {stage1['sens@8']:.3f} < 0.90"
     gain = final["CPM"] - same["CPM"]
-    assert gain >= 0.05, f"MPPN raised the CPM by {gain:.3f} (stage 1 {same['CPM']:.3f} → {final['CPM']:.3f})"
+    # re-scoring cannot find nodules the candidates miss: the CPM of any re-scoring is at most their recall
+    headroom = same["recall"] - same["CPM"]
+    print(f"MPPN gain {gain:.3f} of a possible {headroom:.3f} (candidate recall {same['recall']:.3f})")
+    assert gain >= 0.05, (
+        f"MPPN raised the CPM by {gain:.3f} (stage 1 {same['CPM']:.3f} → {final['CPM']:.3f}; "
+        f"the candidates' recall {same['recall']:.3f} caps any re-scoring)"
+    )
