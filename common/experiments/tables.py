@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import csv
 import importlib
-import io
 import json
 import math
 import os
@@ -53,7 +52,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from common.atomic import atomic_path, write_text
+from common.atomic import atomic_path, csv_text, write_text
 from common.experiments.launch import (
     PACKAGE_COMMANDS,
     check_dataset_roots,
@@ -904,31 +903,28 @@ def render_markdown(result: TableResult) -> str:
 def render_csv(result: TableResult) -> str:
     """The table as CSV: per column our mean, spread, number of runs, and the paper's value and std."""
     spec = result.spec
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
     header = ["table", "row", "label", "status"]
     for c in spec.columns:
         header += [c.name, f"{c.name}_std", f"{c.name}_n", f"{c.name}_paper", f"{c.name}_paper_std"]
     header += ["p_value", "runs"]
-    writer.writerow(header)
 
     def num(value: float | None) -> str:
         return "" if value is None else repr(float(value))
 
-    for row in result.rows:
-        line = [spec.name, row.row.name, row.row.label, row.status]
+    def line(row: RowResult) -> list[str]:
+        cells = [spec.name, row.row.name, row.row.label, row.status]
         for c in spec.columns:
             cell = row.cells[c.name]
-            line += [
+            cells += [
                 num(cell.mean),
                 num(cell.spread),
                 str(len(cell.values)),
                 num(cell.paper),
                 num(cell.paper_std),
             ]
-        line += [num(row.p_value), ";".join(row.runs)]
-        writer.writerow(line)
-    return buffer.getvalue()
+        return cells + [num(row.p_value), ";".join(row.runs)]
+
+    return csv_text(header, (line(row) for row in result.rows))
 
 
 def write_outputs(result: TableResult, out_dir: str | Path) -> tuple[Path, Path]:
