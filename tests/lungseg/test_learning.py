@@ -39,6 +39,8 @@ pytestmark = pytest.mark.slow
 N_SCANS = 80
 RATIOS = (0.85, 0.05, 0.10)
 STEPS = 3000
+BATCH = 8
+STEPS_PER_EPOCH = 50
 SIZE = 192
 NODULE_FRACTION = 0.8
 CONTEXT_SLICES = 1
@@ -67,8 +69,8 @@ def _datamodule(root: Path, cache: Path) -> GlanceDataModule:
         ratios=RATIOS,
         image_size=SIZE,
         lung_crop=True,
-        batch_size=8,
-        samples_per_epoch=8 * 50,
+        batch_size=BATCH,
+        samples_per_epoch=BATCH * STEPS_PER_EPOCH,
         context_slices=CONTEXT_SLICES,
         context_step=CONTEXT_STEP,
         nodule_fraction=NODULE_FRACTION,
@@ -88,7 +90,7 @@ def train_and_test(variant: str, root: Path, cache: Path) -> dict[str, float]:
         scheduler="cosine",
     )
     trainer = L.Trainer(
-        max_epochs=STEPS // 50,
+        max_epochs=STEPS // STEPS_PER_EPOCH,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
