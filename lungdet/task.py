@@ -419,6 +419,9 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
         num_classes: 2 (softmax cross-entropy, the paper) or 1 (a single logit with BCE).
         block_depth: conv layers per residual stage.
         dropout: dropout before the classifier.
+        members: 1 = the paper's single MPPN; K ≥ 2 = a deep ensemble of K independently initialised MPPNs
+            trained side by side on the same batches, scored by their mean probability (K× the stage-2
+            cost; not in the paper, see ``lungdet.models.mppn.MPPNEnsemble``).
         stage1_checkpoint: a ``CandidateTask`` checkpoint; used whenever a scan comes without candidates
             (two-stage evaluation, prediction on new scans).
         stage1_inference: stage-1 inference options for the chained checkpoint (any of ``STAGE1_RUNTIME``,
@@ -440,6 +443,7 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
         num_classes: int = 2,
         block_depth: int = 2,
         dropout: float = 0.5,
+        members: int = 1,
         stage1_checkpoint: str | None = None,
         stage1_inference: dict[str, Any] | None = None,
         stage1_weight: float = 0.0,
@@ -471,7 +475,11 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
     def configure_models(self) -> None:
         hp = self.hparams
         self.model = build_mppn(
-            width=hp.width, num_classes=hp.num_classes, block_depth=hp.block_depth, dropout=hp.dropout
+            width=hp.width,
+            num_classes=hp.num_classes,
+            block_depth=hp.block_depth,
+            dropout=hp.dropout,
+            members=hp.members,
         )
 
     def configure_metrics(self) -> MetricCollection:
@@ -526,6 +534,9 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
         _reseed_for_batch(self.current_epoch, batch_idx)
 
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if logits.ndim == 3:  # (B, K, C) of an ensemble: the mean of the members' losses
+            k = logits.shape[1]
+            return self._loss(logits.flatten(0, 1), labels.repeat_interleave(k))
         if self.hparams.num_classes == 1:
             return F.binary_cross_entropy_with_logits(logits[:, 0], labels.to(logits.dtype))
         return F.cross_entropy(logits, labels)

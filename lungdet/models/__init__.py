@@ -49,6 +49,7 @@ from lungdet.models.flops import count_flops, count_parameters
 from lungdet.models.mppn import (
     MPPN,
     MPPN_CROP_SIZES,
+    MPPNEnsemble,
     build_mppn,
     centre_crop,
     crop_candidates,
@@ -65,6 +66,7 @@ __all__ = [
     "ConvBNAct3d",
     "MPPN",
     "MPPN_CROP_SIZES",
+    "MPPNEnsemble",
     "ResidualBlock3d",
     "SpatialAttention3d",
     "build_candidate_net",

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from lungdet.models.blocks import CBAM3d, ConvBNAct3d, ResidualBlock3d
 
-__all__ = ["MPPN", "MPPN_CROP_SIZES", "build_mppn", "centre_crop", "crop_candidates", "resample_centre"]
+__all__ = ["MPPN", "MPPN_CROP_SIZES", "MPPNEnsemble", "build_mppn", "centre_crop", "crop_candidates", "resample_centre"]
 
 #: (z, y, x) crop sizes of the large, medium and small scale (paper, "Multi-scale progressive inference").
 MPPN_CROP_SIZES: tuple[tuple[int, int, int], ...] = ((32, 48, 48), (16, 24, 24), (8, 12, 12))
@@ -238,13 +238,52 @@ def crop_candidates(
     return out
 
 
-def build_mppn(width: int = 32, num_classes: int = 2, **kwargs) -> MPPN:
+class MPPNEnsemble(nn.Module):
+    """``members`` independently initialised MPPNs trained side by side; P(nodule) is their mean.
+
+    Why: on a few dozen training nodules one MPPN memorises its true crops within a few hundred steps, and
+    which false positives it then ranks above the nodules depends on its initialisation. Averaging
+    independently initialised members (a deep ensemble) cancels much of that. Each member sees the same
+    batches but its own dropout masks; the training loss is the mean of the members' losses, so each member
+    gets exactly the gradient it would get alone (up to the 1/K scale, which Adam ignores). Not in the
+    paper; ``members: 1`` (the default of ``build_mppn``) is the paper's single network.
+    """
+
+    def __init__(self, members: Sequence[MPPN]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an MPPN ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+        self.crop_sizes = members[0].crop_sizes
+        self.num_classes = members[0].num_classes
+
+    def example_inputs(self, input_shape: Sequence[int]) -> tuple[Tensor, ...]:
+        """Zero large-scale crops of a (B, C, D, H, W) shape (``count_flops`` calls this)."""
+        return self.members[0].example_inputs(input_shape)
+
+    def forward(self, large: Tensor, medium: Tensor | None = None, small: Tensor | None = None) -> Tensor:
+        """(B, K, num_classes) logits of the K members (same crops as ``MPPN.forward``)."""
+        return torch.stack([member(large, medium, small) for member in self.members], dim=1)
+
+    def nodule_probability(self, logits: Tensor) -> Tensor:
+        """Mean over the members of each member's P(nodule), from (B, K, num_classes) logits."""
+        first = self.members[0]
+        return torch.stack([first.nodule_probability(logits[:, k]) for k in range(logits.shape[1])]).mean(0)
+
+
+def build_mppn(width: int = 32, num_classes: int = 2, members: int = 1, **kwargs) -> MPPN | MPPNEnsemble:
     """Build the stage-2 false-positive reducer.
 
     Args:
         width: first-stage channels (32 → ≈2.7 M parameters; the paper only says stage 2 has more
             parameters than the 1.77 M stage 1).
         num_classes: 2 (softmax cross-entropy, the paper) or 1 (single logit).
+        members: 1 for the paper's single network; K ≥ 2 for an ``MPPNEnsemble`` of K independently
+            initialised MPPNs (K× the parameters and compute).
         **kwargs: any other ``MPPN`` argument.
     """
-    return MPPN(width=width, num_classes=num_classes, **kwargs)
+    if members < 1:
+        raise ValueError(f"members must be ≥ 1, got {members}")
+    if members == 1:
+        return MPPN(width=width, num_classes=num_classes, **kwargs)
+    return MPPNEnsemble([MPPN(width=width, num_classes=num_classes, **kwargs) for _ in range(members)])

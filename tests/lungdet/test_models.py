@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from lungdet.models import (
     CANDIDATE_VARIANTS,
     MPPN,
+    MPPN_CROP_SIZES,
+    MPPNEnsemble,
     ASCRMBlock3d,
     CBAM3d,
     ResidualBlock3d,
@@ -169,6 +172,39 @@ def test_mppn_forward_and_scale_cutting():
         net(torch.zeros(1, 1, 32, 32, 32))
     with pytest.raises(ValueError, match="medium"):
         net(large, medium=torch.zeros(2, 1, 16, 16, 16))
+
+
+def test_mppn_ensemble_averages_independent_members():
+    torch.manual_seed(0)
+    assert isinstance(build_mppn(width=2, members=1), MPPN)
+    ens = build_mppn(width=2, members=3).eval()
+    assert isinstance(ens, MPPNEnsemble) and len(ens.members) == 3
+    assert ens.crop_sizes == MPPN_CROP_SIZES
+    assert count_parameters(ens) == 3 * count_parameters(build_mppn(width=2))
+    first, second = (next(m.parameters()) for m in ens.members[:2])
+    assert not torch.equal(first, second)  # independently initialised
+    large = torch.rand(4, 1, 32, 48, 48)
+    with torch.no_grad():
+        logits = ens(large)
+        each = [m.nodule_probability(m(large)) for m in ens.members]
+    assert logits.shape == (4, 3, 2)
+    torch.testing.assert_close(ens.nodule_probability(logits), torch.stack(each).mean(0))
+    with pytest.raises(ValueError, match="members must be"):
+        build_mppn(width=2, members=0)
+    with pytest.raises(ValueError, match="at least 2"):
+        MPPNEnsemble([build_mppn(width=2)])
+
+
+def test_fpr_task_ensemble_loss_is_the_mean_of_the_members_losses():
+    from lungdet.task import FPRTask
+
+    torch.manual_seed(0)
+    task = FPRTask(width=2, members=2).eval()
+    large, labels = torch.rand(3, 1, 32, 48, 48), torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        loss = task._loss(task.model(large), labels)
+        alone = [F.cross_entropy(m(large), labels) for m in task.model.members]
+    torch.testing.assert_close(loss, torch.stack(alone).mean())
 
 
 def test_mppn_top_down_injection_carries_large_scale_context():

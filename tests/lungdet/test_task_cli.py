@@ -179,6 +179,24 @@ def test_mppn_config_fit_test_and_two_stage_predict(
     assert results["probability"].between(0, 1).all()
 
 
+def test_mppn_ensemble_by_config_fits_checkpoints_and_tests(stage1_checkpoint, luna_tree, luna_cache, tmp_path):
+    from lungdet.models import MPPNEnsemble
+
+    tiny = _overlay(tmp_path, luna_tree, luna_cache.root, 2)
+    members = ["--model.init_args.members", "2"]
+    cli = main(["fit", "--config", MPPN, "--config", tiny, *members, "--trainer.fast_dev_run", "true"])
+    assert isinstance(cli.model.model, MPPNEnsemble) and cli.trainer.global_step == 1
+    ckpt = tmp_path / "ensemble.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    loaded = FPRTask.load_from_checkpoint(ckpt, weights_only=True)
+    assert isinstance(loaded.model, MPPNEnsemble) and len(loaded.model.members) == 2
+    base = ["--config", MPPN, "--config", tiny, "--ckpt_path", str(ckpt)]
+    base += ["--model.init_args.stage1_checkpoint", str(stage1_checkpoint)]
+    cli = main(["test", *base, *members, "--data.init_args.eval_candidates", "stage1"])
+    final = pd.read_csv(Path(cli.trainer.log_dir) / "test_results.csv")
+    assert len(final) == 5 * len(cli.datamodule.uids["test"]) and final["probability"].between(0, 1).all()
+
+
 def test_stage2_without_stage1_checkpoint_says_what_to_set(luna_tree, luna_cache, tmp_path):
     tiny = _overlay(tmp_path, luna_tree, luna_cache.root, 2, eval_candidates="stage1")
     with pytest.raises(ValueError, match="stage1_checkpoint"):
