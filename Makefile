@@ -49,12 +49,12 @@ test-slow: $(STAMP) ## run the slow learning checks (models actually learn on ph
 	$(PY) -m pytest -q -p no:cacheprovider -m slow -s
 
 lint: $(STAMP) ## ruff lint + format check
-	$(VENV)/bin/ruff check common lungdet lungseg lungcls tests bench
-	$(VENV)/bin/ruff format --check common lungdet lungseg lungcls tests bench
+	$(VENV)/bin/ruff check common lungdet lungseg lungcls lungcad tests bench
+	$(VENV)/bin/ruff format --check common lungdet lungseg lungcls lungcad tests bench
 
 format: $(STAMP) ## apply ruff fixes and formatting
-	$(VENV)/bin/ruff check --fix common lungdet lungseg lungcls tests bench
-	$(VENV)/bin/ruff format common lungdet lungseg lungcls tests bench
+	$(VENV)/bin/ruff check --fix common lungdet lungseg lungcls lungcad tests bench
+	$(VENV)/bin/ruff format common lungdet lungseg lungcls lungcad tests bench
 
 bench: $(STAMP) ## run every benchmark; prints ratios and writes bench/results.md
 	$(PY) -m bench.run

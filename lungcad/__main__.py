@@ -1,0 +1,7 @@
+"""`python -m lungcad …` is the `lungcad` command."""
+
+import sys
+
+from lungcad.cli import main
+
+sys.exit(main())
