@@ -580,7 +580,9 @@ def _nodule_section(
     centre = m.get("center_world_mm")
     views = ""
     if centre is not None:
-        crop = Crop(volume, labels, centre, size_mm, pixels)
+        # a mass larger than the field keeps a margin around it
+        field_mm = max(size_mm, 1.5 * float(m.get("max_3d_diameter_mm") or 0.0))
+        crop = Crop(volume, labels, centre, field_mm, pixels)
         frames, start = axial_frames(crop, volume, label, m.get("axial_slice"))
         views = (
             '<div class="views">'
@@ -607,6 +609,8 @@ def _nodule_section(
         ("Detection score", _num(score, 2) if score is not None else "— (position given)"),
         ("Source", esc(nodule.get("source", "—"))),
     ]
+    if centre is not None:
+        rows.append(("Views", f"{_num(field_mm, 0)} mm square, lung window"))
     category = nodule.get("category") or {}
     category_html = (
         f'<div class="category"><h3>Lung-RADS v2022 baseline {_badge(category)}</h3>'
@@ -624,7 +628,7 @@ def _nodule_section(
 def _legend(size_mm: float) -> str:
     return (
         "<footer><p>How to read: each view is a "
-        f"{_num(size_mm, 0)} mm square around the nodule's centre in the lung window (level −600, width "
+        f"{_num(size_mm, 0)} mm square (wider for a larger nodule) around the nodule's centre in the lung window (level −600, width "
         "1500 HU) at its true physical aspect ratio, in the radiological convention (letters at the edges: "
         "R/L patient right/left, A/P anterior/posterior, S/I superior/inferior). Orange: this nodule's "
         "segmentation contour; cyan: other nodules; white bar: 10 mm. The axial view scrolls through the "
@@ -650,7 +654,8 @@ def write_report_html(
         volume: the scan as read (original geometry).
         labels: (z, y, x) integer labels on the scan's grid, nodule k's mask = its ``label`` value.
         path: the file to write (atomically).
-        size_mm, pixels: each view's field of view and its pixels per side.
+        size_mm, pixels: each view's field of view (widened to 1.5 × the nodule's max 3D diameter for a
+            larger one) and its pixels per side (the page shows every view 192 px wide).
     """
     labels = np.asarray(labels)
     if labels.shape != volume.shape:

@@ -147,40 +147,47 @@ def test_an_empty_report_and_hostile_strings(tmp_path):
         write_report_html(report, volume, np.zeros((8, 16, 15), np.uint16), tmp_path / "bad.html")
 
 
-def _geometry_phantom(flipped: bool) -> tuple[CTVolume, np.ndarray, np.ndarray]:
-    """A 16 mm sphere in 0.7 × 0.7 × 2.5 mm voxels, a bright marker 12 mm to the patient's left and one
-    12 mm superior; optionally stored flipped (LUNA16 direction −1, −1, 1: same world, reversed arrays)."""
-    spacing = np.array([0.7, 0.7, 2.5])
-    shape = (40, 128, 128)
-    zyx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
-    world = zyx[..., ::-1] * spacing  # identity direction, origin 0
+def _rotation_z(degrees: float) -> np.ndarray:
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+GEOMETRIES = {  # direction matrices: as read, LUNA16's flipped storage, an oblique in-plane rotation
+    "identity": np.eye(3),
+    "flipped": np.diag([-1.0, -1.0, 1.0]),
+    "oblique": _rotation_z(20.0),
+}
+
+
+def _geometry_phantom(direction: np.ndarray) -> tuple[CTVolume, np.ndarray, np.ndarray]:
+    """A 16 mm sphere in 0.7 × 0.7 × 2.5 mm voxels with a bright marker 12 mm to the patient's left and one
+    12 mm superior, drawn in world mm on a grid of the given direction centred on the sphere in-plane."""
+    spacing, shape = (0.7, 0.7, 2.5), (40, 128, 128)
     centre = np.array([45.0, 45.0, 50.0])
-    hu = np.full(shape, -850, np.int16)
+    middle = np.array([(shape[2] - 1) / 2, (shape[1] - 1) / 2, 0.0]) * spacing
+    origin = np.array([*centre[:2], 0.0]) - direction @ middle
+    volume = CTVolume(np.zeros(shape, np.int16), spacing, tuple(origin), direction)
+    world = volume.voxel_to_world(np.indices(shape).reshape(3, -1).T).reshape(*shape, 3)
     sphere = np.linalg.norm(world - centre, axis=-1) <= 8.0
-    hu[sphere] = 30
+    volume.array[:] = np.where(sphere, 30, -850)
     for shift in ([12.0, 0.0, 0.0], [0.0, 0.0, 12.0]):
-        hu[np.linalg.norm(world - centre - shift, axis=-1) <= 3.0] = 400
-    labels = sphere.astype(np.uint16)
-    origin = np.zeros(3)
-    direction = np.eye(3)
-    if flipped:
-        hu, labels = hu[:, ::-1, ::-1].copy(), labels[:, ::-1, ::-1].copy()
-        direction = np.diag([-1.0, -1.0, 1.0])
-        origin = np.array([(shape[2] - 1) * spacing[0], (shape[1] - 1) * spacing[1], 0.0])
-    return CTVolume(hu, tuple(spacing), tuple(origin), direction), labels, centre
+        volume.array[np.linalg.norm(world - centre - shift, axis=-1) <= 3.0] = 400
+    return volume, sphere.astype(np.uint16), centre
 
 
-@pytest.mark.parametrize("flipped", [False, True])
-def test_views_keep_physical_aspect_and_radiological_orientation(flipped):
-    volume, labels, centre = _geometry_phantom(flipped)
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_views_keep_physical_aspect_and_radiological_orientation(geometry):
+    volume, labels, centre = _geometry_phantom(GEOMETRIES[geometry])
     crop = Crop(volume, labels, centre, size_mm=48.0, pixels=192)  # 0.25 mm pixels
-    for plane, true_extent in (("axial", (16, 16)), ("coronal", (16, 16)), ("sagittal", (16, 16))):
+    for plane in ("axial", "coronal", "sagittal"):
         rows, cols = np.nonzero(crop.mask(plane, 1) >= 0.5)
         height = (rows.max() - rows.min() + 1) * crop.pixel_mm
         width = (cols.max() - cols.min() + 1) * crop.pixel_mm
-        # within a voxel of the truth: 0.7 mm in-plane, 2.5 mm along z (coronal / sagittal height)
-        tolerance_h = 2.5 if plane != "axial" else 0.7
-        assert abs(height - true_extent[0]) <= tolerance_h and abs(width - 16) <= 0.7, (plane, height, width)
+        # 16 mm within a voxel: 0.7 mm in-plane (1 mm when oblique), 2.5 mm along z (the height of
+        # coronal and sagittal views)
+        in_plane = 1.0 if geometry == "oblique" else 0.7
+        assert abs(height - 16) <= (in_plane if plane == "axial" else 2.5), (plane, height)
+        assert abs(width - 16) <= in_plane, (plane, width)
     middle = crop.pixels // 2
     axial, coronal = crop.sample("axial"), crop.sample("coronal")
     # patient left (+x) is on the image's right; superior (+z) is up
