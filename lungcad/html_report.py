@@ -270,7 +270,9 @@ def render_view(
             draw.line([(float(c), float(r)) for r, c in contour], fill=colour, width=1)
     if pixel_mm:
         y = image.height - 8
-        draw.line([(6, y), (6 + SCALE_BAR_MM / pixel_mm, y)], fill=_BAR, width=3)
+        bar = [(6, y), (6 + SCALE_BAR_MM / pixel_mm, y)]
+        draw.line(bar, fill=0, width=5)  # a black rim keeps it visible on soft tissue
+        draw.line(bar, fill=_BAR, width=3)
     return image
 
 
@@ -324,8 +326,9 @@ def axial_frames(
         if present.size:
             first = int(present[0] + crop.offset[axis])
             last = int(present[-1] + crop.offset[axis])
-    first = max(0, first - margin)
-    last = min(volume.shape[axis] - 1, last + margin)
+    # within the scan and the voxels the crop holds
+    first = max(0, int(crop.offset[axis]), first - margin)
+    last = min(volume.shape[axis] - 1, int(crop.offset[axis]) + crop.hu.shape[axis] - 1, last + margin)
     slices = np.arange(first, last + 1)
     focus = axial_slice if axial_slice is not None and first <= axial_slice <= last else middle
     if slices.size > MAX_FRAMES:
@@ -337,7 +340,11 @@ def axial_frames(
     order = np.argsort(z_world)
     images = crop.images("axial", label, z_world[order] - crop.centre[2])
     frames = [
-        Frame(png_data_uri(image), f"slice {int(slices[k])}, z {z_world[k]:.1f} mm")
+        Frame(
+            png_data_uri(image),
+            f"slice {int(slices[k])}, z {z_world[k]:.1f} mm"
+            + (" (largest extent)" if slices[k] == axial_slice else ""),
+        )
         for image, k in zip(images, order)
     ]
     start = int(np.flatnonzero(slices[order] == focus)[0])

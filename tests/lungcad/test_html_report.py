@@ -21,7 +21,7 @@ from common.io import CTVolume
 from common.synth.luna16 import scan_volume
 from common.synth.scan import default_bank, generate_scan
 from lungcad import DISCLAIMER
-from lungcad.html_report import Crop, axial_frames, write_report_html
+from lungcad.html_report import MAX_FRAMES, Crop, axial_frames, write_report_html
 
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_FLAGS = [
@@ -196,7 +196,7 @@ def test_views_keep_physical_aspect_and_radiological_orientation(geometry):
     frames, start = axial_frames(crop, volume, 1, axial_slice=20)
     # the sphere spans slices 17-23 (z 42.5-57.5 mm); ± 5 mm = 2 slices; inferior to superior
     assert [f.caption.split(",")[0] for f in frames] == [f"slice {k}" for k in range(15, 26)]
-    assert frames[start].caption == "slice 20, z 50.0 mm"
+    assert frames[start].caption == "slice 20, z 50.0 mm (largest extent)"
 
 
 def _run_chromium(page: Path, screenshot: Path, profile: Path) -> str:
@@ -275,3 +275,14 @@ def test_report_renders_in_headless_chromium(written, tmp_path):
     with Image.open(screenshot) as image:
         assert image.size == (1200, 1600)
     print(f"screenshot: {screenshot}")
+
+
+def test_a_long_extent_is_scrolled_with_a_stride_that_keeps_the_largest_slice():
+    volume = CTVolume(np.full((120, 24, 24), -800, np.int16), (1.0, 1.0, 0.5), (0.0, 0.0, 0.0), np.eye(3))
+    labels = np.zeros(volume.shape, np.uint16)
+    labels[10:111, 8:16, 8:16] = 1
+    crop = Crop(volume, labels, volume.voxel_to_world((60, 12, 12))[0], size_mm=64.0, pixels=16)
+    frames, start = axial_frames(crop, volume, 1, axial_slice=57)
+    slices = [int(f.caption.split(",")[0].removeprefix("slice ")) for f in frames]
+    assert len(frames) <= MAX_FRAMES and slices[start] == 57
+    assert slices[0] <= 10 and slices[-1] >= 108 and len(set(np.diff(slices))) == 1
