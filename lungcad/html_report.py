@@ -8,20 +8,23 @@ adds any — not even the scan's file path), a summary table with one row per no
 axial / coronal / sagittal crops with the mask contour, an axial slice scroller, its measurements and
 its Lung-RADS v2022 baseline category.
 
-Images. Each view is sampled on a world-axis-aligned square of ``size_mm`` (64 mm) around a point, at
-square pixels, from the scan's voxels through its direction matrix (`common.io.CTVolume.world_to_voxel`)
-with linear interpolation: anisotropic spacing, flipped and oblique scans all come out with the true
-physical aspect ratio, in the radiological convention (axial and coronal: patient right on the image's
-left; axial: anterior up; coronal and sagittal: superior up; sagittal: anterior on the left). The lung
-window is level −600 / width 1500 HU. The nodule's mask contour (orange) is the 0.5 level of its
-linearly resampled mask, other nodules' contours are cyan, the white bar is 10 mm. The scroller's
-frames lie on the scan's own slices (the world z of each slice through the nodule centre), over the
-mask's extent ± 5 mm, at most `MAX_FRAMES` of them.
+Images. Each view is sampled on a world-axis-aligned square of ``size_mm`` (64 mm; report.html widens it
+to 1.5 × a larger nodule's max 3D diameter) around a point, at square pixels, from the scan's voxels
+through its direction matrix (`common.io.CTVolume.world_to_voxel`) with linear interpolation: anisotropic
+spacing, flipped and oblique scans all come out with the true physical aspect ratio, in the radiological
+convention (axial and coronal: patient right on the image's left; axial: anterior up; coronal and
+sagittal: superior up; sagittal: anterior on the left). The lung window is level −600 / width 1500 HU, in
+128 gray levels. The nodule's mask contour (orange) is the 0.5 level of its linearly resampled mask, other
+nodules' contours are cyan, the white bar is 10 mm. The scroller's frames lie on the scan's own slices
+(the world z of each slice through the nodule centre), over the mask's extent ± 5 mm, at most `MAX_FRAMES`
+of them.
 
 Reusable pieces (``followup.html`` is built from them):
 
     Crop(volume, labels, centre_world_mm, size_mm=64, pixels=192)   # one region, sampled on demand
         .image(plane, label=None, offset_mm=0.0) -> PIL.Image         # "axial" | "coronal" | "sagittal"
+        .sample(plane) -> HU array; .mask(plane, label) -> [0, 1] array
+    render_view(hu, nodule_mask=None, other_mask=None, pixel_mm=None) -> PIL.Image   # 2D array → view
     crop_data_uri(volume, labels, centre_world_mm, plane, label=None, ...) -> str   # one view as a data URI
     axial_frames(crop, volume, label, axial_slice=None) -> (list[Frame], start)    # the scroller's frames
     scroller_html(frames, start, title=...) -> str     # <figure class="scroller"> (needs SCROLLER_JS)
