@@ -37,6 +37,7 @@ __all__ = [
     "DICOM_POSITION_TOLERANCE_MM",
     "anonymized_header",
     "check_slice_positions",
+    "check_unreadable_slices",
     "index_to_world_matrix",
     "read_dicom_slices",
     "read_volume",
@@ -481,6 +482,24 @@ def check_slice_positions(
         )  # fmt: skip
 
 
+def check_unreadable_slices(series: str, unreadable: list[Path], tolerance_mm: float | None = None) -> None:
+    """Refuse a series with unreadable slice files, unless a tolerance was given (then warn and go on without them).
+
+    Raises:
+        VolumeReadError: naming the series, the files and the `--dicom-tolerance` flag.
+    """
+    if not unreadable:
+        return
+    shown = ", ".join(Path(p).name for p in unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
+    if tolerance_mm is None:
+        raise VolumeReadError(
+            f"{series}: {len(unreadable)} slice file(s) cannot be read ({shown}): truncated or corrupt; "
+            "re-export or re-download the series, or pass --dicom-tolerance MM (dicom_tolerance_mm=) to "
+            "leave them out and accept the gap they leave up to MM mm"
+        )
+    log.warning("%s: left out %d unreadable slice file(s): %s", series, len(unreadable), shown)
+
+
 def _unreadable_slices(files: list[Path], listed: set[str], series_uid: str) -> list[Path]:
     """DICOM files GDCM left out of every series that belong to `series_uid` or to no readable series.
 
@@ -537,9 +556,10 @@ def _read_dicom_folder(folder: Path, series_uid: str | None, tolerance_mm: float
     listed = {str(Path(n)) for uid in uids for n in reader.GetGDCMSeriesFileNames(str(folder), uid)}
     # GDCM silently leaves out slice files it cannot parse (a truncated file): find them and say so.
     unreadable = _unreadable_slices(files, listed, series_uid)
-    return read_dicom_slices(
+    volume, _ = read_dicom_slices(
         [Path(n) for n in names], series_uid, folder, tolerance_mm, unreadable=unreadable
     )
+    return volume
 
 
 def read_dicom_slices(
@@ -548,7 +568,7 @@ def read_dicom_slices(
     source: Path,
     tolerance_mm: float | None = None,
     unreadable: list[Path] = (),
-) -> CTVolume:
+) -> tuple[CTVolume, list[Path]]:
     """Read one DICOM series from its slice files, in the given order (sorted along the slice normal).
 
     Every slice must be readable and the slices evenly spaced (`check_slice_positions`). With a tolerance
@@ -561,6 +581,9 @@ def read_dicom_slices(
         source: the folder (for the volume and the messages).
         tolerance_mm: None = the default rule (`DICOM_POSITION_TOLERANCE_MM`, no unreadable slices).
         unreadable: slice files of this series already known to be unreadable.
+
+    Returns:
+        The volume (slice *k* = ``files_read[k]``) and the files read (``files`` less unreadable ones).
 
     Raises:
         VolumeReadError: an unreadable slice, uneven spacing, or SimpleITK failing; the message names the
@@ -593,15 +616,7 @@ def read_dicom_slices(
         unreadable += failing
         files = [p for p in files if p not in failing]
         reader = img = None
-    if unreadable:
-        shown = ", ".join(p.name for p in unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
-        if tolerance_mm is None:
-            raise VolumeReadError(
-                f"{series}: {len(unreadable)} slice file(s) cannot be read ({shown}): truncated or corrupt; "
-                "re-export or re-download the series, or pass --dicom-tolerance MM (dicom_tolerance_mm=) to "
-                "leave them out and accept the gap they leave up to MM mm"
-            )
-        log.warning("%s: left out %d unreadable slice file(s): %s", series, len(unreadable), shown)
+    check_unreadable_slices(series, unreadable, tolerance_mm)
     if not files:
         raise VolumeReadError(f"{series}: no readable slice file")
     if img is None:
@@ -634,7 +649,9 @@ def read_dicom_slices(
             )
     if img.GetDimension() == 2:
         img = sitk.JoinSeries([img])
-    return CTVolume.from_sitk(img, series_uid=series_uid, source=source)
+    volume = CTVolume.from_sitk(img, series_uid=series_uid, source=source)
+    _validate(volume, source)
+    return volume, files
 
 
 def _readable_slice(path: Path) -> bool:
