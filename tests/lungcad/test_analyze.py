@@ -18,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 import SimpleITK as sitk
 
@@ -32,6 +33,13 @@ jsonschema = pytest.importorskip("jsonschema")
 PATIENT_ID = "PAT-0042-SECRET"
 PATIENT_NAME = "Doe^Jane"
 BIRTH_DATE = "19450317"
+#: Identifying fields a real series carries (must not leak), and its frame of reference (Type 1 in CT).
+SOURCE_TAGS = {
+    "0010|0010": PATIENT_NAME,
+    "0010|0020": PATIENT_ID,
+    "0010|0030": BIRTH_DATE,
+    "0020|0052": "1.2.826.0.1.3680043.8.498.99",
+}
 
 
 # ------------------------------------------------------------------------------------------------ builders
@@ -106,7 +114,11 @@ def assert_no_identifiers(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file() and path.suffix != ".dcm":
             data = path.read_bytes()
-            for secret in (PATIENT_ID, PATIENT_NAME, BIRTH_DATE, "Doe"):
+            for secret in (
+                PATIENT_ID,
+                PATIENT_NAME,
+                BIRTH_DATE,
+            ):  # none can occur in base64 image data by chance
                 assert secret.encode() not in data, f"{secret} in {path}"
 
 
@@ -328,9 +340,8 @@ def _tree(tmp_path: Path, volume: CTVolume) -> Path:
     write_nifti(
         CTVolume(volume.array, volume.spacing, volume.origin, volume.direction), batch / "scan_nii.nii.gz"
     )
-    tags = {"0010|0010": PATIENT_NAME, "0010|0020": PATIENT_ID, "0010|0030": BIRTH_DATE}
     write_dicom_series(
-        volume, batch / "b" / "patient" / "series", series_uid="1.2.826.0.1.3680043.8.498.1", tags=tags
+        volume, batch / "b" / "patient" / "series", series_uid="1.2.826.0.1.3680043.8.498.1", tags=SOURCE_TAGS
     )
     return batch
 
@@ -352,6 +363,10 @@ def test_batch_run_resumes_and_skips_finished_scans(fake_pipeline, small_volume,
         validate(report)
     dicom_report = outputs.finished_report(out / "1.2.826.0.1.3680043.8.498.1")
     assert dicom_report["scan"]["format"] == "dicom"
+    assert dicom_report["scan"]["acquisition"]["Modality"] == "CT"
+    assert {"seg.dcm", "sr.dcm", "report.html"} <= set(dicom_report["files"])
+    seg = pydicom.dcmread(out / "1.2.826.0.1.3680043.8.498.1" / "seg.dcm")
+    assert seg.Modality == "SEG" and seg.PatientID == PATIENT_ID  # DICOM objects keep the patient module
     batch_results = pd.read_csv(out / "results.csv", dtype={"seriesuid": str})
     assert sorted(batch_results["seriesuid"]) == ids
     assert len(pd.read_csv(out / "nodules.csv")) == 3
@@ -388,6 +403,12 @@ def test_batch_run_resumes_and_skips_finished_scans(fake_pipeline, small_volume,
         == 0
     )
     assert len(calls) == 8  # an anonymized id is another folder
+    series = batch / "b" / "patient" / "series"
+    assert main(["analyze", str(series), "--bundle", str(bundle), "--out", str(out), "--anonymize"]) == 0
+    (anon,) = [p for p in out.glob("anon-*") if outputs.finished_report(p)["scan"]["format"] == "dicom"]
+    for name in ("seg.dcm", "sr.dcm"):
+        data = (anon / name).read_bytes()
+        assert PATIENT_ID.encode() not in data and PATIENT_NAME.encode() not in data, name
     csv = tmp_path / "given.csv"
     csv.write_text("seriesuid,coordX,coordY,coordZ\n")
     assert (
@@ -532,9 +553,8 @@ def bundle_dir(request):
 
 
 def test_end_to_end_on_mhd_and_dicom(bundle_dir, small_volume, tmp_path):
-    tags = {"0010|0010": PATIENT_NAME, "0010|0020": PATIENT_ID, "0010|0030": BIRTH_DATE}
     write_dicom_series(
-        small_volume, tmp_path / "in" / "dicom", series_uid="1.2.826.0.1.3680043.8.498.7", tags=tags
+        small_volume, tmp_path / "in" / "dicom", series_uid="1.2.826.0.1.3680043.8.498.7", tags=SOURCE_TAGS
     )
     write_mhd(small_volume, tmp_path / "in" / "scan.mhd")
     out = tmp_path / "out"
