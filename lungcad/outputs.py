@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from common import atomic
+from common.cache import sha256_file as sha256
 from common.io import CTVolume, write_nifti
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ NODULE_COLUMNS = (
     "index",
     "label",
     "source",
+    "segmentation",
     "detection_score",
     "malignancy_probability",
     "center_x_mm",
@@ -226,6 +228,7 @@ def build_report(
                 "index": int(f.index),
                 "label": int(f.index),
                 "source": f.source,
+                "segmentation": getattr(f, "segmentation", None),
                 "detection_score": None if f.detection_score is None else float(f.detection_score),
                 "malignancy_probability": float(f.malignancy_probability),
                 "measurements": f.measurements.to_dict(),
@@ -282,6 +285,7 @@ def nodule_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "index": nodule["index"],
             "label": nodule["label"],
             "source": nodule["source"],
+            "segmentation": nodule["segmentation"],
             "detection_score": nodule["detection_score"],
             "malignancy_probability": nodule["malignancy_probability"],
         }
@@ -354,14 +358,6 @@ def write_segmentation(volume: CTVolume, labels: np.ndarray, path: str | Path) -
 
 
 # ------------------------------------------------------------------------------------------ report.json
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def report_text(report: dict[str, Any]) -> str:

@@ -238,7 +238,8 @@ class GivenNodules:
         return cls(path, table, outputs.sha256(path))
 
     def for_scan(self, volume: CTVolume, input_path: Path) -> np.ndarray:
-        """(N, 3) world mm of the rows of this scan (series UID or file stem), checked to lie in the scan."""
+        """The rows of this scan (series UID or file stem) as (N, 3) world mm, or (N, 4) with ``diameter_mm``
+        when the CSV has it (the pipeline sizes its search by it); checked to lie in the scan."""
         keys = {outputs.file_stem(input_path), input_path.name}
         if volume.series_uid:
             keys.add(volume.series_uid)
@@ -252,6 +253,8 @@ class GivenNodules:
                     f"{self.path}: row {row + 1} (line {row + 2}) at ({', '.join(f'{v:g}' for v in xyz[~inside][0])}) "
                     "mm lies outside its scan; coordinates are world mm (x, y, z) in the scan's own frame"
                 )
+        if "diameter_mm" in rows:
+            return np.column_stack([xyz, rows["diameter_mm"].to_numpy(np.float64)])
         return xyz
 
 

@@ -276,7 +276,9 @@ def _fake_analyze_volume(volume, bundle, *, nodules_world_mm=None, progress=None
             progress(step)
     given = nodules_world_mm is not None
     centres = (
-        np.asarray(nodules_world_mm) if given else volume.voxel_to_world((np.asarray(volume.shape) - 1) / 2.0)
+        np.asarray(nodules_world_mm)[:, :3]
+        if given
+        else volume.voxel_to_world((np.asarray(volume.shape) - 1) / 2.0)
     )
     zz, yy, xx = np.indices(volume.shape)
     labels = np.zeros(volume.shape, np.uint16)
@@ -429,8 +431,18 @@ def test_batch_run_resumes_and_skips_finished_scans(fake_pipeline, small_volume,
     assert "other options (nodules_csv" in capsys.readouterr().err
 
 
-def test_given_nodules_mode(fake_pipeline, small_volume, tmp_path):
+def test_given_nodules_mode(fake_pipeline, small_volume, tmp_path, monkeypatch):
     bundle, calls = fake_pipeline
+    import lungcad.pipeline
+
+    given_rows = []
+    fake = lungcad.pipeline.analyze_volume
+
+    def recording(volume, bundle, **kwargs):
+        given_rows.append(kwargs["nodules_world_mm"])
+        return fake(volume, bundle, **kwargs)
+
+    monkeypatch.setattr(lungcad.pipeline, "analyze_volume", recording)
     scan = tmp_path / "in" / "case.mhd"
     write_mhd(small_volume, scan)
     centre = small_volume.voxel_to_world((np.asarray(small_volume.shape) - 1) / 2.0)[0]
@@ -449,6 +461,10 @@ def test_given_nodules_mode(fake_pipeline, small_volume, tmp_path):
     assert report["mode"] == "given-nodules" and report["parameters"]["nodules_csv"] == "given.csv"
     assert [n["source"] for n in report["nodules"]] == ["given", "given"]
     assert report["nodules"][0]["detection_score"] is None
+    assert given_rows[-1].shape == (2, 4) and given_rows[-1][:, 3].tolist() == [
+        6.0,
+        4.0,
+    ]  # diameters passed on
     for nodule, xyz in zip(report["nodules"], (centre, other)):
         assert np.linalg.norm(np.subtract(nodule["measurements"]["center_world_mm"], xyz)) < 1.5
 
