@@ -8,7 +8,14 @@ from importlib import resources
 
 import pytest
 
-from lungcad.lungrads import LungRADSCategory, baseline_category, lungrads_table, scan_category
+from lungcad.lungrads import (
+    LungRADSCategory,
+    baseline_category,
+    followup_category,
+    is_growth,
+    lungrads_table,
+    scan_category,
+)
 
 # (type, mean diameter, solid component, expected category). "Below" is 0.1 mm under the threshold: the
 # resolution at which the ACR asks for mean diameters.
@@ -116,3 +123,51 @@ def test_table_is_package_data_with_its_source():
     for rules in (baseline["solid"], baseline["ground-glass"], baseline["part-solid"]["solid_component"]):
         limits = [r["below_mm"] for r in rules]
         assert limits[-1] is None and limits[:-1] == sorted(limits[:-1])
+
+
+# ------------------------------------------------------------------------------------------ follow-up
+def test_growth_rule_boundary():
+    assert not is_growth(6.0, 7.5)  # +1.5 mm is not growth ("more than 1.5 mm")
+    assert is_growth(6.0, 7.6)
+    assert is_growth(6.04, 7.56)  # compared at 0.1 mm: 6.0 → 7.6
+    assert not is_growth(6.05, 7.54)  # 6.1 → 7.5
+    assert not is_growth(8.0, 6.0)
+
+
+FOLLOWUP = [
+    # (type, now, component now, prior, prior component, expected)
+    ("solid", 3.9, None, None, None, "2"),  # new < 4
+    ("solid", 4.0, None, None, None, "3"),  # new 4 to < 6
+    ("solid", 5.9, None, None, None, "3"),
+    ("solid", 6.0, None, None, None, "4A"),  # new 6 to < 8
+    ("solid", 7.9, None, None, None, "4A"),
+    ("solid", 8.0, None, None, None, "4B"),  # new ≥ 8
+    ("solid", 5.6, None, 4.0, None, "4A"),  # growing (+1.6) < 8
+    ("solid", 5.5, None, 4.0, None, "2"),  # +1.5: stable, size rule
+    ("solid", 7.9, None, 6.3, None, "4A"),
+    ("solid", 8.0, None, 6.4, None, "4B"),  # growing ≥ 8
+    ("solid", 16.0, None, 15.8, None, "4B"),  # stable, size rule ≥ 15
+    ("solid", 9.0, None, 9.0, None, "4A"),  # stable: size category kept (stepped management: reader)
+    ("part-solid", 5.9, 2.0, None, None, "3"),  # new < 6 mm total
+    ("part-solid", 6.0, 2.0, None, None, "3"),  # new ≥ 6: baseline rule, component < 6
+    ("part-solid", 9.0, 6.5, None, None, "4A"),
+    ("part-solid", 9.0, 3.9, 9.0, None, "4A"),  # new solid component < 4 in a known nodule
+    ("part-solid", 9.0, 4.0, 9.0, None, "4B"),  # new solid component ≥ 4
+    ("part-solid", 9.0, 3.6, 9.0, 2.0, "4A"),  # growing component (+1.6) < 4
+    ("part-solid", 9.0, 4.1, 9.0, 2.5, "4B"),  # growing component ≥ 4
+    ("part-solid", 9.0, 3.5, 9.0, 2.0, "3"),  # +1.5: not growing, baseline rule
+    ("part-solid", 12.0, 8.0, 12.0, 8.0, "4B"),  # stable, size rule
+    ("ground-glass", 29.9, None, None, None, "2"),  # new < 30
+    ("ground-glass", 30.0, None, None, None, "3"),  # new ≥ 30
+    ("ground-glass", 35.0, None, 25.0, None, "2"),  # seen before: 2 at any size
+]
+
+
+@pytest.mark.parametrize("kind, now, comp, prior, prior_comp, expected", FOLLOWUP)
+def test_followup_rules(kind, now, comp, prior, prior_comp, expected):
+    result = followup_category(
+        kind, now, comp, prior_mean_diameter_mm=prior, prior_solid_component_mm=prior_comp, interval_months=12
+    )
+    assert result.category == expected, result.reason
+    if prior is None:
+        assert result.reason.startswith("new")
