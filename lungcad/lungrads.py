@@ -7,7 +7,8 @@ was verified against which text, in ``lungcad/data/lungrads_v2022.yaml`` (Americ
 Only what type and size decide is derived: baseline categories 2, 3, 4A and 4B for solid, part-solid and
 ground-glass (non-solid) nodules, and 1 for a scan without nodules. Categories 0 and 4X, benign
 calcification / fat, perifissural / juxtapleural / airway nodules and cysts need a reader. Growth and "new"
-rules need a prior scan: `followup_category` (the growth rule, data in the same YAML) belongs here too.
+rules need a prior scan: `followup_category` applies the table's "new" and "growing" clauses and the v2022
+growth rule (`is_growth`), data in the same YAML.
 Research decision support, not a diagnosis.
 """
 
@@ -25,6 +26,8 @@ __all__ = [
     "LungRADSCategory",
     "baseline_category",
     "scan_category",
+    "followup_category",
+    "is_growth",
     "lungrads_table",
     "TABLE_RESOURCE",
 ]
@@ -133,3 +136,79 @@ def scan_category(categories: Sequence[LungRADSCategory]) -> LungRADSCategory:
         worst.management,
         f"highest of {n} nodule{'s' if n != 1 else ''}: {worst.reason}",
     )
+
+
+def is_growth(prior_mean_diameter_mm: float, mean_diameter_mm: float) -> bool:
+    """Lung-RADS v2022 growth: the mean diameter (to 0.1 mm) increased by more than 1.5 mm.
+
+    The ACR states it for a 12-month interval; judging the interval is the caller's (see
+    `followup_category`).
+    """
+    increase = _round(mean_diameter_mm) - _round(prior_mean_diameter_mm)
+    return increase > float(lungrads_table()["growth"]["increase_mm"]) + 1e-9
+
+
+def _higher(a: LungRADSCategory, b: LungRADSCategory) -> LungRADSCategory:
+    order = lungrads_table()["order"]
+    return a if order.index(a.category) >= order.index(b.category) else b
+
+
+def followup_category(
+    nodule_type: str,
+    mean_diameter_mm: float,
+    solid_component_mm: float | None = None,
+    *,
+    prior_mean_diameter_mm: float | None,
+    prior_solid_component_mm: float | None = None,
+    interval_months: float | None = None,
+) -> LungRADSCategory:
+    """Lung-RADS category of a nodule on a follow-up scan, given its size on the prior scan.
+
+    Args:
+        nodule_type, mean_diameter_mm, solid_component_mm: the nodule now (as for `baseline_category`).
+        prior_mean_diameter_mm: its mean diameter on the prior scan; None = a new nodule (absent before).
+        prior_solid_component_mm: the prior solid component; None = none (a part-solid nodule whose
+            component was absent before has a *new* solid component).
+        interval_months: time between the scans, reported in the reason. The ACR's growth rule is stated
+            for 12 months; growth over a longer interval is still counted as growth (v2022 also calls slow
+            growth of solid and part-solid nodules suspicious), which errs towards the higher category.
+
+    Rules (data: ``followup`` in the YAML): new and growing nodules by the table's "new" / "growing"
+    clauses, never below the baseline size rule (size thresholds also apply to enlarging nodules); a
+    ground-glass nodule seen before is category 2 at any size ("unchanged or slowly growing"). A stable
+    nodule keeps its size category: v2022's stepped management of stable category 3 / 4A nodules needs
+    the prior category and its management and is left to the reader.
+    """
+    size = baseline_category(nodule_type, mean_diameter_mm, solid_component_mm)
+    kind = _TYPE_ALIASES[str(nodule_type).lower()]
+    rules = lungrads_table()["followup"][kind]
+    current = _round(mean_diameter_mm)
+    when = f" over {interval_months:g} months" if interval_months is not None else ""
+    if prior_mean_diameter_mm is None:
+        if kind == "part-solid":
+            rule, text = _interval(rules["new_total"], current)
+            if rule["category"] is None:
+                return _make(size.category, f"new {size.reason}")
+            return _make(rule["category"], f"new part-solid, mean diameter {current:.1f} mm in {text}")
+        rule, text = _interval(rules["new"], current)
+        return _higher(_make(rule["category"], f"new {kind}, mean diameter {current:.1f} mm in {text}"), size)
+    prior = _round(prior_mean_diameter_mm)
+    change = f"mean diameter {prior:.1f} -> {current:.1f} mm{when}"
+    if kind == "ground-glass":
+        return _make(rules["seen_before"][0]["category"], f"ground-glass seen before, {change}")
+    if kind == "solid":
+        if is_growth(prior, current):
+            rule, text = _interval(rules["growing"], current)
+            return _higher(_make(rule["category"], f"growing solid, {change}, now in {text}"), size)
+        return _make(size.category, f"stable solid ({change}); size rule: {size.reason}")
+    component = _round(solid_component_mm or 0.0)
+    if prior_solid_component_mm is None and component > 0.0:
+        status = "new solid component"
+    elif prior_solid_component_mm is not None and is_growth(prior_solid_component_mm, component):
+        status = f"growing solid component ({_round(prior_solid_component_mm):.1f} -> {component:.1f} mm)"
+    else:
+        return _make(
+            size.category, f"part-solid without a new or growing solid component ({change}); {size.reason}"
+        )
+    rule, text = _interval(rules["new_or_growing_solid_component"], component)
+    return _higher(_make(rule["category"], f"part-solid, {status}{when}, component in {text}"), size)
