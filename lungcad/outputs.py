@@ -6,8 +6,7 @@
 - ``nodules.csv``: one flat row per nodule (the same numbers as ``report.json``);
 - ``results.csv``: every scored candidate in the LUNA16 results format, so `lungdata evaluate-froc` scores
   it as is;
-- for DICOM input, when the ``dicom`` writers are installed: ``seg.dcm`` (DICOM SEG) and ``sr.dcm``
-  (DICOM SR, TID 1500);
+- for DICOM input with at least one nodule: ``seg.dcm`` (DICOM SEG) and ``sr.dcm`` (DICOM SR, TID 1500);
 - ``report.html`` when the HTML writer is installed;
 - ``report.json`` LAST, atomically, with the SHA-256 of every file above. A folder whose ``report.json``
   exists and whose listed files match their checksums is a finished scan (`finished_report`); anything
@@ -446,7 +445,9 @@ def write_outputs(
     )
     paths[NODULES_CSV] = write_nodules_csv([report], folder / NODULES_CSV)
     paths[RESULTS_CSV] = write_results_csv(results_frame(analysis.candidates, scan_id), folder / RESULTS_CSV)
-    if fmt == "dicom" and source_datasets:
+    if fmt == "dicom" and source_datasets and not report["nodules"]:
+        log.info("no nodules: no DICOM SEG/SR (a SEG needs at least one segment, the SR references it)")
+    elif fmt == "dicom" and source_datasets:
         write_seg = _optional("lungcad.dicom_output", "write_seg")
         write_sr = _optional("lungcad.dicom_output", "write_sr")
         if write_seg is not None and write_sr is not None:

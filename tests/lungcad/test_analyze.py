@@ -568,21 +568,106 @@ def bundle_dir(request):
         pytest.skip("tiny_bundle fixture not available yet (lungcad bundle)")
 
 
-def test_end_to_end_on_mhd_and_dicom(bundle_dir, small_volume, tmp_path):
-    write_dicom_series(
-        small_volume, tmp_path / "in" / "dicom", series_uid="1.2.826.0.1.3680043.8.498.7", tags=SOURCE_TAGS
-    )
-    write_mhd(small_volume, tmp_path / "in" / "scan.mhd")
+@pytest.fixture(scope="module")
+def e2e_phantom():
+    """A whole small phantom (lungs, so the lung mask works) with at least one accepted nodule."""
+    from common.synth import generate_scan
+
+    scan = generate_scan(0, 2)
+    assert scan.accepted
+    return scan
+
+
+def test_end_to_end_detection_on_a_dicom_series(bundle_dir, e2e_phantom, tmp_path):
+    """Detection through the real models once (stage 1 dominates the run time; MHD and NIfTI go through the
+    same pipeline in the --nodules tests below), then resume."""
+    volume = make_volume(e2e_phantom)
+    series = tmp_path / "in" / "patient" / "series"
+    write_dicom_series(volume, series, series_uid="1.2.826.0.1.3680043.8.498.7", tags=SOURCE_TAGS)
     out = tmp_path / "out"
-    assert main(["analyze", str(tmp_path / "in"), "--bundle", str(bundle_dir), "--out", str(out)]) == 0
-    for scan_id in ("1.2.826.0.1.3680043.8.498.7", "scan"):
-        report = outputs.finished_report(out / scan_id)
-        assert report is not None, scan_id
-        validate(report)
-        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / scan_id / "segmentation.nii.gz")))
-        assert labels.shape == small_volume.shape
-        assert labels.max() == len(report["nodules"])
+    assert main(["analyze", str(series), "--bundle", str(bundle_dir), "--out", str(out)]) == 0
+    folder = out / "1.2.826.0.1.3680043.8.498.7"
+    report = outputs.finished_report(folder)
+    validate(report)
+    assert report["mode"] == "detection" and report["bundle"]["sha256"] == outputs.sha256(
+        bundle_dir / "bundle.json"
+    )
+    assert set(report["timings_s"]) >= {
+        "read",
+        "preprocess",
+        "detect",
+        "fpr",
+        "segment",
+        "measure",
+        "classify",
+        "write",
+    }
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "segmentation.nii.gz")))
+    assert labels.shape == volume.shape and labels.max() == len(report["nodules"])
+    assert len(pd.read_csv(folder / "results.csv")) == report["summary"]["n_candidates"]
+    assert ("seg.dcm" in report["files"]) == bool(report["nodules"])
     assert_no_identifiers(out)
     before = _files(out)
     assert main(["analyze", str(tmp_path / "in"), "--bundle", str(bundle_dir), "--out", str(out)]) == 0
     assert _files(out) == before
+
+
+@pytest.mark.parametrize("name, fmt", [("oblique", "dicom"), ("flipped", "mhd"), ("left-handed", "nifti")])
+def test_given_nodule_lands_where_it_is_in_any_geometry(bundle_dir, e2e_phantom, tmp_path, name, fmt):
+    """A nodule at a known world position (--nodules) is reported within 1.5 mm, in world mm and in voxels,
+    and its NIfTI labels (and DICOM SEG) overlay it in the source geometry."""
+    volume = make_volume(e2e_phantom, GEOMETRIES[name])
+    finding = e2e_phantom.accepted[0]
+    voxel_zyx = np.asarray(finding.voxel_zyx)
+    world = volume.voxel_to_world(voxel_zyx)[0]
+    inputs = tmp_path / "in"
+    if fmt == "dicom":
+        path = inputs / "series"
+        write_dicom_series(volume, path, series_uid="1.2.826.0.1.3680043.8.498.8", tags=SOURCE_TAGS)
+        key = "1.2.826.0.1.3680043.8.498.8"
+    else:
+        path = inputs / ("case.mhd" if fmt == "mhd" else "case.nii.gz")
+        (write_mhd if fmt == "mhd" else write_nifti)(volume, path)
+        key = "case"
+    csv = tmp_path / "marks.csv"
+    pd.DataFrame(
+        [(key, *world, finding.diameter_mm)],
+        columns=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"],
+    ).to_csv(csv, index=False)
+    out = tmp_path / "out"
+    assert (
+        main(["analyze", str(path), "--bundle", str(bundle_dir), "--out", str(out), "--nodules", str(csv)])
+        == 0
+    )
+    report = outputs.finished_report(out / key)
+    validate(report)
+    (nodule,) = report["nodules"]
+    m = nodule["measurements"]
+    assert np.linalg.norm(np.subtract(m["center_world_mm"], world)) <= 1.5
+    offset_vox = np.subtract(m["center_voxel_xyz"], voxel_zyx[::-1])
+    assert np.linalg.norm(offset_vox * np.asarray(volume.spacing)) <= 1.5
+
+    nifti = sitk.ReadImage(str(out / key / "segmentation.nii.gz"))
+    labels = sitk.GetArrayFromImage(nifti)
+    centre = tuple(int(round(v)) for v in voxel_zyx)
+    if fmt != "dicom":  # a left-handed DICOM reads back reversed in z (common.io.write_dicom_series)
+        assert labels[centre] == 1
+        np.testing.assert_allclose(np.reshape(nifti.GetDirection(), (3, 3)), volume.direction, atol=1e-5)
+    ijk = np.argwhere(labels == 1).mean(axis=0)[::-1]
+    assert (
+        np.linalg.norm(np.asarray(nifti.TransformContinuousIndexToPhysicalPoint(ijk.tolist())) - world) <= 1.5
+    )
+    if fmt == "dicom":
+        import highdicom as hd
+
+        seg = hd.seg.segread(out / key / "seg.dcm")
+        datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(path.iterdir())]
+        datasets.sort(
+            key=lambda ds: float(
+                np.dot(ds.ImagePositionPatient, np.cross(*np.reshape(ds.ImageOrientationPatient, (2, 3))))
+            )
+        )
+        back = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[ds.SOPInstanceUID for ds in datasets], combine_segments=True
+        )
+        np.testing.assert_array_equal(back, labels)
