@@ -514,7 +514,14 @@ def test_bad_inputs_are_one_line_errors(fake_pipeline, small_volume, tmp_path, c
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "outfile").write_text("x")
+    from pydicom.data import get_testdata_file  # DICOM files no one here wrote
+
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        (tmp_path / name[:2]).mkdir()
+        (tmp_path / name[:2] / name).write_bytes(Path(get_testdata_file(name)).read_bytes())
     cases = [
+        ([str(tmp_path / "CT")], "single slice"),
+        ([str(tmp_path / "MR")], "CT"),
         ([str(tmp_path / "missing.mhd")], "no such file"),
         ([str(tmp_path / "notes.txt")], "unsupported input"),
         ([str(tmp_path / "empty")], "no scans found"),
