@@ -65,19 +65,19 @@ CHORD_STEP_MM = 0.05
 class NoduleMeasurements:
     """Measurements of one nodule (see the module docstring for each definition)."""
 
-    center_world_mm: tuple[float, float, float]
-    center_voxel_xyz: tuple[float, float, float]
+    center_world_mm: tuple[float, float, float]  # (x, y, z) mask centroid in world mm
+    center_voxel_xyz: tuple[float, float, float]  # the same point as (i, j, k) index of the scan
     volume_mm3: float
-    long_axis_mm: float
-    short_axis_mm: float
-    mean_diameter_mm: float
+    long_axis_mm: float  # in the axial slice of largest mask area
+    short_axis_mm: float  # longest chord perpendicular to the long axis, same slice
+    mean_diameter_mm: float  # (long + short) / 2 to 0.1 mm
     max_3d_diameter_mm: float
-    axial_slice: int
+    axial_slice: int  # index of that slice along the slice axis (k, the z index, for axial scans)
     mean_hu: float
     max_hu: float
-    type: str
-    solid_component_mm: float | None
-    solid_volume_mm3: float | None
+    type: str  # one of NODULE_TYPES
+    solid_component_mm: float | None  # part-solid only: the solid component's mean diameter
+    solid_volume_mm3: float | None  # part-solid only
 
     def to_dict(self) -> dict:
         """JSON-ready: tuples become lists, numpy scalars plain floats."""
@@ -111,11 +111,11 @@ def slice_axis(volume: CTVolume) -> int:
 def _max_pairwise(points: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """Longest distance among points (via the convex hull when it exists) and its two end points."""
     pts = np.asarray(points, dtype=np.float64)
-    if len(pts) > 3:
+    if len(pts) > pts.shape[1] + 1:
         try:
             pts = pts[ConvexHull(pts).vertices]
-        except QhullError:
-            pass  # degenerate (collinear / coplanar): brute force on all points
+        except QhullError:  # degenerate (collinear / coplanar): joggled input still names true vertices
+            pts = pts[ConvexHull(pts, qhull_options="QJ").vertices]
     if len(pts) < 2:
         return 0.0, pts[0], pts[0]
     diff = pts[:, None, :] - pts[None, :, :]

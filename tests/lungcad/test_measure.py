@@ -209,6 +209,10 @@ def test_single_voxel_and_single_slice_masks():
     flat[5, 4:12, 6:9] = True
     m = measure_nodule(volume, flat)
     assert m.long_axis_mm == pytest.approx(np.hypot(8 * 0.7, 3 * 0.7), abs=0.5)
+    line = np.zeros(volume.shape, bool)
+    line[5, 8, 3:12] = True  # one pixel wide: collinear pixel centres
+    m = measure_nodule(volume, line)
+    assert m.long_axis_mm == pytest.approx(9 * 0.7, abs=0.5) and m.short_axis_mm <= 1.0
 
 
 # --------------------------------------------------------------------------------------------- type
