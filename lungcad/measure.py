@@ -20,7 +20,8 @@ Definitions (see docs/measurements.md for the phantom accuracy of each):
 * **mean diameter**: (long + short) / 2 rounded to 0.1 mm — the Lung-RADS v2022 mean diameter.
 * **max 3D diameter**: the longest distance between vertices of the marching-cubes surface of the mask.
 * **type**: from the HU inside the mask (`SOLID_HU`, `SOLID_SHARE`, `MIN_SOLID_COMPONENT_MM`: stated
-  rules, see `nodule_type`); for part-solid nodules the solid component's mean diameter (measured like the
+  rules, see `nodule_type`), and `SOLID_COMPONENT_RATIO` (a solid component nearly as wide as the nodule
+  makes it solid); for part-solid nodules the solid component's mean diameter (measured like the
   nodule's) and volume.
 """
 
@@ -58,6 +59,9 @@ SOLID_SHARE = 0.85
 #: Interior solid area (as the diameter of a disc of its area, largest axial slice, mm) below which a
 #: not-solid nodule is ground-glass: noise and texture specks are not a solid component.
 MIN_SOLID_COMPONENT_MM = 1.0
+#: A "part-solid" nodule whose solid component's mean diameter reaches this share of the nodule's is
+#: solid: what is left around the component is a rim thinner than a tenth of the diameter on each side.
+SOLID_COMPONENT_RATIO = 0.8
 #: Step (mm) between the perpendicular chords searched for the short axis.
 CHORD_STEP_MM = 0.05
 
@@ -285,6 +289,8 @@ def measure_nodule(volume: CTVolume, mask: np.ndarray) -> NoduleMeasurements:
         s_long, s_short = _plane_diameters(component, axis, _largest_slice(component, axis), vectors)
         solid_mm = mean_diameter(s_long, s_short)
         solid_mm3 = float(component.sum()) * voxel_mm3
+        if solid_mm >= SOLID_COMPONENT_RATIO * mean_diameter(long_mm, short_mm):
+            kind, solid_mm, solid_mm3 = "solid", None, None  # no ground-glass part worth the name
 
     return NoduleMeasurements(
         center_world_mm=tuple(float(v) for v in centre_world),
