@@ -233,10 +233,9 @@ def write_sr(
     _check_sources(source_datasets)
     seg = pydicom.dcmread(seg_path)
     nodules = _nodules(report)
-    if int(getattr(seg, "SegmentSequence", None) is not None and len(seg.SegmentSequence)) != len(nodules):
-        raise ValueError(
-            f"{seg_path}: holds {len(seg.SegmentSequence)} segments but the report has {len(nodules)} nodules"
-        )
+    n_segments = len(seg.get("SegmentSequence", []))
+    if n_segments != len(nodules):
+        raise ValueError(f"{seg_path}: holds {n_segments} segments but the report has {len(nodules)} nodules")
     name, version = _generator(report)
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,

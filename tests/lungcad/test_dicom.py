@@ -142,6 +142,9 @@ def test_refuses_a_truncated_slice_naming_it(tmp_path):
     files[3].write_bytes(files[3].read_bytes()[: files[3].stat().st_size // 2])
     with pytest.raises(ValueError, match=r"cannot be read \(s1_slice_0003\.dcm\).*--dicom-tolerance"):
         read_dicom_ct(tmp_path / "cut")
+    volume, datasets = read_dicom_ct(tmp_path / "cut", tolerance_mm=1.0)  # left out, its gap accepted
+    assert volume.shape[0] == len(datasets) == 9
+    assert all(float(ds.ImagePositionPatient[2]) != -40.0 + 3 * 1.5 for ds in datasets)
 
 
 def test_refuses_gantry_tilt(tmp_path):
