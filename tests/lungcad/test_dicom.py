@@ -349,6 +349,10 @@ def test_seg_refuses_labels_on_another_grid(written):
         ValueError, match=r"labels have shape \(11, 24, 24\) but the source series is \(12, 24, 24\)"
     ):
         write_seg(datasets, labels[1:], report, Path("unused.dcm"))
+    other = labels.copy()
+    other[0, 0, 0] = 7
+    with pytest.raises(ValueError, match=r"labels hold value\(s\) \[7\] that no nodule of the report has"):
+        write_seg(datasets, other, report, Path("unused.dcm"))
 
 
 def test_codes_are_the_documented_ones():
