@@ -242,8 +242,10 @@ def write_sr(
         `path`.
     """
     _check_sources(source_datasets)
-    seg = pydicom.dcmread(seg_path)
     nodules = _nodules(report)
+    if not nodules:  # TID 1500 needs at least one measurement group (highdicom enforces it)
+        raise ValueError("the report has no nodules; a TID 1500 SR needs at least one, write none instead")
+    seg = pydicom.dcmread(seg_path)
     n_segments = len(seg.get("SegmentSequence", []))
     if n_segments != len(nodules):
         raise ValueError(f"{seg_path}: holds {n_segments} segments but the report has {len(nodules)} nodules")

@@ -357,3 +357,12 @@ def test_seg_refuses_labels_on_another_grid(written):
 
 def test_codes_are_the_documented_ones():
     assert codes.SCT.Nodule.value == "27925004" and codes.SCT.Lung.value == "39607008"
+
+
+def test_no_nodules_no_seg_no_sr(written, tmp_path):
+    _, datasets, labels, report, out = written
+    empty = {**report, "nodules": []}
+    with pytest.raises(ValueError, match="no nodules; a DICOM SEG needs at least one segment"):
+        write_seg(datasets, np.zeros_like(labels), empty, tmp_path / "seg.dcm")
+    with pytest.raises(ValueError, match="no nodules; a TID 1500 SR needs at least one"):
+        write_sr(datasets, out[False][0], empty, tmp_path / "sr.dcm")
