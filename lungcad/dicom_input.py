@@ -81,7 +81,7 @@ def _read_headers(folder: Path) -> tuple[list[tuple[Path, pydicom.Dataset]], lis
                 unreadable.append(path)
             continue
         if "SeriesInstanceUID" not in ds:
-            if _is_dicom_file(path):
+            if not ct_io.is_dicomdir(ds):
                 unreadable.append(path)  # cut before its series UID: a truncated slice
             continue
         if _truncated(path, ds):

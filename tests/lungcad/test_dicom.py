@@ -75,6 +75,13 @@ def test_rule_drops_localizers_and_picks_the_thin_series_and_series_uid_override
     _edit(scout[0], ImagePositionPatient=[-20, -30, 500], SOPInstanceUID="1.2.826.0.1.99.2.999")
     shutil.move(scout[0], folder / "scout.dcm")
     (folder / "notes.txt").write_text("not DICOM")
+    dicomdir = pydicom.Dataset()  # an instance-less DICOM file (like a DICOMDIR) is not a slice
+    dicomdir.FileSetID = "EXPORT"
+    dicomdir.file_meta = pydicom.dataset.FileMetaDataset()
+    dicomdir.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+    dicomdir.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.99.77"
+    dicomdir.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    dicomdir.save_as(folder / "DICOMDIR", enforce_file_format=True)
 
     choice = select_ct_series(folder)
     assert choice.series_uid == "1.2.826.0.1.99.2"
