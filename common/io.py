@@ -500,6 +500,12 @@ def check_unreadable_slices(series: str, unreadable: list[Path], tolerance_mm: f
     log.warning("%s: left out %d unreadable slice file(s): %s", series, len(unreadable), shown)
 
 
+def is_dicomdir(ds) -> bool:
+    """Whether a parsed DICOM file is a media directory (DICOMDIR), the one kind of DICOM file with no series."""
+    meta = getattr(ds, "file_meta", None)
+    return str(getattr(meta, "MediaStorageSOPClassUID", "")) == "1.2.840.10008.1.3.10"
+
+
 def _unreadable_slices(files: list[Path], listed: set[str], series_uid: str) -> list[Path]:
     """DICOM files GDCM left out of every series that belong to `series_uid` or to no readable series.
 
@@ -516,10 +522,12 @@ def _unreadable_slices(files: list[Path], listed: set[str], series_uid: str) -> 
         if not is_dicom:
             continue  # not DICOM (LIDC's XML, notes), or a preamble-less file GDCM could not place either
         try:
-            uid = str(pydicom.dcmread(path, stop_before_pixels=True).get("SeriesInstanceUID", ""))
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - a DICOM file pydicom cannot parse either is an unreadable slice
-            uid = ""
-        if uid in ("", series_uid):
+            bad.append(path)
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if uid == series_uid or (not uid and not is_dicomdir(ds)):  # no series UID: cut before it
             bad.append(path)
     return bad
 

@@ -51,7 +51,8 @@ class SeriesChoice:
         files: its slice files sorted along the slice normal (= the volume's z index).
         datasets: their headers (no pixel data), same order.
         reasons: why this series, and what else the folder held (localizers dropped, other series).
-        unreadable: DICOM files whose header could not be read (passed on to the pixel reader).
+        unreadable: DICOM files of this series (or of no readable series) that cannot be read; refused unless
+            a tolerance was given, then left out.
     """
 
     folder: Path
@@ -80,7 +81,7 @@ def _read_headers(folder: Path) -> tuple[list[tuple[Path, pydicom.Dataset]], lis
                 unreadable.append(path)
             continue
         if "SeriesInstanceUID" not in ds:
-            if _is_dicom_file(path):
+            if not ct_io.is_dicomdir(ds):
                 unreadable.append(path)  # cut before its series UID: a truncated slice
             continue
         if _truncated(path, ds):
@@ -313,9 +314,8 @@ def read_dicom_ct(
     choice = select_ct_series(folder, series_uid, tolerance_mm=tolerance_mm)
     for reason in choice.reasons:
         log.info("%s: %s", choice.folder, reason)
-    volume, read = ct_io.read_dicom_slices(
-        choice.files, choice.series_uid, choice.folder, tolerance_mm, unreadable=choice.unreadable
-    )
+    # Unreadable files were refused or (with a tolerance) left out by select_ct_series already.
+    volume, read = ct_io.read_dicom_slices(choice.files, choice.series_uid, choice.folder, tolerance_mm)
     kept = {Path(p) for p in read}
     datasets = [ds for p, ds in zip(choice.files, choice.datasets) if p in kept]
     if len(datasets) != volume.shape[0]:  # defensive: the reader and the headers must agree slice by slice

@@ -141,6 +141,10 @@ def write_seg(
     """
     _check_sources(source_datasets)
     labels = np.asarray(labels)
+    if labels.dtype == bool:
+        labels = labels.astype(np.uint8)
+    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
+        raise ValueError(f"labels must be a non-negative integer label volume, got dtype {labels.dtype}")
     rows, cols = int(source_datasets[0].Rows), int(source_datasets[0].Columns)
     if labels.shape != (len(source_datasets), rows, cols):
         raise ValueError(
@@ -176,6 +180,13 @@ def write_seg(
                 tracking_id=f"Nodule {int(nodule['index'])}",
                 anatomic_regions=[codes.SCT.Lung],
             )
+        )
+    unknown = sorted(
+        set(np.unique(labels).tolist()) - {0} - {int(n.get("label", n["index"])) for n in nodules}
+    )
+    if unknown:
+        raise ValueError(
+            f"labels hold value(s) {unknown[:5]} that no nodule of the report has; pass the report's labels"
         )
     segments = lookup[labels]
     name, version = _generator(report)
@@ -231,12 +242,13 @@ def write_sr(
         `path`.
     """
     _check_sources(source_datasets)
-    seg = pydicom.dcmread(seg_path)
     nodules = _nodules(report)
-    if int(getattr(seg, "SegmentSequence", None) is not None and len(seg.SegmentSequence)) != len(nodules):
-        raise ValueError(
-            f"{seg_path}: holds {len(seg.SegmentSequence)} segments but the report has {len(nodules)} nodules"
-        )
+    if not nodules:  # TID 1500 needs at least one measurement group (highdicom enforces it)
+        raise ValueError("the report has no nodules; a TID 1500 SR needs at least one, write none instead")
+    seg = pydicom.dcmread(seg_path)
+    n_segments = len(seg.get("SegmentSequence", []))
+    if n_segments != len(nodules):
+        raise ValueError(f"{seg_path}: holds {n_segments} segments but the report has {len(nodules)} nodules")
     name, version = _generator(report)
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,

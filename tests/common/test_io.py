@@ -348,6 +348,20 @@ def test_dicom_truncated_slice_is_an_error_naming_the_slice_and_the_flag(tmp_pat
         read_volume(folder, dicom_tolerance_mm=0.5)
 
 
+def test_dicom_folder_with_a_dicomdir_and_notes_reads_cleanly(tmp_path):
+    import pydicom
+
+    volume, folder, _ = _series(tmp_path)
+    (folder / "notes.xml").write_text("<not-dicom/>")
+    ds = pydicom.Dataset()  # an instance-less DICOM file, as a DICOMDIR: not a slice
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.99.77"
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.save_as(folder / "DICOMDIR", enforce_file_format=True)
+    np.testing.assert_array_equal(read_volume(folder).array, volume.array)
+
+
 def test_dicom_missing_slice_and_uneven_spacing_are_errors(tmp_path):
     _, folder, files = _series(tmp_path)
     files[6].unlink()

@@ -75,6 +75,13 @@ def test_rule_drops_localizers_and_picks_the_thin_series_and_series_uid_override
     _edit(scout[0], ImagePositionPatient=[-20, -30, 500], SOPInstanceUID="1.2.826.0.1.99.2.999")
     shutil.move(scout[0], folder / "scout.dcm")
     (folder / "notes.txt").write_text("not DICOM")
+    dicomdir = pydicom.Dataset()  # an instance-less DICOM file (like a DICOMDIR) is not a slice
+    dicomdir.FileSetID = "EXPORT"
+    dicomdir.file_meta = pydicom.dataset.FileMetaDataset()
+    dicomdir.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+    dicomdir.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.99.77"
+    dicomdir.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    dicomdir.save_as(folder / "DICOMDIR", enforce_file_format=True)
 
     choice = select_ct_series(folder)
     assert choice.series_uid == "1.2.826.0.1.99.2"
@@ -142,6 +149,9 @@ def test_refuses_a_truncated_slice_naming_it(tmp_path):
     files[3].write_bytes(files[3].read_bytes()[: files[3].stat().st_size // 2])
     with pytest.raises(ValueError, match=r"cannot be read \(s1_slice_0003\.dcm\).*--dicom-tolerance"):
         read_dicom_ct(tmp_path / "cut")
+    volume, datasets = read_dicom_ct(tmp_path / "cut", tolerance_mm=1.0)  # left out, its gap accepted
+    assert volume.shape[0] == len(datasets) == 9
+    assert all(float(ds.ImagePositionPatient[2]) != -40.0 + 3 * 1.5 for ds in datasets)
 
 
 def test_refuses_gantry_tilt(tmp_path):
@@ -346,7 +356,20 @@ def test_seg_refuses_labels_on_another_grid(written):
         ValueError, match=r"labels have shape \(11, 24, 24\) but the source series is \(12, 24, 24\)"
     ):
         write_seg(datasets, labels[1:], report, Path("unused.dcm"))
+    other = labels.copy()
+    other[0, 0, 0] = 7
+    with pytest.raises(ValueError, match=r"labels hold value\(s\) \[7\] that no nodule of the report has"):
+        write_seg(datasets, other, report, Path("unused.dcm"))
 
 
 def test_codes_are_the_documented_ones():
     assert codes.SCT.Nodule.value == "27925004" and codes.SCT.Lung.value == "39607008"
+
+
+def test_no_nodules_no_seg_no_sr(written, tmp_path):
+    _, datasets, labels, report, out = written
+    empty = {**report, "nodules": []}
+    with pytest.raises(ValueError, match="no nodules; a DICOM SEG needs at least one segment"):
+        write_seg(datasets, np.zeros_like(labels), empty, tmp_path / "seg.dcm")
+    with pytest.raises(ValueError, match="no nodules; a TID 1500 SR needs at least one"):
+        write_sr(datasets, out[False][0], empty, tmp_path / "sr.dcm")
