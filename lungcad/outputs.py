@@ -152,16 +152,23 @@ def scan_id(volume: CTVolume, path: str | Path, anonymize: bool = False) -> str:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def _jsonable(value: Any) -> Any:
-    """numpy scalars/arrays and tuples → plain JSON types; NaN/inf are refused (JSON has none)."""
+def _jsonable(value: Any, where: str = "report", lenient: bool = False) -> Any:
+    """numpy scalars/arrays and tuples → plain JSON types. JSON has no NaN/inf: one in the ``bundle`` block
+    (an infinite operating threshold: no candidate qualifies) becomes null, anywhere else it is an error
+    naming the field."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {
+            str(k): _jsonable(v, f"{where}.{k}", lenient or where == "report.bundle")
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple | np.ndarray):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, f"{where}[{i}]", lenient) for i, v in enumerate(value)]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"report value {value} is not finite; the pipeline produced a NaN/inf measurement")
+        if lenient:
+            return None
+        raise ValueError(f"{where} is {value}, not a finite number; the pipeline produced an invalid value")
     return value
 
 

@@ -169,8 +169,13 @@ def test_report_json_is_stable_and_refuses_nan(phantom, tmp_path):
     analysis.candidates = None
     assert outputs.build_report(analysis, "x", "mhd")["summary"]["n_candidates"] == 0
     analysis.findings[0].malignancy_probability = float("nan")
-    with pytest.raises(ValueError, match="not finite"):
+    with pytest.raises(ValueError, match="malignancy_probability is nan, not a finite number"):
         outputs.build_report(analysis, "x", "mhd")
+    analysis.findings[0].malignancy_probability = 0.5
+    analysis.bundle_info["operating_threshold"] = float("inf")  # a bundle whose detector never fires
+    report = outputs.build_report(analysis, "x", "mhd")
+    assert report["bundle"]["operating_threshold"] is None
+    validate({**report, "files": {}})
 
 
 def test_no_nodules_gives_valid_empty_outputs(phantom, tmp_path):
