@@ -172,15 +172,6 @@ def _jsonable(value: Any, where: str = "report", lenient: bool = False) -> Any:
     return value
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lungcad")
-    except PackageNotFoundError:
-        return "0.1.0"
-
-
 def acquisition(source_datasets: Sequence[Any] | None) -> dict[str, Any]:
     """The whitelisted technical attributes of the first source slice (empty without DICOM)."""
     if not source_datasets:
@@ -221,6 +212,7 @@ def build_report(
         timings_s: per-step seconds; defaults to ``analysis.timings_s``.
     """
     from lungcad import DISCLAIMER
+    from lungcad.bundle import package_version  # the one place that reads it (bundle.json has it too)
 
     volume: CTVolume = analysis.volume
     findings = list(analysis.findings)
@@ -244,7 +236,7 @@ def build_report(
     candidates = analysis.candidates
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
-        "generator": {"name": "lungcad", "version": _version()},
+        "generator": {"name": "lungcad", "version": package_version()},
         "created_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "disclaimer": DISCLAIMER,
         "scan": {
