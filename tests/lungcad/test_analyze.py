@@ -686,3 +686,14 @@ def test_given_nodule_lands_where_it_is_in_any_geometry(bundle_dir, e2e_phantom,
             source_sop_instance_uids=[ds.SOPInstanceUID for ds in datasets], combine_segments=True
         )
         np.testing.assert_array_equal(back, labels)
+
+
+def test_demo_writes_its_held_out_scan_as_one_dicom_series(tmp_path):
+    from lungcad.demo import write_held_out_dicom
+    from lungcad.dicom_input import read_dicom_ct
+
+    folder, uid = write_held_out_dicom(tmp_path / "dicom", seed=0, index=20)
+    assert analyze_cmd.find_inputs(folder) == ([folder], False)
+    volume, datasets = read_dicom_ct(folder)
+    assert volume.series_uid == uid and len(datasets) == volume.shape[0]
+    assert datasets[0].FrameOfReferenceUID and datasets[0].PatientName == "Synthetic^Phantom"
