@@ -26,7 +26,12 @@ def test_claf_learning_report_part_bounds(tmp_path, monkeypatch):
     scored = run(tmp_path / "claf", docs=None)
     print()
     for row in scored["metrics"] + scored["comparisons"]:
-        print(f"{row['system']:60s} {row['metric']:9s} {row['value']:.3f} [{row['lower']:.3f}, {row['upper']:.3f}]")
-    print(f"wall time {scored['wall_time_s'] / 60:.1f} min", {k: round(v) for k, v in scored["timings_s"].items()})
+        print(
+            f"{row['system']:60s} {row['metric']:9s} {row['value']:.3f} [{row['lower']:.3f}, {row['upper']:.3f}]"
+        )
+    print(
+        f"wall time {scored['wall_time_s'] / 60:.1f} min",
+        {k: round(v) for k, v in scored["timings_s"].items()},
+    )
     failed = [f"{c['check']} (got {c['value']:.3f})" for c in scored["checks"] if not c["passed"]]
     assert not failed, "; ".join(failed)
