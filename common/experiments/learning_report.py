@@ -175,6 +175,10 @@ def _table(rows: Sequence[Mapping[str, Any]], first: str) -> list[str]:
     return lines
 
 
+def _recipe_value(value: Any) -> str:
+    return value if isinstance(value, str) else f"`{json.dumps(value, ensure_ascii=False)}`"
+
+
 def _part_markdown(part: Mapping[str, Any]) -> list[str]:
     m = part["machine"]
     minutes = part["wall_time_s"] / 60.0
@@ -204,13 +208,9 @@ def _part_markdown(part: Mapping[str, Any]) -> list[str]:
     lines += [
         f"Seeds: {seeds}.",
         "",
-        "<details><summary>recipe</summary>",
+        "Recipe:",
         "",
-        "```json",
-        json.dumps(part["recipe"], indent=1),
-        "```",
-        "",
-        "</details>",
+        *[f"- {key}: {_recipe_value(value)}" for key, value in part["recipe"].items()],
         "",
     ]
     if part["timings_s"]:
@@ -236,8 +236,8 @@ def assemble(docs: str | Path) -> Path:
         "",
         "Each model is trained once with a fixed CPU recipe on synthetic phantoms (docs/synthetic.md) and "
         "scored on a held-out phantom set. Every number is `value [lower, upper]`: the value on the whole test "
-        "set and its 95 % percentile bootstrap interval over *patients* (1000 resamples; a drawn patient "
-        "brings all its scans, nodules or images), `common.metrics.intervals`. Differences between two "
+        "set and its 95 % percentile bootstrap interval over *patients* (resamples: each part's recipe; a drawn "
+        "patient brings all its scans, nodules or images), `common.metrics.intervals`. Differences between two "
         "systems are *paired*: both are scored on the same resampled patients, so the interval reflects the "
         "difference, not the spread of the test set. Phantom numbers show that the pipeline learns; they are "
         "not comparable with the papers' numbers on real scans.",
