@@ -15,6 +15,13 @@ weights) on the synthetic LDFC 3-class folders at the phantoms' 160 × 160 matri
 160 phantom patients (twice the former 80, so the published-style test folder has about twice the images).
 Scored: QWK and accuracy with intervals over patients. Check: QWK lower bound > 0.
 
+Time (estimate): M³Net training steps of 16 crops cost 0.09 / 0.31 / 0.61 CPU-s at the 32 / 64 / 96 scales
+(measured 2026-12-07, one thread, loaded machine): ≈ 2 CPU-min for stage 1 and ≈ 1–2 for stage 2 on ≈ 175
+training nodules; medium phantoms 2.4 CPU-s each (≈ 6 min for 140) plus the patch cache and the per-batch
+augmentation, which dominate. The former check (both parts) took 29.5 min on 2 cores shared with two other
+training jobs. Estimate ≈ 15–20 min for M³Net and ≈ 5 min for pathology on an idle 2-core machine; not yet
+measured end to end.
+
 ``python -m lungcls.learning --model m3net|pathology [--out DIR] [--docs docs]``.
 """
 

@@ -17,6 +17,13 @@ Reported with 95 % bootstrap intervals over patients (one scan per phantom patie
 Checks (issue 21): stage-1 sens@8 lower bound ≥ 0.80; the paired CPM difference final − stage 1 has an
 upper bound > 0 (no significant harm).
 
+Time (estimate from CPU seconds measured on 2026-12-07, one thread, on the loaded shared machine, so an upper
+bound per piece): stage-1 training step (8 crops of 32³, width 8) 0.58 s × 768; stage-1 inference 0.18 s per
+64³ block, ≈ 18 blocks per small phantom, run twice per test scan (stage-1 test, two-stage test) + predict on
+the 28 training/validation scans; synthetic data 80 scans ≈ 40 s. The former 48-scan check took 25 min on the
+shared 2-core machine; the 32 extra test scans add ≈ 4–5 CPU-min. Estimate ≈ 20–25 min on an idle 2-core
+machine; not yet measured end to end.
+
 ``python -m lungdet.learning [--out learning_out/claf] [--docs docs]``.
 """
 

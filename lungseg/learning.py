@@ -16,6 +16,12 @@ full − segmentation-only (Dice over the same nodules, sens@4 and CPM over the 
 
 Checks (issue 21): full Dice lower bound ≥ 0.65 and sens@4 lower bound ≥ 0.80.
 
+Time (estimate): about 34 min per variant for 3000 steps with a core to itself (journal, session 4), so
+≈ 17 min for 1500 steps with both variants in parallel on 2 cores; inference 0.77 CPU-s per 16 slices at 192²
+(measured 2026-12-07 on the loaded machine) ≈ 6 s per held-out scan, ≈ 5 min per variant for 48 scans (in
+parallel); phantoms 1.0 CPU-s each + the cache ≈ 3 min. ≈ 25 min on an idle 2-core machine, at the limit;
+not yet measured end to end.
+
 ``python -m lungseg.learning [--out learning_out/glance] [--docs docs] [--jobs 2]``.
 """
 
