@@ -1,0 +1,294 @@
+"""Size, position, density and type of one segmented nodule, in the scan's own physical geometry.
+
+Why physical coordinates everywhere: Lung-RADS sizes are millimetres in the patient, so every distance is
+measured on points mapped through ``origin + D·diag(spacing)·index`` — anisotropic pixels, flipped and
+rotated direction matrices then give the same millimetres as an isotropic identity scan would.
+
+Definitions (see docs/measurements.md for the phantom accuracy of each):
+
+* **centre**: centroid of the mask voxels, as (i, j, k) index and in world mm.
+* **volume**: voxel count × voxel volume. The ground truth of the phantoms *is* a voxel mask, and a
+  partial-volume estimate would only help for a mask that was itself thresholded from the image.
+* **axial plane**: the plane perpendicular to the patient z axis. The scan's index axis closest to world z
+  (largest ``|D[2, j]|``) is taken as the slice axis; for the axial scans this toolkit reads (DICOM input
+  refuses gantry tilt and mixed orientations) that is index k, and its slices are exactly axial.
+* **long axis**: the longest distance between two points of the outline (marching-squares contour of the
+  mask at 0.5, i.e. half-way between inside and outside pixel centres) in the slice of largest mask area.
+* **short axis**: the longest chord exactly perpendicular to the long axis (no angular tolerance: the chord
+  is cut by lines at 90° in physical mm, stepped every ``CHORD_STEP_MM`` along the long axis).
+* **mean diameter**: (long + short) / 2 rounded to 0.1 mm — the Lung-RADS v2022 mean diameter.
+* **max 3D diameter**: the longest distance between vertices of the marching-cubes surface of the mask.
+* **type**: from the HU inside the mask (`SOLID_HU`, `SOLID_FRACTION_*`, stated rules; see
+  `nodule_type`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+from skimage import measure as skmeasure
+
+from common.io import CTVolume
+
+__all__ = [
+    "NoduleMeasurements",
+    "measure_nodule",
+    "nodule_type",
+    "SOLID_HU",
+    "NODULE_TYPES",
+]
+
+NODULE_TYPES = ("solid", "part-solid", "ground-glass")
+
+#: HU at or above which a voxel counts as solid (soft-tissue) attenuation. A stated rule: it lies between
+#: ground-glass attenuation (about −700…−300 HU) and soft tissue (about −100…+100 HU); CT volumetry work
+#: on subsolid nodules uses thresholds in the same range. Measured on the phantoms in docs/measurements.md.
+SOLID_HU = -300.0
+#: Share of the mask that is solid (after giving the solid core its partial-volume rim back, see
+#: `nodule_type`) at or above which the nodule is solid; below `SOLID_FRACTION_PART` it is ground-glass.
+SOLID_FRACTION_SOLID = 0.8
+SOLID_FRACTION_PART = 0.05
+#: A solid component must reach this mean diameter (mm) to make a nodule part-solid (noise specks do not).
+MIN_SOLID_COMPONENT_MM = 1.0
+#: Step (mm) between the perpendicular chords searched for the short axis.
+CHORD_STEP_MM = 0.05
+
+
+@dataclass(frozen=True)
+class NoduleMeasurements:
+    """Measurements of one nodule (see the module docstring for each definition)."""
+
+    center_world_mm: tuple[float, float, float]
+    center_voxel_xyz: tuple[float, float, float]
+    volume_mm3: float
+    long_axis_mm: float
+    short_axis_mm: float
+    mean_diameter_mm: float
+    max_3d_diameter_mm: float
+    axial_slice: int
+    mean_hu: float
+    max_hu: float
+    type: str
+    solid_component_mm: float | None
+    solid_volume_mm3: float | None
+
+    def to_dict(self) -> dict:
+        """JSON-ready: tuples become lists, numpy scalars plain floats."""
+        out = {}
+        for key, value in asdict(self).items():
+            if isinstance(value, tuple):
+                out[key] = [float(v) for v in value]
+            elif isinstance(value, (np.floating, np.integer)):
+                out[key] = value.item()
+            else:
+                out[key] = value
+        return out
+
+
+# ------------------------------------------------------------------------------------------ geometry
+def _axis_vectors(volume: CTVolume) -> np.ndarray:
+    """(3, 3): row a = world mm vector of one step along array axis a (z, y, x order)."""
+    d = np.asarray(volume.direction, dtype=np.float64).reshape(3, 3)
+    sx, sy, sz = volume.spacing
+    # Column j of D is index axis j in (x, y, z) order; array axis 0 is z = index axis 2.
+    return np.stack([d[:, 2] * sz, d[:, 1] * sy, d[:, 0] * sx])
+
+
+def slice_axis(volume: CTVolume) -> int:
+    """Array axis (0 = z, 1 = y, 2 = x) whose direction is closest to the patient z axis."""
+    d = np.asarray(volume.direction, dtype=np.float64).reshape(3, 3)
+    index_axis = int(np.argmax(np.abs(d[2, :])))  # 0 = i (x), 1 = j (y), 2 = k (z)
+    return 2 - index_axis
+
+
+def _max_pairwise(points: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Longest distance among points (via the convex hull when it exists) and its two end points."""
+    pts = np.asarray(points, dtype=np.float64)
+    if len(pts) > 3:
+        try:
+            pts = pts[ConvexHull(pts).vertices]
+        except QhullError:
+            pass  # degenerate (collinear / coplanar): brute force on all points
+    if len(pts) < 2:
+        return 0.0, pts[0], pts[0]
+    diff = pts[:, None, :] - pts[None, :, :]
+    dist = np.sqrt((diff**2).sum(-1))
+    a, b = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return float(dist[a, b]), pts[a], pts[b]
+
+
+def _slice_outline(mask2d: np.ndarray, row_vec: np.ndarray, col_vec: np.ndarray) -> list[np.ndarray]:
+    """Closed outlines (marching squares at 0.5) of a 2D mask as physical 2D points in the slice plane."""
+    padded = np.pad(mask2d.astype(np.float32), 1)
+    contours = [c - 1.0 for c in skmeasure.find_contours(padded, 0.5)]
+    # In-plane orthonormal basis of the slice: e1 along the columns, e2 the rest of the rows.
+    e1 = col_vec / np.linalg.norm(col_vec)
+    r_perp = row_vec - (row_vec @ e1) * e1
+    e2 = r_perp / np.linalg.norm(r_perp)
+    basis = np.stack([e1, e2], axis=1)  # (3, 2)
+    out = []
+    for c in contours:
+        world = c[:, :1] * row_vec[None] + c[:, 1:2] * col_vec[None]  # (n, 3)
+        out.append(world @ basis)
+    return out
+
+
+def _chord_extent(polygons: list[np.ndarray], u: np.ndarray, step: float) -> float:
+    """Longest chord perpendicular to unit vector u: over lines ⟂ u, the span of their crossings."""
+    v = np.array([-u[1], u[0]])
+    best = 0.0
+    allpts = np.concatenate(polygons)
+    s_all = allpts @ u
+    ts = np.arange(s_all.min(), s_all.max() + step / 2, step)
+    if len(ts) == 0:
+        return 0.0
+    lo = np.full(len(ts), np.inf)
+    hi = np.full(len(ts), -np.inf)
+    for poly in polygons:
+        a = poly
+        b = np.roll(poly, -1, axis=0)
+        sa, sb = a @ u, b @ u
+        ta, tb = a @ v, b @ v
+        s0, s1 = np.minimum(sa, sb), np.maximum(sa, sb)
+        # Edges × lines crossing matrix (half-open in s so a vertex is counted once).
+        cross = (s0[:, None] <= ts[None, :]) & (ts[None, :] <= s1[:, None]) & (s1 > s0)[:, None]
+        if not cross.any():
+            continue
+        frac = (ts[None, :] - sa[:, None]) / np.where(sb - sa == 0, 1.0, sb - sa)[:, None]
+        t = ta[:, None] + frac * (tb - ta)[:, None]
+        lo = np.minimum(lo, np.where(cross, t, np.inf).min(axis=0))
+        hi = np.maximum(hi, np.where(cross, t, -np.inf).max(axis=0))
+    span = hi - lo
+    span = span[np.isfinite(span)]
+    if span.size:
+        best = float(span.max())
+    return best
+
+
+def axial_diameters(mask2d: np.ndarray, row_vec: np.ndarray, col_vec: np.ndarray) -> tuple[float, float]:
+    """(long, short) axis in mm of a 2D mask whose rows / columns step by the given world vectors."""
+    polygons = _slice_outline(mask2d, row_vec, col_vec)
+    if not polygons:
+        return 0.0, 0.0
+    long_mm, p, q = _max_pairwise(np.concatenate(polygons))
+    if long_mm == 0.0:
+        return 0.0, 0.0
+    u = (q - p) / long_mm
+    short_mm = _chord_extent(polygons, u, CHORD_STEP_MM)
+    return long_mm, min(short_mm, long_mm)
+
+
+def max_3d_diameter(mask: np.ndarray, axis_vectors: np.ndarray) -> float:
+    """Longest distance (mm) between vertices of the mask's marching-cubes surface."""
+    padded = np.pad(mask.astype(np.float32), 1)
+    verts, *_ = skmeasure.marching_cubes(padded, 0.5)
+    world = (verts - 1.0) @ axis_vectors
+    return _max_pairwise(world)[0]
+
+
+def _largest_slice(mask: np.ndarray, axis: int) -> int:
+    areas = mask.sum(axis=tuple(a for a in range(3) if a != axis))
+    return int(np.argmax(areas))
+
+
+def _plane_diameters(mask: np.ndarray, axis: int, index: int, vectors: np.ndarray) -> tuple[float, float]:
+    in_plane = [a for a in range(3) if a != axis]
+    plane = np.take(mask, index, axis=axis)
+    return axial_diameters(plane, vectors[in_plane[0]], vectors[in_plane[1]])
+
+
+def mean_diameter(long_mm: float, short_mm: float) -> float:
+    """Lung-RADS mean diameter: (long + short) / 2, rounded to 0.1 mm."""
+    return round((long_mm + short_mm) / 2.0 + 1e-9, 1)
+
+
+# ------------------------------------------------------------------------------------------ type
+def nodule_type(
+    hu: np.ndarray, mask: np.ndarray, spacing_zyx: tuple[float, float, float]
+) -> tuple[str, np.ndarray]:
+    """Solid / part-solid / ground-glass from the HU inside the mask; returns (type, solid voxel mask).
+
+    Solid voxels are mask voxels ≥ `SOLID_HU`. The outer rim of any nodule is diluted by the lung around it
+    (partial volume), so a solid nodule's rim reads as ground-glass; the solid voxels are therefore grown by
+    one voxel in-plane (within the mask) before their share of the mask is taken. Share ≥
+    `SOLID_FRACTION_SOLID` → solid; share < `SOLID_FRACTION_PART` (or a solid component below
+    `MIN_SOLID_COMPONENT_MM`) → ground-glass; otherwise part-solid.
+    """
+    solid = mask & (hu >= SOLID_HU)
+    # Drop isolated noise voxels: keep solid voxels with at least one solid in-plane neighbour.
+    solid = ndimage.binary_opening(solid, structure=np.ones((1, 2, 2), bool)) | (
+        solid & ndimage.binary_erosion(mask, structure=np.ones((1, 3, 3), bool))
+    )
+    grown = ndimage.binary_dilation(solid, structure=np.ones((1, 3, 3), bool)) & mask
+    share = float(grown.sum()) / float(mask.sum())
+    if share >= SOLID_FRACTION_SOLID:
+        return "solid", mask.copy()
+    if share < SOLID_FRACTION_PART or not solid.any():
+        return "ground-glass", np.zeros_like(mask)
+    return "part-solid", solid
+
+
+# ------------------------------------------------------------------------------------------ main
+def measure_nodule(volume: CTVolume, mask: np.ndarray) -> NoduleMeasurements:
+    """Measure one nodule given its bool (z, y, x) mask on `volume`'s grid.
+
+    Raises:
+        ValueError: empty mask, or a mask whose shape differs from the volume's.
+    """
+    mask = np.asarray(mask).astype(bool)
+    if mask.shape != volume.shape:
+        raise ValueError(
+            f"nodule mask shape {mask.shape} differs from the scan's {volume.shape}; "
+            "pass a mask on the scan's own grid"
+        )
+    if not mask.any():
+        raise ValueError("empty nodule mask: nothing to measure; pass a mask with at least one voxel")
+    coords = np.argwhere(mask)
+    lo, hi = coords.min(axis=0), coords.max(axis=0) + 1
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    sub = mask[box]
+    hu = np.asarray(volume.array[box], dtype=np.float64)
+    vectors = _axis_vectors(volume)
+
+    centre_zyx = coords.mean(axis=0)
+    centre_world = volume.voxel_to_world(centre_zyx)[0]
+    voxel_mm3 = float(abs(np.linalg.det(vectors)))
+    volume_mm3 = float(mask.sum()) * voxel_mm3
+
+    axis = slice_axis(volume)
+    local = _largest_slice(sub, axis)
+    long_mm, short_mm = _plane_diameters(sub, axis, local, vectors)
+
+    values = hu[sub]
+    spacing_zyx = tuple(float(np.linalg.norm(v)) for v in vectors)
+    kind, solid = nodule_type(hu, sub, spacing_zyx)
+    solid_mm = solid_mm3 = None
+    if kind == "part-solid":
+        # The solid component: its largest connected piece, measured like the nodule itself.
+        labels, n = ndimage.label(solid)
+        sizes = ndimage.sum(solid, labels, index=np.arange(1, n + 1))
+        core = labels == (int(np.argmax(sizes)) + 1)
+        s_long, s_short = _plane_diameters(core, axis, _largest_slice(core, axis), vectors)
+        solid_mm = mean_diameter(s_long, s_short)
+        solid_mm3 = float(solid.sum()) * voxel_mm3
+        if solid_mm < MIN_SOLID_COMPONENT_MM:
+            kind, solid_mm, solid_mm3 = "ground-glass", None, None
+
+    return NoduleMeasurements(
+        center_world_mm=tuple(float(v) for v in centre_world),
+        center_voxel_xyz=tuple(float(v) for v in centre_zyx[::-1]),
+        volume_mm3=volume_mm3,
+        long_axis_mm=float(long_mm),
+        short_axis_mm=float(short_mm),
+        mean_diameter_mm=mean_diameter(long_mm, short_mm),
+        max_3d_diameter_mm=float(max_3d_diameter(sub, vectors)),
+        axial_slice=int(lo[axis] + local),
+        mean_hu=float(values.mean()),
+        max_hu=float(values.max()),
+        type=kind,
+        solid_component_mm=solid_mm,
+        solid_volume_mm3=solid_mm3,
+    )
