@@ -26,6 +26,7 @@ __all__ = [
     "baseline_category",
     "scan_category",
     "lungrads_table",
+    "followup_category",
     "TABLE_RESOURCE",
 ]
 
@@ -133,3 +134,77 @@ def scan_category(categories: Sequence[LungRADSCategory]) -> LungRADSCategory:
         worst.management,
         f"highest of {n} nodule{'s' if n != 1 else ''}: {worst.reason}",
     )
+
+
+def _rank(category: str) -> int:
+    return lungrads_table()["order"].index(category)
+
+
+FOLLOWUP_STATUSES = ("new", "growing", "stable")
+
+
+def followup_category(
+    status: str,
+    nodule_type: str,
+    mean_diameter_mm: float,
+    solid_component_mm: float | None = None,
+    *,
+    prior_category: str | None = None,
+    interval_days: float | None = None,
+    slow_growth: bool = False,
+) -> LungRADSCategory:
+    """Lung-RADS v2022 category of a nodule on a follow-up scan, with the prior taken into account.
+
+    `status` is the nodule's follow-up status ("new", "growing" or "stable"; a resolved nodule has no
+    category). New and growing nodules take the table's "new" / "growing" lines (never below their
+    baseline size category); a stable (or decreased) nodule takes the stepped-management line when its
+    prior category and the interval allow, else the higher of its prior category and its current baseline
+    size category ("size thresholds apply": crossing one reclassifies even without growth). `slow_growth`
+    (growth over several rounds, never > 1.5 mm within 12 months) puts a solid / part-solid nodule in 4B.
+
+    Raises:
+        ValueError: unknown status or type (from `baseline_category`), or an unknown prior category.
+    """
+    if status not in FOLLOWUP_STATUSES:
+        raise ValueError(f"unknown follow-up status {status!r}; use one of {FOLLOWUP_STATUSES}")
+    order = lungrads_table()["order"]
+    if prior_category is not None and prior_category not in order:
+        raise ValueError(f"unknown prior Lung-RADS category {prior_category!r}; use one of {order}")
+    baseline = baseline_category(nodule_type, mean_diameter_mm, solid_component_mm)
+    kind = _TYPE_ALIASES[str(nodule_type).lower()]
+    rules = lungrads_table()["followup"]
+    size = _round(mean_diameter_mm)
+    component = _round(solid_component_mm or 0.0)
+    if status in ("new", "growing"):
+        table = rules[status]
+        if kind == "part-solid":
+            total = table["part-solid"].get("total")
+            if total and size < total[0]["below_mm"]:
+                rule, text = _interval(total, size)
+                reason = f"{status} part-solid, mean diameter {size:.1f} mm in {text}"
+            else:
+                rule, text = _interval(table["part-solid"]["solid_component"], component)
+                reason = f"{status} part-solid, solid component {component:.1f} mm in {text}"
+        else:
+            rule, text = _interval(table[kind], size)
+            reason = f"{status} {kind}, mean diameter {size:.1f} mm in {text}"
+        category = rule["category"]
+        if slow_growth and status == "growing" and kind != "ground-glass":
+            category = rules["slow_growth_category"]
+            reason = f"slowly growing {kind} over more than 12 months (mean diameter {size:.1f} mm)"
+        if _rank(baseline.category) > _rank(category):
+            return _make(baseline.category, f"{reason}; baseline size rule higher: {baseline.reason}")
+        return _make(category, reason)
+    # stable or decreased
+    if prior_category is None:
+        return _make(baseline.category, f"stable; no prior category: {baseline.reason}")
+    if _rank(baseline.category) > _rank(prior_category):
+        return _make(baseline.category, f"stable, but crossed a size threshold: {baseline.reason}")
+    for rule in rules["stepped"]:
+        if (
+            prior_category == rule["prior"]
+            and interval_days is not None
+            and interval_days >= rule["min_interval_days"]
+        ):
+            return _make(rule["category"], f"{rule['text']} ({interval_days:.0f} days)")
+    return _make(prior_category, f"stable; prior category {prior_category} kept ({baseline.reason})")
