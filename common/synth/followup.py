@@ -9,6 +9,7 @@ OUT/
   detection_3d/mhd/<patient>_T<k>.mhd + .raw        one CT per patient and time point (spatio-temporal layout)
   detection_3d/lung_mask/<patient>_T<k>.mhd + .raw  the CT with non-lung voxels set to −1000 HU
   detection_3d/annotations.csv                      seriesuid,coordX,coordY,coordZ,diameter_mm (world mm)
+  truth_labels/<patient>_T<k>.nii.gz                ours: nodule masks, label k = nodule "<patient>-N<k>"
   patients.csv                                      seriesuid,patient_id,time_point,scan_date
   followup_truth.json                               ours: identity, sizes, VDT, transforms per time point
 ```
@@ -76,6 +77,7 @@ log = logging.getLogger(__name__)
 HELP = "longitudinal phantoms: <patient>_T<k>.mhd, annotations.csv, patients.csv (dates), followup_truth.json"
 TRUTH_NAME = "followup_truth.json"
 PATIENT_TABLE = "patients.csv"
+TRUTH_LABELS = "truth_labels"
 TRUTH_VERSION = 1
 
 KINDS = ("stable", "growing", "growing", "new", "resolved", "stable")
@@ -371,6 +373,7 @@ def generate_followup_patient(
             hu = _warp(anatomy.hu, geometry, pose, order=1)
             labels = _warp(anatomy.labels, geometry, pose, order=0)
         lung_t = (labels == LEFT_LUNG_LABEL) | (labels == RIGHT_LUNG_LABEL)
+        truth_labels = np.zeros(geometry.shape, dtype=np.uint8)
         rows = []
         for nodule in plan:
             record: dict[str, Any] = {"time_point": t, "uid": uid, "present": False}
@@ -400,6 +403,7 @@ def generate_followup_patient(
             mask = consensus & lung_box
             if not mask.any():
                 continue
+            truth_labels[box][mask] = nodule.slot + 1
             coords = np.argwhere(mask) + start
             centre_canonical = coords.mean(axis=0)
             world = geometry.canonical_to_world(centre_canonical)
@@ -429,6 +433,7 @@ def generate_followup_patient(
                 "date": (first + dt.timedelta(days=day)).isoformat(),
                 "image": image,
                 "lung_segmented": np.where(stored_lung, image, np.int16(-1000)).astype(np.int16),
+                "truth_labels": np.ascontiguousarray(geometry.to_storage(truth_labels)),
                 "rows": rows,
             }
         )
@@ -482,7 +487,7 @@ def make_followup(
 ) -> FollowupTree:
     """Write `n_patients` longitudinal phantom patients with `n_times` time points each under `out`."""
     from common.datasets.tables import ANNOTATION_COLUMNS
-    from common.io import CTVolume, write_mhd
+    from common.io import CTVolume, write_mhd, write_nifti
 
     if n_patients < 1:
         raise ValueError(f"--patients must be at least 1, got {n_patients}")
@@ -498,15 +503,12 @@ def make_followup(
         scans, truth = generate_followup_patient(seed, p, n_times, size, bank)
         g = truth["geometry"]
         for scan in scans:
+            direction = np.asarray(g["direction"]).reshape(3, 3)
             for folder, key in (("mhd", "image"), ("lung_mask", "lung_segmented")):
-                volume = CTVolume(
-                    scan[key],
-                    g["spacing_xyz"],
-                    g["origin_xyz"],
-                    np.asarray(g["direction"]).reshape(3, 3),
-                    scan["uid"],
-                )
+                volume = CTVolume(scan[key], g["spacing_xyz"], g["origin_xyz"], direction, scan["uid"])
                 write_mhd(volume, root / "detection_3d" / folder / f"{scan['uid']}.mhd")
+            labels = CTVolume(scan["truth_labels"], g["spacing_xyz"], g["origin_xyz"], direction, scan["uid"])
+            write_nifti(labels, root / TRUTH_LABELS / f"{scan['uid']}.nii.gz")
             rows += scan["rows"]
             table.append((scan["uid"], scan["patient"], str(scan["time_point"]), scan["date"]))
         for nodule in truth["nodules"]:

@@ -9,8 +9,9 @@ seconds.
 
 Steps (SimpleITK): lung masks (`common.preprocess.lung_mask`, or given) → initial translation from the
 masks' centroids (the centre of rotation is the prior lungs' centroid) → Euler3D (rigid) by regular-step
-gradient descent on mean squares, three resolution levels → affine started from the rigid result, two
-levels. Mean squares suits CT-to-CT (same HU scale); nodules that changed are a small fraction of the lung.
+gradient descent on mean squares at 8, 4 and 2 mm (shrink 4, 2, 1 of the working grid) → affine started
+from the rigid result at 4 and 2 mm. When the affine stage ends worse than the rigid one (lower lung Dice
+or an implausible transform), the rigid result is kept and the fallback is reported. Mean squares suits CT-to-CT (same HU scale); nodules that changed are a small fraction of the lung.
 
 Convention: SimpleITK registers *fixed* = prior and *moving* = current, so `transform` maps prior
 physical points to current physical points (what resampling the current scan onto the prior grid needs);
@@ -37,6 +38,9 @@ from common.io import CTVolume
 from common.preprocess import lung_mask
 
 WORK_SPACING_MM = 2.0
+#: Fraction of the (masked) working-grid voxels the metric samples, on a regular grid (deterministic).
+SAMPLING_FRACTION = 0.5
+CROP_TO_LUNGS = False
 MASK_MARGIN_MM = 8.0
 WINDOW_HU = (-1000.0, 200.0)
 RIGID_ITERATIONS = 200
@@ -136,22 +140,27 @@ class RegistrationResult:
 
 
 def _work_image(image: sitk.Image, spacing: float, interpolator: int, default: float) -> sitk.Image:
-    """Resample onto an isotropic grid covering the same physical box (same origin and direction)."""
+    """Resample onto an isotropic grid covering the same physical box (same origin and direction).
+
+    Images are first block-averaged (`BinShrink`, integer factors up to the new spacing): that is the
+    anti-aliasing, and it costs far less than a Gaussian on a full-resolution 512 × 512 × 300 scan.
+    """
     old_spacing = np.asarray(image.GetSpacing())
     size = np.asarray(image.GetSize())
     new_size = [max(1, int(math.ceil(n * s / spacing))) for n, s in zip(size, old_spacing)]
+    origin, direction = image.GetOrigin(), image.GetDirection()
     if interpolator != sitk.sitkNearestNeighbor:
-        # Anti-alias before decimation: σ of half the new spacing (in mm) along the finer axes.
-        sigma = [max(0.01, max(0.0, spacing**2 - s**2) ** 0.5 / 2.0) for s in old_spacing]
-        image = sitk.SmoothingRecursiveGaussian(image, sigma)
+        factors = [max(1, int(spacing / s)) for s in old_spacing]
+        if max(factors) > 1:
+            image = sitk.BinShrink(image, factors)
     return sitk.Resample(
         image,
         new_size,
         sitk.Transform(),
         interpolator,
-        image.GetOrigin(),
+        origin,
         (spacing, spacing, spacing),
-        image.GetDirection(),
+        direction,
         default,
         image.GetPixelID(),
     )
@@ -160,6 +169,18 @@ def _work_image(image: sitk.Image, spacing: float, interpolator: int, default: f
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     total = int(a.sum()) + int(b.sum())
     return 2.0 * float(np.logical_and(a, b).sum()) / total if total else 0.0
+
+
+def _bounding_box(mask: sitk.Image, margin: int) -> tuple[list[int], list[int]] | None:
+    """(size, index) of the mask's bounding box grown by `margin` voxels, clipped to the image."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(mask)
+    if 1 not in stats.GetLabels():
+        return None
+    x, y, z, sx, sy, sz = stats.GetBoundingBox(1)
+    lo = np.maximum(np.array([x, y, z]) - margin, 0)
+    hi = np.minimum(np.array([x + sx, y + sy, z + sz]) + margin, np.asarray(mask.GetSize()))
+    return [int(v) for v in hi - lo], [int(v) for v in lo]
 
 
 def _centroid(mask: sitk.Image) -> np.ndarray | None:
@@ -176,16 +197,16 @@ def _warped_dice(fixed_mask: sitk.Image, moving_mask: sitk.Image, transform: sit
 
 
 def _method(
-    iterations: int, shrink: list[int], sigmas: list[float], mask: sitk.Image
+    iterations: int, shrink: list[int], sigmas: list[float], mask: sitk.Image, learning_rate: float = 2.0
 ) -> sitk.ImageRegistrationMethod:
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMeanSquares()
     method.SetMetricFixedMask(mask)
     method.SetMetricSamplingStrategy(method.REGULAR)
-    method.SetMetricSamplingPercentage(0.5, seed=1)
+    method.SetMetricSamplingPercentage(SAMPLING_FRACTION, seed=1)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0, minStep=1e-3, numberOfIterations=iterations, relaxationFactor=0.6,
+        learningRate=learning_rate, minStep=1e-3, numberOfIterations=iterations, relaxationFactor=0.6,
         gradientMagnitudeTolerance=1e-6,
     )  # fmt: skip
     method.SetOptimizerScalesFromPhysicalShift()
@@ -229,6 +250,12 @@ def register(
     fixed, moving = images
     fixed_mask, moving_mask = work_masks
     radius = max(1, int(round(MASK_MARGIN_MM / work_spacing_mm)))
+    # The metric only samples the prior's lungs: crop the prior to them (+ margin) so the pyramid does
+    # not smooth and shrink the whole field of view at every level.
+    box = _bounding_box(fixed_mask, 2 * radius) if CROP_TO_LUNGS else None
+    if box is not None:
+        fixed = sitk.RegionOfInterest(fixed, *box)
+        fixed_mask = sitk.RegionOfInterest(fixed_mask, *box)
     metric_mask = sitk.BinaryDilate(fixed_mask, [radius] * 3)
 
     centre_fixed = _centroid(fixed_mask)
@@ -237,7 +264,7 @@ def register(
     if centre_fixed is not None and centre_moving is not None:
         rigid.SetCenter(tuple(float(v) for v in centre_fixed))
         rigid.SetTranslation(tuple(float(v) for v in centre_moving - centre_fixed))
-    dice_before = _warped_dice(fixed_mask, moving_mask, rigid)
+    dice_before = _warped_dice(work_masks[0], moving_mask, rigid)
     initial_translation = tuple(float(v) for v in rigid.GetTranslation())
 
     iterations, stops = {}, {}
@@ -251,53 +278,75 @@ def register(
     affine.SetCenter(rigid.GetCenter())
     affine.SetMatrix(rigid.GetMatrix())
     affine.SetTranslation(rigid.GetTranslation())
-    method = _method(AFFINE_ITERATIONS, [2, 1], [2.0, 0.0], metric_mask)
+    method = _method(AFFINE_ITERATIONS, [2, 1], [2.0, 0.0], metric_mask, learning_rate=1.0)
     method.SetInitialTransform(affine, inPlace=True)
     method.Execute(fixed, moving)
     iterations["affine"] = int(method.GetOptimizerIteration())
     stops["affine"] = method.GetOptimizerStopConditionDescription()
     metric_value = float(method.GetMetricValue())
 
-    dice_after = _warped_dice(fixed_mask, moving_mask, affine)
-    for stage, limit in (("rigid", RIGID_ITERATIONS), ("affine", AFFINE_ITERATIONS)):
-        if iterations[stage] >= limit:
-            problems.append(f"{stage} stage stopped at its iteration limit ({limit}) at the finest level")
-    result = RegistrationResult(
-        transform=affine,
-        rigid=rigid,
-        metric_value=metric_value,
-        iterations=iterations,
-        stop_conditions=stops,
-        lung_dice_before=dice_before,
-        lung_dice_after=dice_after,
-        initial_translation_mm=initial_translation,
-    )
+    def checked(transform: sitk.AffineTransform, stages: tuple[str, ...]) -> RegistrationResult:
+        result = RegistrationResult(
+            transform=transform,
+            rigid=rigid,
+            metric_value=metric_value,
+            iterations=iterations,
+            stop_conditions=stops,
+            lung_dice_before=dice_before,
+            lung_dice_after=_warped_dice(work_masks[0], moving_mask, transform),
+            initial_translation_mm=initial_translation,
+        )
+        result.problems = list(problems)
+        for stage in stages:
+            limit = RIGID_ITERATIONS if stage == "rigid" else AFFINE_ITERATIONS
+            if iterations[stage] >= limit:
+                result.problems.append(
+                    f"{stage} stage stopped at its iteration limit ({limit}) at the finest level"
+                )
+        result.converged = not (fatal or _implausible(result))
+        return result
+
+    final = checked(affine, ("rigid", "affine"))
+    if not final.converged or final.lung_dice_after < final.lung_dice_before:
+        # The affine stage made things worse (it has 12 degrees of freedom and can run off where the lungs
+        # changed shape): fall back to the rigid result, and say so.
+        as_affine = sitk.AffineTransform(3)
+        as_affine.SetCenter(rigid.GetCenter())
+        as_affine.SetMatrix(rigid.GetMatrix())
+        as_affine.SetTranslation(rigid.GetTranslation())
+        fallback = checked(as_affine, ("rigid",))
+        if fallback.converged and fallback.lung_dice_after > final.lung_dice_after:
+            fallback.problems.append(
+                f"affine stage rejected (lung Dice {final.lung_dice_after:.3f}; "
+                f"{'; '.join(p for p in final.problems if p not in problems) or 'worse than rigid'}); "
+                "the rigid result is used"
+            )
+            final = fallback
+    final.seconds = time.perf_counter() - start
+    return final
+
+
+def _implausible(result: RegistrationResult) -> bool:
+    """Append to `result.problems` what makes it implausible; True when anything does."""
     params = result.parameters()
-    if not math.isfinite(metric_value):
-        problems.append("the metric is not finite (no overlap between the scans)")
-        fatal = True
-    if dice_after < MIN_LUNG_DICE:
-        problems.append(f"lung Dice after registration {dice_after:.3f} < {MIN_LUNG_DICE}")
-        fatal = True
+    found = []
+    if not math.isfinite(result.metric_value):
+        found.append("the metric is not finite (no overlap between the scans)")
+    if result.lung_dice_after < MIN_LUNG_DICE:
+        found.append(f"lung Dice after registration {result.lung_dice_after:.3f} < {MIN_LUNG_DICE}")
     if params["rotation_deg"] > MAX_ROTATION_DEG:
-        problems.append(f"implausible rotation {params['rotation_deg']:.1f}° > {MAX_ROTATION_DEG}°")
-        fatal = True
+        found.append(f"implausible rotation {params['rotation_deg']:.1f}° > {MAX_ROTATION_DEG}°")
     if params["translation_beyond_centroids_mm"] > MAX_TRANSLATION_MM:
-        problems.append(
+        found.append(
             f"implausible translation: {params['translation_beyond_centroids_mm']:.1f} mm beyond the lung "
             f"centroids' alignment > {MAX_TRANSLATION_MM} mm"
         )
-        fatal = True
     if min(params["scales"]) < SCALE_RANGE[0] or max(params["scales"]) > SCALE_RANGE[1]:
-        problems.append(f"implausible scale {params['scales']} outside {list(SCALE_RANGE)}")
-        fatal = True
+        found.append(f"implausible scale {params['scales']} outside {list(SCALE_RANGE)}")
     if params["determinant"] <= 0:
-        problems.append("the transform is a reflection")
-        fatal = True
-    result.problems = problems
-    result.converged = not fatal
-    result.seconds = time.perf_counter() - start
-    return result
+        found.append("the transform is a reflection")
+    result.problems += found
+    return bool(found)
 
 
 def resample_to_prior(
