@@ -357,3 +357,14 @@ def resample_to_prior(
         current.to_sitk(), prior.to_sitk(), result.transform, sitk.sitkLinear, default, sitk.sitkInt16
     )
     return sitk.GetArrayFromImage(image)
+
+
+def resample_labels_to_prior(
+    labels: np.ndarray, current: CTVolume, prior: CTVolume, result: RegistrationResult
+) -> np.ndarray:
+    """A label array of the current scan on the prior's grid (nearest neighbour)."""
+    image = current.with_array(np.asarray(labels, dtype=np.uint16)).to_sitk()
+    warped = sitk.Resample(
+        image, prior.to_sitk(), result.transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16
+    )
+    return sitk.GetArrayFromImage(warped)
