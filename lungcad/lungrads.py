@@ -7,7 +7,8 @@ was verified against which text, in ``lungcad/data/lungrads_v2022.yaml`` (Americ
 Only what type and size decide is derived: baseline categories 2, 3, 4A and 4B for solid, part-solid and
 ground-glass (non-solid) nodules, and 1 for a scan without nodules. Categories 0 and 4X, benign
 calcification / fat, perifissural / juxtapleural / airway nodules and cysts need a reader. Growth and "new"
-rules need a prior scan: `followup_category` (the growth rule, data in the same YAML) belongs here too.
+rules need a prior scan: `followup_category` applies the table's "new" and "growing" clauses and the v2022
+growth rule (`is_growth`), data in the same YAML.
 Research decision support, not a diagnosis.
 """
 
@@ -25,8 +26,10 @@ __all__ = [
     "LungRADSCategory",
     "baseline_category",
     "scan_category",
-    "lungrads_table",
     "followup_category",
+    "is_growth",
+    "stepped_category",
+    "lungrads_table",
     "TABLE_RESOURCE",
 ]
 
@@ -136,75 +139,100 @@ def scan_category(categories: Sequence[LungRADSCategory]) -> LungRADSCategory:
     )
 
 
-def _rank(category: str) -> int:
-    return lungrads_table()["order"].index(category)
+def is_growth(prior_mean_diameter_mm: float, mean_diameter_mm: float) -> bool:
+    """Lung-RADS v2022 growth: the mean diameter (to 0.1 mm) increased by more than 1.5 mm.
+
+    The ACR states it for a 12-month interval; judging the interval is the caller's (see
+    `followup_category`).
+    """
+    increase = _round(mean_diameter_mm) - _round(prior_mean_diameter_mm)
+    return increase > float(lungrads_table()["growth"]["increase_mm"]) + 1e-9
 
 
-FOLLOWUP_STATUSES = ("new", "growing", "stable")
+def _higher(a: LungRADSCategory, b: LungRADSCategory) -> LungRADSCategory:
+    order = lungrads_table()["order"]
+    return a if order.index(a.category) >= order.index(b.category) else b
 
 
 def followup_category(
-    status: str,
     nodule_type: str,
     mean_diameter_mm: float,
     solid_component_mm: float | None = None,
     *,
-    prior_category: str | None = None,
-    interval_days: float | None = None,
-    slow_growth: bool = False,
+    prior_mean_diameter_mm: float | None,
+    prior_solid_component_mm: float | None = None,
+    interval_months: float | None = None,
 ) -> LungRADSCategory:
-    """Lung-RADS v2022 category of a nodule on a follow-up scan, with the prior taken into account.
+    """Lung-RADS category of a nodule on a follow-up scan, given its size on the prior scan.
 
-    `status` is the nodule's follow-up status ("new", "growing" or "stable"; a resolved nodule has no
-    category). New and growing nodules take the table's "new" / "growing" lines (never below their
-    baseline size category); a stable (or decreased) nodule takes the stepped-management line when its
-    prior category and the interval allow, else the higher of its prior category and its current baseline
-    size category ("size thresholds apply": crossing one reclassifies even without growth). `slow_growth`
-    (growth over several rounds, never > 1.5 mm within 12 months) puts a solid / part-solid nodule in 4B.
+    Args:
+        nodule_type, mean_diameter_mm, solid_component_mm: the nodule now (as for `baseline_category`).
+        prior_mean_diameter_mm: its mean diameter on the prior scan; None = a new nodule (absent before).
+        prior_solid_component_mm: the prior solid component; None = none (a part-solid nodule whose
+            component was absent before has a *new* solid component).
+        interval_months: time between the scans, reported in the reason. The ACR's growth rule is stated
+            for 12 months; growth over a longer interval is still counted as growth (v2022 also calls slow
+            growth of solid and part-solid nodules suspicious), which errs towards the higher category.
 
-    Raises:
-        ValueError: unknown status or type (from `baseline_category`), or an unknown prior category.
+    Rules (data: ``followup`` in the YAML): new and growing nodules by the table's "new" / "growing"
+    clauses, never below the baseline size rule (size thresholds also apply to enlarging nodules); a
+    ground-glass nodule seen before is category 2 at any size ("unchanged or slowly growing"). A stable
+    nodule keeps its size category: v2022's stepped management of stable category 3 / 4A nodules needs
+    the prior category and its management and is left to the reader.
     """
-    if status not in FOLLOWUP_STATUSES:
-        raise ValueError(f"unknown follow-up status {status!r}; use one of {FOLLOWUP_STATUSES}")
-    order = lungrads_table()["order"]
-    if prior_category is not None and prior_category not in order:
-        raise ValueError(f"unknown prior Lung-RADS category {prior_category!r}; use one of {order}")
-    baseline = baseline_category(nodule_type, mean_diameter_mm, solid_component_mm)
+    size = baseline_category(nodule_type, mean_diameter_mm, solid_component_mm)
     kind = _TYPE_ALIASES[str(nodule_type).lower()]
-    rules = lungrads_table()["followup"]
-    size = _round(mean_diameter_mm)
-    component = _round(solid_component_mm or 0.0)
-    if status in ("new", "growing"):
-        table = rules[status]
+    rules = lungrads_table()["followup"][kind]
+    current = _round(mean_diameter_mm)
+    when = f" over {interval_months:g} months" if interval_months is not None else ""
+    if prior_mean_diameter_mm is None:
         if kind == "part-solid":
-            total = table["part-solid"].get("total")
-            if total and size < total[0]["below_mm"]:
-                rule, text = _interval(total, size)
-                reason = f"{status} part-solid, mean diameter {size:.1f} mm in {text}"
-            else:
-                rule, text = _interval(table["part-solid"]["solid_component"], component)
-                reason = f"{status} part-solid, solid component {component:.1f} mm in {text}"
-        else:
-            rule, text = _interval(table[kind], size)
-            reason = f"{status} {kind}, mean diameter {size:.1f} mm in {text}"
-        category = rule["category"]
-        if slow_growth and status == "growing" and kind != "ground-glass":
-            category = rules["slow_growth_category"]
-            reason = f"slowly growing {kind} over more than 12 months (mean diameter {size:.1f} mm)"
-        if _rank(baseline.category) > _rank(category):
-            return _make(baseline.category, f"{reason}; baseline size rule higher: {baseline.reason}")
-        return _make(category, reason)
-    # stable or decreased
-    if prior_category is None:
-        return _make(baseline.category, f"stable; no prior category: {baseline.reason}")
-    if _rank(baseline.category) > _rank(prior_category):
-        return _make(baseline.category, f"stable, but crossed a size threshold: {baseline.reason}")
-    for rule in rules["stepped"]:
-        if (
-            prior_category == rule["prior"]
-            and interval_days is not None
-            and interval_days >= rule["min_interval_days"]
-        ):
-            return _make(rule["category"], f"{rule['text']} ({interval_days:.0f} days)")
-    return _make(prior_category, f"stable; prior category {prior_category} kept ({baseline.reason})")
+            rule, text = _interval(rules["new_total"], current)
+            if rule["category"] is None:
+                return _make(size.category, f"new {size.reason}")
+            return _make(rule["category"], f"new part-solid, mean diameter {current:.1f} mm in {text}")
+        rule, text = _interval(rules["new"], current)
+        return _higher(_make(rule["category"], f"new {kind}, mean diameter {current:.1f} mm in {text}"), size)
+    prior = _round(prior_mean_diameter_mm)
+    change = f"mean diameter {prior:.1f} -> {current:.1f} mm{when}"
+    if kind == "ground-glass":
+        return _make(rules["seen_before"][0]["category"], f"ground-glass seen before, {change}")
+    if kind == "solid":
+        if is_growth(prior, current):
+            rule, text = _interval(rules["growing"], current)
+            return _higher(_make(rule["category"], f"growing solid, {change}, now in {text}"), size)
+        return _make(size.category, f"stable solid ({change}); size rule: {size.reason}")
+    component = _round(solid_component_mm or 0.0)
+    if prior_solid_component_mm is None and component > 0.0:
+        status = "new solid component"
+    elif prior_solid_component_mm is not None and is_growth(prior_solid_component_mm, component):
+        status = f"growing solid component ({_round(prior_solid_component_mm):.1f} -> {component:.1f} mm)"
+    else:
+        return _make(
+            size.category, f"part-solid without a new or growing solid component ({change}); {size.reason}"
+        )
+    rule, text = _interval(rules["new_or_growing_solid_component"], component)
+    return _higher(_make(rule["category"], f"part-solid, {status}{when}, component in {text}"), size)
+
+
+def stepped_category(
+    category: LungRADSCategory, *, prior_category: str | None, interval_days: float | None
+) -> LungRADSCategory:
+    """v2022 stepped management for a nodule that is stable or decreased (``stepped_management`` in the
+    YAML): a prior category 3 becomes 2 after ≥ 6 months, a prior 4A becomes 3 after ≥ 3 months.
+
+    `category` is the nodule's follow-up category (`followup_category`); it is returned unchanged when no
+    step applies, or when the nodule now sits in a higher size category than its prior one (size thresholds
+    apply: crossing one is reclassified by size, not stepped down).
+    """
+    order = lungrads_table()["order"]
+    if prior_category is None or interval_days is None:
+        return category
+    if prior_category not in order:
+        raise ValueError(f"unknown prior Lung-RADS category {prior_category!r}; use one of {order}")
+    if order.index(category.category) > order.index(prior_category):
+        return category
+    for rule in lungrads_table()["stepped_management"]:
+        if prior_category == rule["prior"] and interval_days >= rule["min_interval_days"]:
+            return _make(rule["category"], f"{rule['text']} ({interval_days:.0f} days); {category.reason}")
+    return category

@@ -18,8 +18,9 @@ Definitions (see docs/measurements.md for the phantom accuracy of each):
   is cut by lines at 90° in physical mm, stepped every ``CHORD_STEP_MM`` along the long axis).
 * **mean diameter**: (long + short) / 2 rounded to 0.1 mm — the Lung-RADS v2022 mean diameter.
 * **max 3D diameter**: the longest distance between vertices of the marching-cubes surface of the mask.
-* **type**: from the HU inside the mask (`SOLID_HU`, `SOLID_FRACTION_*`, stated rules; see
-  `nodule_type`).
+* **type**: from the HU inside the mask (`SOLID_HU`, `SOLID_SHARE`, `MIN_SOLID_COMPONENT_MM`: stated
+  rules, see `nodule_type`); for part-solid nodules the solid component's mean diameter (measured like the
+  nodule's) and volume.
 """
 
 from __future__ import annotations
@@ -43,15 +44,18 @@ __all__ = [
 
 NODULE_TYPES = ("solid", "part-solid", "ground-glass")
 
-#: HU at or above which a voxel counts as solid (soft-tissue) attenuation. A stated rule: it lies between
-#: ground-glass attenuation (about −700…−300 HU) and soft tissue (about −100…+100 HU); CT volumetry work
-#: on subsolid nodules uses thresholds in the same range. Measured on the phantoms in docs/measurements.md.
-SOLID_HU = -300.0
-#: Share of the mask that is solid (after giving the solid core its partial-volume rim back, see
-#: `nodule_type`) at or above which the nodule is solid; below `SOLID_FRACTION_PART` it is ground-glass.
-SOLID_FRACTION_SOLID = 0.8
-SOLID_FRACTION_PART = 0.05
-#: A solid component must reach this mean diameter (mm) to make a nodule part-solid (noise specks do not).
+#: HU at or above which a voxel counts as solid (soft-tissue) attenuation. A stated rule, not a published
+#: constant: it lies between ground-glass attenuation (the phantoms draw −420…−300 HU plus texture and
+#: noise; real pure ground-glass is usually below −300 HU) and soft tissue (about −100…+100 HU), with a
+#: margin to both; chosen and measured on phantoms (docs/measurements.md).
+SOLID_HU = -200.0
+#: Interior = mask voxels at least this many pixels from the mask's outline in the axial plane: the outer
+#: pixel of every nodule mixes with the lung around it (partial volume) and reads as ground-glass.
+INTERIOR_DEPTH_PX = 2.0
+#: Share of the interior that is solid at or above which the nodule is solid.
+SOLID_SHARE = 0.85
+#: Interior solid area (as the diameter of a disc of its area, largest axial slice, mm) below which a
+#: not-solid nodule is ground-glass: noise and texture specks are not a solid component.
 MIN_SOLID_COMPONENT_MM = 1.0
 #: Step (mm) between the perpendicular chords searched for the short axis.
 CHORD_STEP_MM = 0.05
@@ -206,29 +210,38 @@ def mean_diameter(long_mm: float, short_mm: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------ type
-def nodule_type(
-    hu: np.ndarray, mask: np.ndarray, spacing_zyx: tuple[float, float, float]
-) -> tuple[str, np.ndarray]:
-    """Solid / part-solid / ground-glass from the HU inside the mask; returns (type, solid voxel mask).
+def _in_plane_depth(mask: np.ndarray, axis: int) -> np.ndarray:
+    """Per slice along `axis`, each mask pixel's distance (pixels) to the nearest pixel outside the mask."""
+    moved = np.moveaxis(mask, axis, 0)
+    depth = np.stack([ndimage.distance_transform_edt(np.pad(s, 1))[1:-1, 1:-1] for s in moved])
+    return np.moveaxis(depth, 0, axis)
 
-    Solid voxels are mask voxels ≥ `SOLID_HU`. The outer rim of any nodule is diluted by the lung around it
-    (partial volume), so a solid nodule's rim reads as ground-glass; the solid voxels are therefore grown by
-    one voxel in-plane (within the mask) before their share of the mask is taken. Share ≥
-    `SOLID_FRACTION_SOLID` → solid; share < `SOLID_FRACTION_PART` (or a solid component below
-    `MIN_SOLID_COMPONENT_MM`) → ground-glass; otherwise part-solid.
+
+def nodule_type(hu: np.ndarray, mask: np.ndarray, axis: int, pixel_area_mm2: float) -> tuple[str, np.ndarray]:
+    """Solid / part-solid / ground-glass from the HU inside the mask; returns (type, solid-component mask).
+
+    Solid voxels are mask voxels ≥ `SOLID_HU`. The type is read on the mask's interior (pixels ≥
+    `INTERIOR_DEPTH_PX` from the outline in the axial plane, or the deepest pixels of a mask too small to
+    have any), because the outer pixel of a solid nodule is diluted by the lung and would read as
+    ground-glass. Interior solid share ≥ `SOLID_SHARE` → solid; an interior solid area below a disc of
+    `MIN_SOLID_COMPONENT_MM` → ground-glass; otherwise part-solid, whose solid component is the connected
+    piece of solid voxels holding most of the interior solid voxels (returned; empty for the other types).
     """
+    depth = _in_plane_depth(mask, axis)
+    interior = depth >= INTERIOR_DEPTH_PX
+    if not interior.any():
+        interior = mask & (depth >= depth.max())
     solid = mask & (hu >= SOLID_HU)
-    # Drop isolated noise voxels: keep solid voxels with at least one solid in-plane neighbour.
-    solid = ndimage.binary_opening(solid, structure=np.ones((1, 2, 2), bool)) | (
-        solid & ndimage.binary_erosion(mask, structure=np.ones((1, 3, 3), bool))
-    )
-    grown = ndimage.binary_dilation(solid, structure=np.ones((1, 3, 3), bool)) & mask
-    share = float(grown.sum()) / float(mask.sum())
-    if share >= SOLID_FRACTION_SOLID:
+    core = solid & interior
+    if core.sum() >= SOLID_SHARE * interior.sum():
         return "solid", mask.copy()
-    if share < SOLID_FRACTION_PART or not solid.any():
+    largest_area = float(core.sum(axis=tuple(a for a in range(3) if a != axis)).max()) * pixel_area_mm2
+    if 2.0 * np.sqrt(largest_area / np.pi) < MIN_SOLID_COMPONENT_MM:
         return "ground-glass", np.zeros_like(mask)
-    return "part-solid", solid
+    labels, _ = ndimage.label(solid)
+    counts = np.bincount(labels[core], minlength=labels.max() + 1)
+    counts[0] = 0
+    return "part-solid", labels == int(np.argmax(counts))
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -263,19 +276,14 @@ def measure_nodule(volume: CTVolume, mask: np.ndarray) -> NoduleMeasurements:
     long_mm, short_mm = _plane_diameters(sub, axis, local, vectors)
 
     values = hu[sub]
-    spacing_zyx = tuple(float(np.linalg.norm(v)) for v in vectors)
-    kind, solid = nodule_type(hu, sub, spacing_zyx)
+    in_plane = [a for a in range(3) if a != axis]
+    pixel_area = float(np.linalg.norm(np.cross(vectors[in_plane[0]], vectors[in_plane[1]])))
+    kind, component = nodule_type(hu, sub, axis, pixel_area)
     solid_mm = solid_mm3 = None
     if kind == "part-solid":
-        # The solid component: its largest connected piece, measured like the nodule itself.
-        labels, n = ndimage.label(solid)
-        sizes = ndimage.sum(solid, labels, index=np.arange(1, n + 1))
-        core = labels == (int(np.argmax(sizes)) + 1)
-        s_long, s_short = _plane_diameters(core, axis, _largest_slice(core, axis), vectors)
+        s_long, s_short = _plane_diameters(component, axis, _largest_slice(component, axis), vectors)
         solid_mm = mean_diameter(s_long, s_short)
-        solid_mm3 = float(solid.sum()) * voxel_mm3
-        if solid_mm < MIN_SOLID_COMPONENT_MM:
-            kind, solid_mm, solid_mm3 = "ground-glass", None, None
+        solid_mm3 = float(component.sum()) * voxel_mm3
 
     return NoduleMeasurements(
         center_world_mm=tuple(float(v) for v in centre_world),

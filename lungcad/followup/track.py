@@ -28,9 +28,11 @@ from common.io import CTVolume
 from lungcad.followup import growth as growth_mod
 from lungcad.followup.matching import GATE_RULE, match_nodules
 from lungcad.followup.registration import RegistrationResult, register
-from lungcad.lungrads import LungRADSCategory, followup_category, scan_category
+from lungcad.lungrads import LungRADSCategory, followup_category, scan_category, stepped_category
 
 log = logging.getLogger(__name__)
+
+DAYS_PER_MONTH = 365.25 / 12.0
 
 
 @dataclass
@@ -166,7 +168,9 @@ def assess_interval(
         if match.status == "resolved":
             row.update(status="resolved", growth=None, lungrads=None)
         elif match.status == "new":
-            category = followup_category("new", c["type"], c["mean_diameter_mm"], c["solid_component_mm"])
+            category = followup_category(
+                c["type"], c["mean_diameter_mm"], c["solid_component_mm"], prior_mean_diameter_mm=None
+            )
             row.update(status="new", growth=None, lungrads=category.to_dict())
             categories.append(category)
         else:
@@ -174,14 +178,15 @@ def assess_interval(
                 p["volume_mm3"], c["volume_mm3"], p["mean_diameter_mm"], c["mean_diameter_mm"], days
             )
             category = followup_category(
-                change.status,
                 c["type"],
                 c["mean_diameter_mm"],
                 c["solid_component_mm"],
-                prior_category=p["category"],
-                interval_days=days,
-                slow_growth=change.slow_growth,
+                prior_mean_diameter_mm=p["mean_diameter_mm"],
+                prior_solid_component_mm=p["solid_component_mm"],
+                interval_months=round(days / DAYS_PER_MONTH, 1),
             )
+            if change.status == "stable":
+                category = stepped_category(category, prior_category=p["category"], interval_days=days)
             row.update(status=change.status, growth=change.to_dict(), lungrads=category.to_dict())
             categories.append(category)
         rows.append(row)

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from lungcad.followup.growth import REPEATABILITY_LOG_LIMIT, interval_growth, volume_doubling_time
-from lungcad.lungrads import followup_category
+from lungcad.lungrads import baseline_category, followup_category, stepped_category
 
 
 def test_vdt_formula():
@@ -48,23 +48,23 @@ def test_lungrads_growth_rule():
     assert interval_growth(100, 50, 8.0, 6.0, 180).decreased
 
 
-def test_followup_category():
-    assert followup_category("new", "solid", 3.5).category == "2"
-    assert followup_category("new", "solid", 5.0).category == "3"
-    assert followup_category("new", "solid", 7.0).category == "4A"
-    assert followup_category("new", "solid", 9.0).category == "4B"
-    assert followup_category("growing", "solid", 7.0).category == "4A"
-    assert followup_category("growing", "solid", 8.0).category == "4B"
-    # Growing never goes below the baseline size category (a 16 mm solid nodule is 4B at baseline).
-    assert followup_category("growing", "solid", 16.0).category == "4B"
-    assert followup_category("growing", "solid", 6.5, slow_growth=True).category == "4B"
-    # Stepped management (v2022): 3 stable at 6 months -> 2; 4A stable at 3 months -> 3.
-    assert followup_category("stable", "solid", 7.0, prior_category="3", interval_days=180).category == "2"
-    assert followup_category("stable", "solid", 7.0, prior_category="3", interval_days=60).category == "3"
-    assert followup_category("stable", "solid", 9.0, prior_category="4A", interval_days=90).category == "3"
-    # Crossing a size threshold reclassifies even without growth.
-    assert followup_category("stable", "solid", 8.1, prior_category="3", interval_days=180).category == "4A"
-    assert followup_category("new", "part-solid", 8.0, 5.0).category == "4B"
-    assert followup_category("new", "ground-glass", 12.0).category == "2"
+def test_followup_category_and_stepped_management():
+    # measure's rules for new / growing nodules (lungcad.lungrads.followup_category).
+    assert followup_category("solid", 5.0, prior_mean_diameter_mm=None).category == "3"
+    assert followup_category("solid", 9.0, prior_mean_diameter_mm=7.0).category == "4B"
+    # Stepped management (v2022), appended for follow-up: 3 stable at 6 months -> 2; 4A stable at 3 months -> 3.
+    stable7 = followup_category("solid", 7.0, prior_mean_diameter_mm=7.0)
+    assert stable7.category == "3"
+    assert stepped_category(stable7, prior_category="3", interval_days=180).category == "2"
+    assert stepped_category(stable7, prior_category="3", interval_days=60).category == "3"
+    stable9 = followup_category("solid", 9.0, prior_mean_diameter_mm=9.0)
+    assert stepped_category(stable9, prior_category="4A", interval_days=90).category == "3"
+    # Crossing a size threshold is reclassified by size, not stepped down.
+    crossed = followup_category("solid", 8.1, prior_mean_diameter_mm=7.9)
+    assert stepped_category(crossed, prior_category="3", interval_days=180).category == "4A"
+    assert (
+        stepped_category(baseline_category("solid", 5.0), prior_category=None, interval_days=300).category
+        == "2"
+    )
     with pytest.raises(ValueError):
-        followup_category("resolved", "solid", 5.0)
+        stepped_category(stable7, prior_category="9", interval_days=10)
