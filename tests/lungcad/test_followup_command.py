@@ -172,3 +172,58 @@ def test_registration_failure_is_flagged(tree, tmp_path):
     doc = json.loads((tmp_path / "out" / "followup.json").read_text())
     assert doc["flags"] and not doc["intervals"][0]["registration"]["converged"]
     assert {n["status"] for n in doc["intervals"][0]["nodules"]} == {"unassessed"}
+
+
+def test_scans_are_analysed_when_needed(tree, tmp_path, monkeypatch):
+    """PRIOR / CURRENT as raw scans: analyze's Analyzer runs once per scan (here with a stand-in pipeline
+    that segments the true masks), and a second run reuses the finished analyses."""
+    import pandas as pd
+
+    import lungcad.bundle
+    import lungcad.pipeline
+    from lungcad.lungrads import baseline_category
+    from lungcad.measure import measure_nodule
+    from lungcad.pipeline import Analysis, Finding
+
+    root, truth, index = tree
+    calls = []
+
+    def fake(volume, bundle, *, nodules_world_mm=None, progress=None):
+        calls.append(volume.source.name)
+        uid = volume.source.name.removesuffix(".mhd")
+        truth_labels = read_volume(root / "truth_labels" / f"{uid}.nii.gz").array
+        labels = np.zeros(volume.shape, np.uint16)
+        findings = []
+        for k, value in enumerate(sorted(int(v) for v in np.unique(truth_labels) if v), start=1):
+            labels[truth_labels == value] = k
+            m = measure_nodule(volume, truth_labels == value)
+            category = baseline_category(m.type, m.mean_diameter_mm, m.solid_component_mm)
+            findings.append(Finding(k, 0.9, 0.5, m, category, "detected"))
+        rows = [(uid, *f.measurements.center_world_mm, 0.9) for f in findings]
+        candidates = pd.DataFrame(rows, columns=["seriesuid", "coordX", "coordY", "coordZ", "probability"])
+        return Analysis(
+            volume, findings, labels, candidates, {"detect": 0.0}, {"name": "fake", "sha256": None}
+        )
+
+    class FakeBundle:
+        @classmethod
+        def load(cls, path):
+            return cls()
+
+    monkeypatch.setattr(lungcad.pipeline, "analyze_volume", fake)
+    monkeypatch.setattr(lungcad.bundle, "Bundle", FakeBundle)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "bundle.json").write_text("{}\n")
+    scans = [str(root / "detection_3d" / "mhd" / f"{uid}.mhd") for uid in ("P0001_T1", "P0001_T2")]
+    table = str(root / "patients.csv")
+    out = tmp_path / "out"
+    args = ["followup", *scans, "--bundle", str(bundle), "--out", str(out), "--patient-table", table]
+    assert main(args) == 0
+    assert sorted(calls) == ["P0001_T1.mhd", "P0001_T2.mhd"]
+    assert (out / "analyses" / "P0001_T1" / "report.json").is_file()
+    doc = json.loads((out / "followup.json").read_text())
+    assert doc["intervals"][0]["registration"]["converged"]
+    assert main(args) == 0 and len(calls) == 2  # finished analyses are reused
+    # Without a bundle, a scan that has no analysis is a one-line error.
+    assert main(["followup", *scans, "--out", str(tmp_path / "nb"), "--patient-table", table]) == 2
