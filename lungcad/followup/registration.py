@@ -40,6 +40,8 @@ from common.preprocess import lung_mask
 WORK_SPACING_MM = 2.0
 #: Fraction of the (masked) working-grid voxels the metric samples, on a regular grid (deterministic).
 SAMPLING_FRACTION = 0.5
+#: Second-try floor of `lung_mask` (ml) for a field of view with little lung.
+SMALL_LUNG_ML = 5.0
 CROP_TO_LUNGS = False
 MASK_MARGIN_MM = 8.0
 WINDOW_HU = (-1000.0, 200.0)
@@ -232,6 +234,12 @@ def register(
     masks = []
     for name, volume, given in (("prior", prior, prior_lungs), ("current", current, current_lungs)):
         mask = given if given is not None else lung_mask(volume)
+        if given is None and not np.any(mask):
+            # lung_mask refuses air regions under 20 ml (bowel gas, a sliver of lung): a scan whose field of
+            # view holds only part of small lungs gets a second try with a lower floor before being flagged.
+            mask = lung_mask(volume, min_lung_ml=SMALL_LUNG_ML)
+            if np.any(mask):
+                problems.append(f"the {name} lungs are small (< 20 ml in the field of view); masked anyway")
         mask = np.asarray(mask, dtype=np.uint8)
         if mask.shape != volume.shape:
             raise ValueError(f"the {name} lung mask has shape {mask.shape}, the scan {volume.shape}")
