@@ -100,6 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument(
             generator.count_flag,
             dest="scans",
+            metavar="N",
             type=int,
             default=generator.default_scans,
             help=generator.count_help,
