@@ -2,22 +2,18 @@
 
 ``followup.json`` follows ``lungcad/schemas/followup.schema.json`` (`FOLLOWUP_SCHEMA_VERSION`). Like
 report.json it names scans by their analyze scan id and holds no patient name, ID or birth date; scan
-dates are there because growth rates need them. ``followup.html`` is one self-contained file (images as
-data URIs, no external resources): per interval and nodule the prior crop beside the current crop resampled
-onto the prior grid through the registration, and a size-over-time plot per track.
+dates are there because growth rates need them. ``followup.html`` is one self-contained file built from
+`lungcad.html_report`'s pieces (its Content-Security-Policy page, crops, views): per interval and nodule the
+prior axial crop beside the current crop resampled onto the prior grid through the registration (contours
+of each scan's own segmentation), a size-over-time plot per track, and the methods.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import html
-import io
 import math
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from common import atomic
 from common.atomic import csv_text
@@ -220,54 +216,16 @@ def write_csv(document: dict[str, Any], path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ HTML
-def _png(figure) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _crop(array: np.ndarray, volume, centre_xyz, labels: np.ndarray | None = None):
-    """Axial crop (`CROP_MM` wide) around a world point of `volume`'s grid; None outside the scan."""
-    z, y, x = (int(round(v)) for v in volume.world_to_voxel(np.asarray(centre_xyz))[0])
-    if not (0 <= z < array.shape[0]):
-        return None, None
-    half_y = int(round(CROP_MM / 2 / volume.spacing[1]))
-    half_x = int(round(CROP_MM / 2 / volume.spacing[0]))
-    ys = slice(max(0, y - half_y), min(array.shape[1], y + half_y + 1))
-    xs = slice(max(0, x - half_x), min(array.shape[2], x + half_x + 1))
-    image = array[z, ys, xs]
-    outline = None if labels is None else labels[z, ys, xs]
-    return (image, outline) if image.size else (None, None)
-
-
-def _pair_figure(prior_crop, current_crop, titles) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(5.0, 2.6))
-    for ax, (crop, outline), title in zip(axes, (prior_crop, current_crop), titles):
-        ax.set_axis_off()
-        ax.set_title(title, fontsize=8)
-        if crop is None:
-            ax.text(0.5, 0.5, "not in scan", ha="center", va="center", transform=ax.transAxes)
-            continue
-        ax.imshow(crop, cmap="gray", vmin=-1000, vmax=400, interpolation="nearest")
-        if outline is not None and outline.any():
-            ax.contour(outline > 0, levels=[0.5], colors="yellow", linewidths=0.7)
-    uri = _png(fig)
-    plt.close(fig)
-    return uri
-
-
 def _size_plot(document: dict[str, Any]) -> str | None:
+    """Volume (log) and mean diameter over time, one line per track, as a PNG data URI."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tracks = [t for t in document["tracks"] if len(t["points"]) >= 1]
+    from lungcad.html_report import figure_data_uri
+
+    tracks = [t for t in document["tracks"] if t["points"]]
     if not tracks:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.2))
@@ -283,7 +241,7 @@ def _size_plot(document: dict[str, Any]) -> str | None:
     axes[1].legend(fontsize=7, ncol=2)
     for ax in axes:
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
-    uri = _png(fig)
+    uri = figure_data_uri(fig, dpi=80)
     plt.close(fig)
     return uri
 
@@ -293,89 +251,85 @@ def _fmt(value: Any, digits: int = 1) -> str:
         return "–"
     if isinstance(value, float):
         return "∞" if math.isinf(value) else f"{value:.{digits}f}"
-    return html.escape(str(value))
+    return str(value)
 
 
 def write_html(document: dict[str, Any], results: list[IntervalResult], path: Path) -> Path:
-    """One self-contained page (see the module docstring)."""
+    """One self-contained page built from `lungcad.html_report`'s pieces (see the module docstring)."""
+    from lungcad.html_report import crop_data_uri, esc, page_html, view_html
+
     parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>lungcad follow-up</title>",
-        "<style>body{font-family:sans-serif;margin:1.5em;max-width:1100px}table{border-collapse:collapse;"
-        "font-size:13px}td,th{border:1px solid #bbb;padding:3px 6px}th{background:#eee}.flag{color:#a00;"
-        "font-weight:bold}.card{display:inline-block;margin:6px;vertical-align:top;font-size:12px}</style>",
-        "</head><body>",
         "<h1>Follow-up</h1>",
-        f"<p><em>{html.escape(document['disclaimer'])}</em></p>",
         "<p>Scans: "
-        + ", ".join(
-            f"{html.escape(s['id'])} ({s['date']}, {s['n_nodules']} nodules)" for s in document["scans"]
-        )
+        + ", ".join(f"{esc(s['id'])} ({s['date']}, {s['n_nodules']} nodules)" for s in document["scans"])
         + "</p>",
     ]
     for flag in document["flags"]:
-        parts.append(f"<p class='flag'>⚠ {html.escape(flag)}</p>")
+        parts.append(f"<p class='flag' style='color:#a00;font-weight:bold'>⚠ {esc(flag)}</p>")
     plot = _size_plot(document)
     if plot:
         parts.append(f"<h2>Size over time</h2><img alt='size over time' src='{plot}'>")
     for interval, result in zip(document["intervals"], results):
         reg = interval["registration"]
         parts.append(
-            f"<h2>{html.escape(interval['prior'])} → {html.escape(interval['current'])} "
-            f"({interval['interval_days']} days)</h2>"
-            f"<p>Registration: {'converged' if reg['converged'] else '<span class=flag>NOT converged</span>'}, "
-            f"lung Dice {reg['lung_dice_before']:.3f} → {reg['lung_dice_after']:.3f}, rotation "
+            f"<h2>{esc(interval['prior'])} → {esc(interval['current'])} ({interval['interval_days']} days)</h2>"
+            f"<p>Registration: {'converged' if reg['converged'] else '<b>NOT converged</b>'}, lung Dice "
+            f"{reg['lung_dice_before']:.3f} → {reg['lung_dice_after']:.3f}, rotation "
             f"{reg['parameters']['rotation_deg']:.1f}°, {reg['seconds']:.1f} s. Scan category (follow-up): "
-            f"<b>{html.escape(interval['scan_category']['category'])}</b> — "
-            f"{html.escape(interval['scan_category']['reason'])}</p>"
+            f"<b>{esc(interval['scan_category']['category'])}</b> — {esc(interval['scan_category']['reason'])}</p>"
         )
         parts.append(
-            "<table><tr><th>track</th><th>status</th><th>prior Ø / V</th><th>current Ø / V</th>"
-            "<th>ΔV %</th><th>VDT (95 % interval), days</th><th>Lung-RADS</th></tr>"
+            "<table class='followup'><thead><tr><th>track</th><th>status</th><th>prior Ø / V</th>"
+            "<th>current Ø / V</th><th>ΔV %</th><th>VDT (95 % interval), days</th><th>Lung-RADS</th></tr>"
+            "</thead><tbody>"
         )
         for n in interval["nodules"]:
             p, c, g, cat = n["prior"] or {}, n["current"] or {}, n["growth"] or {}, n["lungrads"] or {}
             lo, hi = (g.get("vdt_interval_days") or [None, None])[:2]
-            vdt = (
-                "–"
-                if not g
-                else f"{_fmt(g.get('vdt_days'), 0)} ({_fmt(lo, 0)}, {'∞' if hi is None else _fmt(hi, 0)})"
-            )
+            vdt = "–"
+            if g:
+                vdt = f"{_fmt(g.get('vdt_days'), 0)} ({_fmt(lo, 0)}, {'∞' if hi is None else _fmt(hi, 0)})"
             parts.append(
-                f"<tr><td>{n['track']}</td><td>{n['status']}</td>"
+                f"<tr><td>{n['track']}</td><td>{esc(n['status'])}</td>"
                 f"<td>{_fmt(p.get('mean_diameter_mm'))} mm / {_fmt(p.get('volume_mm3'), 0)} mm³</td>"
                 f"<td>{_fmt(c.get('mean_diameter_mm'))} mm / {_fmt(c.get('volume_mm3'), 0)} mm³</td>"
                 f"<td>{_fmt(g.get('volume_change_percent'))}</td><td>{vdt}</td>"
-                f"<td>{html.escape(str(cat.get('category', '–')))}</td></tr>"
+                f"<td>{esc(cat.get('category', '–'))}</td></tr>"
             )
-        parts.append("</table>")
-        parts.append("<div>")
+        parts.append("</tbody></table>")
         prior, current = result.prior, result.current
-        registered = registration_mod.resample_to_prior(current.volume, prior.volume, result.registration)
+        registered = prior.volume.with_array(
+            registration_mod.resample_to_prior(current.volume, prior.volume, result.registration)
+        )
         registered_labels = None
         if current.labels is not None:
             registered_labels = registration_mod.resample_labels_to_prior(
                 current.labels, current.volume, prior.volume, result.registration
             )
         for n in interval["nodules"]:
-            centre = (n["prior"] or {}).get("center_world_mm") or (n["current"] or {}).get(
-                "center_in_prior_mm"
-            )
+            p, c = n["prior"] or {}, n["current"] or {}
+            centre = p.get("center_world_mm") or c.get("center_in_prior_mm")
             if centre is None:
                 continue
-            left = _crop(prior.volume.array, prior.volume, centre, prior.labels)
-            right = _crop(registered, prior.volume, centre, registered_labels)
-            uri = _pair_figure(left, right, (f"prior {prior.date}", f"current {current.date} (registered)"))
-            parts.append(
-                f"<div class='card'><b>{n['track']}</b> {n['status']}<br><img alt='{n['track']}' src='{uri}'></div>"
+            size = max(
+                CROP_MM, 1.5 * max(p.get("max_3d_diameter_mm") or 0.0, c.get("max_3d_diameter_mm") or 0.0)
             )
-        parts.append("</div>")
+            left = crop_data_uri(prior.volume, prior.labels, centre, "axial", p.get("index"), size_mm=size)
+            right = crop_data_uri(
+                registered, registered_labels, centre, "axial", c.get("index"), size_mm=size
+            )
+            parts.append(
+                f"<section class='pair'><h3>{n['track']} — {esc(n['status'])}</h3>"
+                "<div style='display:flex;gap:16px;flex-wrap:wrap'>"
+                + view_html(left, "axial", f"prior {prior.date}")
+                + view_html(right, "axial", f"current {current.date}, registered to the prior")
+                + "</div></section>"
+            )
     parts.append(
         "<h2>Methods</h2><ul>"
-        + "".join(
-            f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in document["methods"].items()
-        )
+        + "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in document["methods"].items())
         + "</ul>"
     )
-    parts.append("<script>document.body.dataset.ready = '1';</script></body></html>")
-    atomic.write_text(path, "\n".join(parts) + "\n")
+    parts.append("<script>document.body.dataset.ready = '1';</script>")
+    atomic.write_text(path, page_html("lungcad follow-up", "\n".join(parts)))
     return path
