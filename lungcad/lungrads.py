@@ -71,16 +71,12 @@ def _make(category: str, reason: str) -> LungRADSCategory:
 
 
 def _interval(rules: list[dict[str, Any]], value: float) -> tuple[dict[str, Any], str]:
-    """First rule with value < below_mm; returns it and the interval as text, e.g. "[6, 8)"."""
+    """First rule with value < below_mm; returns it and its interval as text, e.g. "[6, 8)", "[15, inf)"."""
     lower = 0.0
     for rule in rules:
         upper = rule["below_mm"]
         if upper is None or value < upper:
-            if upper is None:
-                text = f">= {lower:g}"
-            else:
-                text = f"[{lower:g}, {upper:g})" if lower > 0 else f"< {upper:g}"
-            return rule, text
+            return rule, f"[{lower:g}, {'inf' if upper is None else f'{upper:g}'})"
         lower = upper
     raise AssertionError("the last rule of each list has below_mm: null")
 

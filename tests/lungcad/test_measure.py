@@ -209,6 +209,10 @@ def test_single_voxel_and_single_slice_masks():
     flat[5, 4:12, 6:9] = True
     m = measure_nodule(volume, flat)
     assert m.long_axis_mm == pytest.approx(np.hypot(8 * 0.7, 3 * 0.7), abs=0.5)
+    line = np.zeros(volume.shape, bool)
+    line[5, 8, 3:12] = True  # one pixel wide: collinear pixel centres
+    m = measure_nodule(volume, line)
+    assert m.long_axis_mm == pytest.approx(9 * 0.7, abs=0.5) and m.short_axis_mm <= 1.0
 
 
 # --------------------------------------------------------------------------------------------- type
@@ -245,6 +249,9 @@ def test_type_of_rendered_nodules(kind):
 
 
 # --------------------------------------------------------------------------------------------- phantoms
+_PHANTOM_TYPE = {"solid": "solid", "part-solid": "part-solid", "ggo": "ground-glass"}
+
+
 def _phantom_nodules(seed: int, indices):
     from common.synth.scan import generate_scan
 
@@ -264,26 +271,28 @@ def _phantom_nodules(seed: int, indices):
 
 
 def test_phantom_nodules_volume_and_centre_match_ground_truth():
-    """Scans 0–3 of seed 0 (scan 3 is stored flipped; scan 2 holds a ground-glass nodule)."""
+    """Scans 0–3 of seed 0 (scan 3 is stored flipped; they hold solid, part-solid and ground-glass
+    nodules): volume and centre equal the truth; types agree for ≥ 80 %."""
     seen_flipped = False
+    types = collections.Counter()
     for scan, volume, finding, mask in _phantom_nodules(0, range(4)):
         m = measure_nodule(volume, mask)
+        types[(_PHANTOM_TYPE[finding.texture], m.type)] += 1
         assert m.volume_mm3 == pytest.approx(finding.volume_mm3, rel=1e-9)
         np.testing.assert_allclose(m.center_world_mm, finding.world_xyz, atol=1e-3)
         np.testing.assert_allclose(m.center_voxel_xyz, finding.voxel_zyx[::-1], atol=1e-3)
         assert m.mean_diameter_mm <= m.max_3d_diameter_mm + 0.5
         seen_flipped |= scan.geometry.flipped
     assert seen_flipped
-
-
-_PHANTOM_TYPE = {"solid": "solid", "part-solid": "part-solid", "ggo": "ground-glass"}
+    assert {kind for kind, _ in types} == set(NODULE_TYPES)  # solid, part-solid and ground-glass phantoms
+    assert sum(n for (a, b), n in types.items() if a == b) >= 0.8 * sum(types.values()), types
 
 
 @pytest.mark.slow
 def test_type_agreement_with_the_phantoms():
-    """All nodules of 60 phantoms (seed 2, not used to choose the thresholds): agreement ≥ 80 %."""
+    """All nodules of 60 phantoms (seed 3, never used to choose the rule): agreement ≥ 80 % (87.9 %)."""
     table = collections.Counter()
-    for _, volume, finding, mask in _phantom_nodules(2, range(60)):
+    for _, volume, finding, mask in _phantom_nodules(3, range(60)):
         table[(_PHANTOM_TYPE[finding.texture], measure_nodule(volume, mask).type)] += 1
     total = sum(table.values())
     agreement = sum(v for (a, b), v in table.items() if a == b) / total
