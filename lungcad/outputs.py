@@ -6,8 +6,7 @@
 - ``nodules.csv``: one flat row per nodule (the same numbers as ``report.json``);
 - ``results.csv``: every scored candidate in the LUNA16 results format, so `lungdata evaluate-froc` scores
   it as is;
-- for DICOM input, when the ``dicom`` writers are installed: ``seg.dcm`` (DICOM SEG) and ``sr.dcm``
-  (DICOM SR, TID 1500);
+- for DICOM input with at least one nodule: ``seg.dcm`` (DICOM SEG) and ``sr.dcm`` (DICOM SR, TID 1500);
 - ``report.html`` when the HTML writer is installed;
 - ``report.json`` LAST, atomically, with the SHA-256 of every file above. A folder whose ``report.json``
   exists and whose listed files match their checksums is a finished scan (`finished_report`); anything
@@ -37,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from common import atomic
+from common.cache import sha256_file as sha256
 from common.io import CTVolume, write_nifti
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ NODULE_COLUMNS = (
     "index",
     "label",
     "source",
+    "segmentation",
     "detection_score",
     "malignancy_probability",
     "center_x_mm",
@@ -226,6 +227,7 @@ def build_report(
                 "index": int(f.index),
                 "label": int(f.index),
                 "source": f.source,
+                "segmentation": getattr(f, "segmentation", None),
                 "detection_score": None if f.detection_score is None else float(f.detection_score),
                 "malignancy_probability": float(f.malignancy_probability),
                 "measurements": f.measurements.to_dict(),
@@ -282,6 +284,7 @@ def nodule_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "index": nodule["index"],
             "label": nodule["label"],
             "source": nodule["source"],
+            "segmentation": nodule["segmentation"],
             "detection_score": nodule["detection_score"],
             "malignancy_probability": nodule["malignancy_probability"],
         }
@@ -354,14 +357,6 @@ def write_segmentation(volume: CTVolume, labels: np.ndarray, path: str | Path) -
 
 
 # ------------------------------------------------------------------------------------------ report.json
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def report_text(report: dict[str, Any]) -> str:
@@ -450,7 +445,9 @@ def write_outputs(
     )
     paths[NODULES_CSV] = write_nodules_csv([report], folder / NODULES_CSV)
     paths[RESULTS_CSV] = write_results_csv(results_frame(analysis.candidates, scan_id), folder / RESULTS_CSV)
-    if fmt == "dicom" and source_datasets:
+    if fmt == "dicom" and source_datasets and not report["nodules"]:
+        log.info("no nodules: no DICOM SEG/SR (a SEG needs at least one segment, the SR references it)")
+    elif fmt == "dicom" and source_datasets:
         write_seg = _optional("lungcad.dicom_output", "write_seg")
         write_sr = _optional("lungcad.dicom_output", "write_sr")
         if write_seg is not None and write_sr is not None:

@@ -65,6 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--series-uid", default=None, help="the series to analyze in a DICOM folder that holds several"
     )
     parser.add_argument(
+        "--dicom-tolerance",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="accept DICOM slice gaps / uneven spacing up to MM (default: refuse any beyond rounding)",
+    )
+    parser.add_argument(
         "--anonymize",
         action="store_true",
         help="name scans by a hash of the series UID and strip the patient module from DICOM SEG/SR",
@@ -174,7 +181,9 @@ def _stub(series_uid: str | None) -> CTVolume:
     return CTVolume(np.zeros((1, 1, 1), np.int16), (1, 1, 1), (0, 0, 0), np.eye(3), series_uid)
 
 
-def read_scan(path: Path, series_uid: str | None = None) -> tuple[CTVolume, list[Any] | None]:
+def read_scan(
+    path: Path, series_uid: str | None = None, tolerance_mm: float | None = None
+) -> tuple[CTVolume, list[Any] | None]:
     """The scan and, for DICOM, its source datasets (the DICOM SEG/SR reference them).
 
     DICOM goes through `lungcad.dicom_input.read_dicom_ct` (series chosen by rule, refusals) when installed,
@@ -189,7 +198,7 @@ def read_scan(path: Path, series_uid: str | None = None) -> tuple[CTVolume, list
         return read_volume(path), None
     read_dicom_ct = outputs._optional("lungcad.dicom_input", "read_dicom_ct")
     if read_dicom_ct is not None:
-        volume, datasets = read_dicom_ct(path, series_uid)
+        volume, datasets = read_dicom_ct(path, series_uid, tolerance_mm=tolerance_mm)
         return volume, list(datasets)
     return read_volume(path, series_uid), None
 
@@ -229,7 +238,8 @@ class GivenNodules:
         return cls(path, table, outputs.sha256(path))
 
     def for_scan(self, volume: CTVolume, input_path: Path) -> np.ndarray:
-        """(N, 3) world mm of the rows of this scan (series UID or file stem), checked to lie in the scan."""
+        """The rows of this scan (series UID or file stem) as (N, 3) world mm, or (N, 4) with ``diameter_mm``
+        when the CSV has it (the pipeline sizes its search by it); checked to lie in the scan."""
         keys = {outputs.file_stem(input_path), input_path.name}
         if volume.series_uid:
             keys.add(volume.series_uid)
@@ -243,6 +253,8 @@ class GivenNodules:
                     f"{self.path}: row {row + 1} (line {row + 2}) at ({', '.join(f'{v:g}' for v in xyz[~inside][0])}) "
                     "mm lies outside its scan; coordinates are world mm (x, y, z) in the scan's own frame"
                 )
+        if "diameter_mm" in rows:
+            return np.column_stack([xyz, rows["diameter_mm"].to_numpy(np.float64)])
         return xyz
 
 
@@ -319,6 +331,7 @@ class Analyzer:
             "nodules_csv": args.nodules.name if args.nodules is not None else None,
             "nodules_csv_sha256": self.given.sha256 if self.given is not None else None,
             "series_uid_requested": args.series_uid,
+            "dicom_tolerance_mm": args.dicom_tolerance,
             "anonymize": bool(args.anonymize),
         }
         self._bundle = None
@@ -364,7 +377,7 @@ class Analyzer:
         bar = StepBar(label)
         try:
             with _timed(timings, "read", bar):
-                volume, datasets = read_scan(path, args.series_uid)
+                volume, datasets = read_scan(path, args.series_uid, args.dicom_tolerance)
             scan_id = outputs.scan_id(volume, path, args.anonymize)
             self._claim(scan_id, path)
             if (report := self._finished(scan_id)) is not None:

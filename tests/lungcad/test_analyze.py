@@ -18,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 import SimpleITK as sitk
 
@@ -32,6 +33,13 @@ jsonschema = pytest.importorskip("jsonschema")
 PATIENT_ID = "PAT-0042-SECRET"
 PATIENT_NAME = "Doe^Jane"
 BIRTH_DATE = "19450317"
+#: Identifying fields a real series carries (must not leak), and its frame of reference (Type 1 in CT).
+SOURCE_TAGS = {
+    "0010|0010": PATIENT_NAME,
+    "0010|0020": PATIENT_ID,
+    "0010|0030": BIRTH_DATE,
+    "0020|0052": "1.2.826.0.1.3680043.8.498.99",
+}
 
 
 # ------------------------------------------------------------------------------------------------ builders
@@ -106,7 +114,11 @@ def assert_no_identifiers(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file() and path.suffix != ".dcm":
             data = path.read_bytes()
-            for secret in (PATIENT_ID, PATIENT_NAME, BIRTH_DATE, "Doe"):
+            for secret in (
+                PATIENT_ID,
+                PATIENT_NAME,
+                BIRTH_DATE,
+            ):  # none can occur in base64 image data by chance
                 assert secret.encode() not in data, f"{secret} in {path}"
 
 
@@ -264,7 +276,9 @@ def _fake_analyze_volume(volume, bundle, *, nodules_world_mm=None, progress=None
             progress(step)
     given = nodules_world_mm is not None
     centres = (
-        np.asarray(nodules_world_mm) if given else volume.voxel_to_world((np.asarray(volume.shape) - 1) / 2.0)
+        np.asarray(nodules_world_mm)[:, :3]
+        if given
+        else volume.voxel_to_world((np.asarray(volume.shape) - 1) / 2.0)
     )
     zz, yy, xx = np.indices(volume.shape)
     labels = np.zeros(volume.shape, np.uint16)
@@ -328,9 +342,8 @@ def _tree(tmp_path: Path, volume: CTVolume) -> Path:
     write_nifti(
         CTVolume(volume.array, volume.spacing, volume.origin, volume.direction), batch / "scan_nii.nii.gz"
     )
-    tags = {"0010|0010": PATIENT_NAME, "0010|0020": PATIENT_ID, "0010|0030": BIRTH_DATE}
     write_dicom_series(
-        volume, batch / "b" / "patient" / "series", series_uid="1.2.826.0.1.3680043.8.498.1", tags=tags
+        volume, batch / "b" / "patient" / "series", series_uid="1.2.826.0.1.3680043.8.498.1", tags=SOURCE_TAGS
     )
     return batch
 
@@ -352,6 +365,10 @@ def test_batch_run_resumes_and_skips_finished_scans(fake_pipeline, small_volume,
         validate(report)
     dicom_report = outputs.finished_report(out / "1.2.826.0.1.3680043.8.498.1")
     assert dicom_report["scan"]["format"] == "dicom"
+    assert dicom_report["scan"]["acquisition"]["Modality"] == "CT"
+    assert {"seg.dcm", "sr.dcm", "report.html"} <= set(dicom_report["files"])
+    seg = pydicom.dcmread(out / "1.2.826.0.1.3680043.8.498.1" / "seg.dcm")
+    assert seg.Modality == "SEG" and seg.PatientID == PATIENT_ID  # DICOM objects keep the patient module
     batch_results = pd.read_csv(out / "results.csv", dtype={"seriesuid": str})
     assert sorted(batch_results["seriesuid"]) == ids
     assert len(pd.read_csv(out / "nodules.csv")) == 3
@@ -388,6 +405,12 @@ def test_batch_run_resumes_and_skips_finished_scans(fake_pipeline, small_volume,
         == 0
     )
     assert len(calls) == 8  # an anonymized id is another folder
+    series = batch / "b" / "patient" / "series"
+    assert main(["analyze", str(series), "--bundle", str(bundle), "--out", str(out), "--anonymize"]) == 0
+    (anon,) = [p for p in out.glob("anon-*") if outputs.finished_report(p)["scan"]["format"] == "dicom"]
+    for name in ("seg.dcm", "sr.dcm"):
+        data = (anon / name).read_bytes()
+        assert PATIENT_ID.encode() not in data and PATIENT_NAME.encode() not in data, name
     csv = tmp_path / "given.csv"
     csv.write_text("seriesuid,coordX,coordY,coordZ\n")
     assert (
@@ -408,8 +431,18 @@ def test_batch_run_resumes_and_skips_finished_scans(fake_pipeline, small_volume,
     assert "other options (nodules_csv" in capsys.readouterr().err
 
 
-def test_given_nodules_mode(fake_pipeline, small_volume, tmp_path):
+def test_given_nodules_mode(fake_pipeline, small_volume, tmp_path, monkeypatch):
     bundle, calls = fake_pipeline
+    import lungcad.pipeline
+
+    given_rows = []
+    fake = lungcad.pipeline.analyze_volume
+
+    def recording(volume, bundle, **kwargs):
+        given_rows.append(kwargs["nodules_world_mm"])
+        return fake(volume, bundle, **kwargs)
+
+    monkeypatch.setattr(lungcad.pipeline, "analyze_volume", recording)
     scan = tmp_path / "in" / "case.mhd"
     write_mhd(small_volume, scan)
     centre = small_volume.voxel_to_world((np.asarray(small_volume.shape) - 1) / 2.0)[0]
@@ -428,6 +461,10 @@ def test_given_nodules_mode(fake_pipeline, small_volume, tmp_path):
     assert report["mode"] == "given-nodules" and report["parameters"]["nodules_csv"] == "given.csv"
     assert [n["source"] for n in report["nodules"]] == ["given", "given"]
     assert report["nodules"][0]["detection_score"] is None
+    assert given_rows[-1].shape == (2, 4) and given_rows[-1][:, 3].tolist() == [
+        6.0,
+        4.0,
+    ]  # diameters passed on
     for nodule, xyz in zip(report["nodules"], (centre, other)):
         assert np.linalg.norm(np.subtract(nodule["measurements"]["center_world_mm"], xyz)) < 1.5
 
@@ -477,7 +514,14 @@ def test_bad_inputs_are_one_line_errors(fake_pipeline, small_volume, tmp_path, c
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "outfile").write_text("x")
+    from pydicom.data import get_testdata_file  # DICOM files no one here wrote
+
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        (tmp_path / name[:2]).mkdir()
+        (tmp_path / name[:2] / name).write_bytes(Path(get_testdata_file(name)).read_bytes())
     cases = [
+        ([str(tmp_path / "CT")], "single slice"),
+        ([str(tmp_path / "MR")], "CT"),
         ([str(tmp_path / "missing.mhd")], "no such file"),
         ([str(tmp_path / "notes.txt")], "unsupported input"),
         ([str(tmp_path / "empty")], "no scans found"),
@@ -531,22 +575,106 @@ def bundle_dir(request):
         pytest.skip("tiny_bundle fixture not available yet (lungcad bundle)")
 
 
-def test_end_to_end_on_mhd_and_dicom(bundle_dir, small_volume, tmp_path):
-    tags = {"0010|0010": PATIENT_NAME, "0010|0020": PATIENT_ID, "0010|0030": BIRTH_DATE}
-    write_dicom_series(
-        small_volume, tmp_path / "in" / "dicom", series_uid="1.2.826.0.1.3680043.8.498.7", tags=tags
-    )
-    write_mhd(small_volume, tmp_path / "in" / "scan.mhd")
+@pytest.fixture(scope="module")
+def e2e_phantom():
+    """A whole small phantom (lungs, so the lung mask works) with at least one accepted nodule."""
+    from common.synth import generate_scan
+
+    scan = generate_scan(0, 2)
+    assert scan.accepted
+    return scan
+
+
+def test_end_to_end_detection_on_a_dicom_series(bundle_dir, e2e_phantom, tmp_path):
+    """Detection through the real models once (stage 1 dominates the run time; MHD and NIfTI go through the
+    same pipeline in the --nodules tests below), then resume."""
+    volume = make_volume(e2e_phantom)
+    series = tmp_path / "in" / "patient" / "series"
+    write_dicom_series(volume, series, series_uid="1.2.826.0.1.3680043.8.498.7", tags=SOURCE_TAGS)
     out = tmp_path / "out"
-    assert main(["analyze", str(tmp_path / "in"), "--bundle", str(bundle_dir), "--out", str(out)]) == 0
-    for scan_id in ("1.2.826.0.1.3680043.8.498.7", "scan"):
-        report = outputs.finished_report(out / scan_id)
-        assert report is not None, scan_id
-        validate(report)
-        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / scan_id / "segmentation.nii.gz")))
-        assert labels.shape == small_volume.shape
-        assert labels.max() == len(report["nodules"])
+    assert main(["analyze", str(series), "--bundle", str(bundle_dir), "--out", str(out)]) == 0
+    folder = out / "1.2.826.0.1.3680043.8.498.7"
+    report = outputs.finished_report(folder)
+    validate(report)
+    assert report["mode"] == "detection" and report["bundle"]["sha256"] == outputs.sha256(
+        bundle_dir / "bundle.json"
+    )
+    assert set(report["timings_s"]) >= {
+        "read",
+        "preprocess",
+        "detect",
+        "fpr",
+        "segment",
+        "measure",
+        "classify",
+        "write",
+    }
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "segmentation.nii.gz")))
+    assert labels.shape == volume.shape and labels.max() == len(report["nodules"])
+    assert len(pd.read_csv(folder / "results.csv")) == report["summary"]["n_candidates"]
+    assert ("seg.dcm" in report["files"]) == bool(report["nodules"])
     assert_no_identifiers(out)
     before = _files(out)
     assert main(["analyze", str(tmp_path / "in"), "--bundle", str(bundle_dir), "--out", str(out)]) == 0
     assert _files(out) == before
+
+
+@pytest.mark.parametrize("name, fmt", [("oblique", "dicom"), ("flipped", "mhd"), ("left-handed", "nifti")])
+def test_given_nodule_lands_where_it_is_in_any_geometry(bundle_dir, e2e_phantom, tmp_path, name, fmt):
+    """A nodule at a known world position (--nodules) is reported within 1.5 mm, in world mm and in voxels,
+    and its NIfTI labels (and DICOM SEG) overlay it in the source geometry."""
+    volume = make_volume(e2e_phantom, GEOMETRIES[name])
+    finding = e2e_phantom.accepted[0]
+    voxel_zyx = np.asarray(finding.voxel_zyx)
+    world = volume.voxel_to_world(voxel_zyx)[0]
+    inputs = tmp_path / "in"
+    if fmt == "dicom":
+        path = inputs / "series"
+        write_dicom_series(volume, path, series_uid="1.2.826.0.1.3680043.8.498.8", tags=SOURCE_TAGS)
+        key = "1.2.826.0.1.3680043.8.498.8"
+    else:
+        path = inputs / ("case.mhd" if fmt == "mhd" else "case.nii.gz")
+        (write_mhd if fmt == "mhd" else write_nifti)(volume, path)
+        key = "case"
+    csv = tmp_path / "marks.csv"
+    pd.DataFrame(
+        [(key, *world, finding.diameter_mm)],
+        columns=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"],
+    ).to_csv(csv, index=False)
+    out = tmp_path / "out"
+    assert (
+        main(["analyze", str(path), "--bundle", str(bundle_dir), "--out", str(out), "--nodules", str(csv)])
+        == 0
+    )
+    report = outputs.finished_report(out / key)
+    validate(report)
+    (nodule,) = report["nodules"]
+    m = nodule["measurements"]
+    assert np.linalg.norm(np.subtract(m["center_world_mm"], world)) <= 1.5
+    offset_vox = np.subtract(m["center_voxel_xyz"], voxel_zyx[::-1])
+    assert np.linalg.norm(offset_vox * np.asarray(volume.spacing)) <= 1.5
+
+    nifti = sitk.ReadImage(str(out / key / "segmentation.nii.gz"))
+    labels = sitk.GetArrayFromImage(nifti)
+    centre = tuple(int(round(v)) for v in voxel_zyx)
+    if fmt != "dicom":  # a left-handed DICOM reads back reversed in z (common.io.write_dicom_series)
+        assert labels[centre] == 1
+        np.testing.assert_allclose(np.reshape(nifti.GetDirection(), (3, 3)), volume.direction, atol=1e-5)
+    ijk = np.argwhere(labels == 1).mean(axis=0)[::-1]
+    assert (
+        np.linalg.norm(np.asarray(nifti.TransformContinuousIndexToPhysicalPoint(ijk.tolist())) - world) <= 1.5
+    )
+    if fmt == "dicom":
+        import highdicom as hd
+
+        seg = hd.seg.segread(out / key / "seg.dcm")
+        datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(path.iterdir())]
+        datasets.sort(
+            key=lambda ds: float(
+                np.dot(ds.ImagePositionPatient, np.cross(*np.reshape(ds.ImageOrientationPatient, (2, 3))))
+            )
+        )
+        back = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[ds.SOPInstanceUID for ds in datasets], combine_segments=True
+        )
+        np.testing.assert_array_equal(back, labels)
