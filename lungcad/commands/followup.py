@@ -145,13 +145,13 @@ def _analyzer(args: argparse.Namespace):
         raise ValueError(
             "a scan without an analysis needs --bundle B to analyze it (or pass analyze folders)"
         )
-    namespace = argparse.Namespace(
-        out=args.out / "analyses",
-        bundle=args.bundle,
-        nodules=None,
-        series_uid=None,
-        anonymize=False,
-        overwrite=False,
+    # analyze's own parser gives every option its default, whatever options analyze adds later.
+    parser = argparse.ArgumentParser(add_help=False)
+    from lungcad.commands import analyze as analyze_command
+
+    analyze_command.register(parser.add_subparsers(dest="command"))
+    namespace = parser.parse_args(
+        ["analyze", str(args.out), "--bundle", str(args.bundle), "--out", str(args.out / "analyses")]
     )
     return Analyzer(namespace)
 

@@ -36,6 +36,7 @@ def write_truth_analysis(root: Path, uid: str, out: Path) -> tuple[Path, dict[in
                 "index": k,
                 "label": k,
                 "source": "given",
+                "segmentation": None,
                 "detection_score": None,
                 "malignancy_probability": 0.5,
                 "measurements": m.to_dict(),
