@@ -227,3 +227,21 @@ def test_scans_are_analysed_when_needed(tree, tmp_path, monkeypatch):
     assert main(args) == 0 and len(calls) == 2  # finished analyses are reused
     # Without a bundle, a scan that has no analysis is a one-line error.
     assert main(["followup", *scans, "--out", str(tmp_path / "nb"), "--patient-table", table]) == 2
+
+
+@pytest.mark.slow
+def test_followup_with_the_tiny_bundle(tree, tiny_bundle, tmp_path):
+    """Raw phantom scans through the real pipeline (the session's tiny, barely trained bundle): the plumbing
+    end to end — analyses written, registration, a valid followup.json. Its nodule numbers mean nothing."""
+    root, truth, index = tree
+    scans = [str(root / "detection_3d" / "mhd" / f"{uid}.mhd") for uid in ("P0001_T1", "P0001_T2")]
+    out = tmp_path / "out"
+    code = main(
+        ["followup", *scans, "--bundle", str(tiny_bundle), "--out", str(out), "--patient-table",
+         str(root / "patients.csv")]
+    )  # fmt: skip
+    assert code in (0, 3)
+    doc = json.loads((out / "followup.json").read_text())
+    jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text())).validate(doc)
+    assert (out / "analyses" / "P0001_T1" / "report.json").is_file()
+    assert doc["intervals"][0]["registration"]["converged"]
