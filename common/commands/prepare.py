@@ -1,4 +1,4 @@
-"""`lungdata prepare <dataset> --root R --out O [--spacing 1] [--lenient] [--workers N]`.
+"""`lungdata prepare <dataset> --root R --out O [--spacing 1] [--lenient] [--workers N] [--dicom-tolerance MM]`.
 
 Builds the preprocessed cache (`common.cache`): every scan of the dataset resampled to `--spacing` mm with
 a cubic B-spline, clipped to [−1024, 3071] HU and stored as int16 with its lung mask, plus `manifest.json`.
@@ -12,12 +12,14 @@ constructor takes `(root, strict=...)`; its root defaults to the class's `env_va
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from pathlib import Path
 
 from common.cache import PrepareSettings, PreprocessedCache
 from common.datasets.registry import DATASETS, open_dataset, resolve_root
+from common.io import DICOM_POSITION_TOLERANCE_MM, read_volume
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="annotation column names where your copy differs, e.g. --columns x=coordX_mm diameter=d",
     )
     parser.add_argument("--workers", type=int, default=1, help="scans processed in parallel")
+    parser.add_argument(
+        "--dicom-tolerance",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="DICOM series: accept slices up to MM mm off an even grid (missing slices, uneven spacing) and "
+        f"leave out unreadable slice files; default: refuse both (slices more than "
+        f"{DICOM_POSITION_TOLERANCE_MM:g} mm off, any unreadable slice)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -82,8 +93,13 @@ def run(args: argparse.Namespace) -> int:
             f"{root} (header-only annotations file?); the cache serves prediction, training will refuse it",
             file=sys.stderr,
         )
+    if args.dicom_tolerance is not None and not args.dicom_tolerance >= 0:
+        raise ValueError(f"--dicom-tolerance takes a distance in mm >= 0, got {args.dicom_tolerance}")
+    read_fn = None  # common.io.read_volume with the default DICOM rule
+    if args.dicom_tolerance is not None:
+        read_fn = functools.partial(read_volume, dicom_tolerance_mm=args.dicom_tolerance)
     cache = PreprocessedCache(args.out)
-    report = cache.build(records, settings, workers=args.workers, strict=strict)
+    report = cache.build(records, settings, read_fn=read_fn, workers=args.workers, strict=strict)
     print(f"lungdata prepare {args.dataset}: {report.summary()}; manifest {cache.manifest_path}")
     for uid, reason in report.failed.items():
         print(f"  failed {uid}: {reason}")
