@@ -429,8 +429,17 @@ def _run(cli: str, argv: list[str]) -> int:
         from common.cli import main
 
         return main(argv)
+    import logging
+
     from lungdet.cli import main
 
+    # Stream handlers made during an earlier test (Lightning's on import, `lungdata`'s basicConfig) hold
+    # that test's captured stderr, closed since: point them at this test's.
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if type(handler) is logging.StreamHandler:
+                handler.stream = sys.stderr  # not setStream(): it flushes the closed one
     return main(argv)
 
 
