@@ -68,6 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
+def _interval(mean: float, lower: float, upper: float) -> str:
+    if not np.isfinite(mean):
+        return "  undefined"
+    return f"  {mean:.4f} [{lower:.4f}, {upper:.4f}]"
+
+
 def format_report(result: FROCResult) -> str:
     """Human-readable summary: sensitivities, CPM, bootstrap CI, counts."""
     bs = result.bootstrap
@@ -80,7 +86,7 @@ def format_report(result: FROCResult) -> str:
     for i, (rate, sens) in enumerate(zip(result.fp_rates, result.sensitivities)):
         row = f"  {rate:>8g}  {sens:>11.4f}" if np.isfinite(sens) else f"  {rate:>8g}  {'undefined':>11}"
         if bs is not None:
-            row += f"  {bs.mean[i]:.4f} [{bs.lower[i]:.4f}, {bs.upper[i]:.4f}]"
+            row += _interval(bs.mean[i], bs.lower[i], bs.upper[i])
         lines.append(row)
     row = (
         f"  {'CPM':>8}  {result.cpm:>11.4f}"
@@ -88,7 +94,7 @@ def format_report(result: FROCResult) -> str:
         else f"  {'CPM':>8}  {'undefined':>11}"
     )
     if bs is not None:
-        row += f"  {bs.cpm_mean:.4f} [{bs.cpm_lower:.4f}, {bs.cpm_upper:.4f}]"
+        row += _interval(bs.cpm_mean, bs.cpm_lower, bs.cpm_upper)
     lines.append(row)
     lines.append(
         f"candidates {c.n_candidates} ({c.removed_by_cap} removed by the per-scan cap, "
