@@ -445,7 +445,9 @@ def _run(cli: str, argv: list[str]) -> int:
 
 def _check_output(row: Row, rc: int, out: str, err: str, log: str, needles: list[str]) -> None:
     assert "Traceback" not in err, f"traceback on stderr:\n{err}"
-    assert rc == row.exit_code, f"exit {rc}, expected {row.exit_code}\nstdout:\n{out}\nstderr:\n{err}\nlog:\n{log}"
+    assert rc == row.exit_code, (
+        f"exit {rc}, expected {row.exit_code}\nstdout:\n{out}\nstderr:\n{err}\nlog:\n{log}"
+    )
     if row.exit_code:
         lines = [line for line in err.splitlines() if "error:" in line]
         assert len(lines) == 1, f"expected one error line on stderr, got:\n{err}"
