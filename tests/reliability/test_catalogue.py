@@ -606,5 +606,19 @@ def write_doc() -> None:
     DOC.write_text(f"{head}{BEGIN}\n{render_table()}\n{END}{tail}", encoding="utf-8")
 
 
+def test_columns_flag_maps_renamed_columns(world: World, tmp_path, capsys) -> None:
+    """The fix the missing-column row names works: `--columns ROLE=NAME` reads a renamed header."""
+    from common.cli import main
+
+    tree = _copy(world.tree, tmp_path / "L")
+    for name in ("annotations.csv", "annotations_excluded.csv"):  # one set of names for both tables
+        csv = tree / name
+        csv.write_text(csv.read_text().replace("diameter_mm", "d_mm", 1))
+    out = tmp_path / "cache"
+    assert main(_prepare(tree, out, "--columns", "diameter=d_mm")) == 0, capsys.readouterr().err
+    scans = json.loads((out / "manifest.json").read_text())["scans"]
+    assert all(len(entry["nodules"]) == 1 for entry in scans.values())
+
+
 if __name__ == "__main__":
     write_doc()
