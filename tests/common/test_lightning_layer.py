@@ -149,7 +149,13 @@ def test_cli_fit_writes_run_folder_with_config_csv_and_offline_wandb(tmp_path):
     )
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
