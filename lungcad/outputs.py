@@ -7,7 +7,7 @@
 - ``results.csv``: every scored candidate in the LUNA16 results format, so `lungdata evaluate-froc` scores
   it as is;
 - for DICOM input with at least one nodule: ``seg.dcm`` (DICOM SEG) and ``sr.dcm`` (DICOM SR, TID 1500);
-- ``report.html`` when the HTML writer is installed;
+- ``report.html`` (`lungcad.html_report`);
 - ``report.json`` LAST, atomically, with the SHA-256 of every file above. A folder whose ``report.json``
   exists and whose listed files match their checksums is a finished scan (`finished_report`); anything
   else is a partial folder and is redone. That is what makes batch runs resumable.
@@ -396,18 +396,6 @@ def clear_outputs(folder: str | Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def _optional(module: str, name: str):
-    """A writer from a module that another part of lungcad provides; None while it is not installed."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as err:
-        if err.name != module:
-            raise
-        return None
-    except AttributeError:
-        return None
-
-
 def write_outputs(
     analysis: Any,
     folder: str | Path,
@@ -447,20 +435,19 @@ def write_outputs(
     if fmt == "dicom" and source_datasets and not report["nodules"]:
         log.info("no nodules: no DICOM SEG/SR (a SEG needs at least one segment, the SR references it)")
     elif fmt == "dicom" and source_datasets:
-        write_seg = _optional("lungcad.dicom_output", "write_seg")
-        write_sr = _optional("lungcad.dicom_output", "write_sr")
-        if write_seg is not None and write_sr is not None:
-            paths[DICOM_SEG] = Path(
-                write_seg(source_datasets, analysis.labels, report, folder / DICOM_SEG, anonymize=anonymize)
-            )
-            paths[DICOM_SR] = Path(
-                write_sr(source_datasets, paths[DICOM_SEG], report, folder / DICOM_SR, anonymize=anonymize)
-            )
-        else:
-            log.info("DICOM SEG/SR skipped: lungcad.dicom_output is not installed")
-    write_html = _optional("lungcad.html_report", "write_report_html")
-    if write_html is not None:
-        paths[REPORT_HTML] = Path(write_html(report, analysis.volume, analysis.labels, folder / REPORT_HTML))
+        from lungcad.dicom_output import write_seg, write_sr
+
+        paths[DICOM_SEG] = write_seg(
+            source_datasets, analysis.labels, report, folder / DICOM_SEG, anonymize=anonymize
+        )
+        paths[DICOM_SR] = write_sr(
+            source_datasets, paths[DICOM_SEG], report, folder / DICOM_SR, anonymize=anonymize
+        )
+    from lungcad.html_report import write_report_html
+
+    paths[REPORT_HTML] = Path(
+        write_report_html(report, analysis.volume, analysis.labels, folder / REPORT_HTML)
+    )
     if timings_s is not None:
         timings_s["write"] = time.perf_counter() - started  # the files before report.json
     report["timings_s"]["write"] = round(time.perf_counter() - started, 3)

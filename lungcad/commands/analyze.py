@@ -186,10 +186,9 @@ def _stub(series_uid: str | None) -> CTVolume:
 def read_scan(
     path: Path, series_uid: str | None = None, tolerance_mm: float | None = None
 ) -> tuple[CTVolume, list[Any] | None]:
-    """The scan and, for DICOM, its source datasets (the DICOM SEG/SR reference them).
+    """The scan and, for DICOM, its source headers in z order (the DICOM SEG/SR reference them).
 
-    DICOM goes through `lungcad.dicom_input.read_dicom_ct` (series chosen by rule, refusals) when installed,
-    else `common.io.read_volume`.
+    DICOM goes through `lungcad.dicom_input.read_dicom_ct`: the CT series chosen by rule, the refusals.
     """
     fmt = outputs.scan_format(path)
     if fmt != "dicom":
@@ -198,11 +197,10 @@ def read_scan(
                 f"{path}: --series-uid picks a series in a DICOM folder; drop it for {fmt} input"
             )
         return read_volume(path), None
-    read_dicom_ct = outputs._optional("lungcad.dicom_input", "read_dicom_ct")
-    if read_dicom_ct is not None:
-        volume, datasets = read_dicom_ct(path, series_uid, tolerance_mm=tolerance_mm)
-        return volume, list(datasets)
-    return read_volume(path, series_uid), None
+    from lungcad.dicom_input import read_dicom_ct
+
+    volume, datasets = read_dicom_ct(path, series_uid, tolerance_mm=tolerance_mm)
+    return volume, list(datasets)
 
 
 # ---------------------------------------------------------------------------------------- given nodules
