@@ -58,6 +58,7 @@ __all__ = [
     "entry_geometry",
     "grid_geometry",
     "prepare_cache",
+    "prepare_volume",
 ]
 
 ALGORITHM_VERSION = 2
@@ -262,6 +263,34 @@ def _check_uid(uid: str) -> None:
         raise ValueError(f"scan uid {uid!r} cannot name a cache file; uids must be plain names")
 
 
+def clipped_hu(volume: ct_io.CTVolume) -> ct_io.CTVolume:
+    """The scan as int16 HU with scanner padding mapped to air (``preprocess.clip_hu``): the cache's input."""
+    hu = preprocess.clip_hu(volume.array)
+    if hu.dtype != np.int16:
+        hu = np.rint(hu).astype(np.int16)
+    return volume.with_array(hu)
+
+
+def resample_hu(volume: ct_io.CTVolume, settings: PrepareSettings) -> ct_io.CTVolume:
+    """A `clipped_hu` scan on the cache grid: the array a cache entry's ``image`` file holds."""
+    resampled = preprocess.resample_isotropic(volume, settings.spacing, order=settings.order, dtype=np.int16)
+    # The cubic B-spline overshoots at sharp edges (air/FOV border, bone): clip again to the HU range.
+    return resampled.with_array(preprocess.clip_hu(resampled.array))
+
+
+def computed_lung_mask(resampled: ct_io.CTVolume, settings: PrepareSettings) -> np.ndarray:
+    """The computed lung mask of a `resample_hu` scan (what the cache stores when no mask is provided)."""
+    return preprocess.lung_mask(resampled, threshold_hu=settings.mask_threshold_hu)
+
+
+def prepare_volume(volume: ct_io.CTVolume, settings: PrepareSettings) -> tuple[ct_io.CTVolume, np.ndarray]:
+    """A new scan prepared in memory exactly as `preprocess_scan` caches it (computed lung mask): the
+    resampled int16 HU volume and its uint8 lung mask. `lungcad analyze` uses it, so analysing a scan and
+    caching it cannot drift apart."""
+    resampled = resample_hu(clipped_hu(volume), settings)
+    return resampled, computed_lung_mask(resampled, settings).astype(np.uint8, copy=False)
+
+
 def preprocess_scan(
     record: ScanRecord,
     settings: PrepareSettings,
@@ -277,11 +306,7 @@ def preprocess_scan(
     started = time.perf_counter()
     root = Path(root)
     read_fn = read_fn or ct_io.read_volume
-    volume = read_fn(record.image_path, series_uid=record.series_uid)
-    hu = preprocess.clip_hu(volume.array)
-    if hu.dtype != np.int16:
-        hu = np.rint(hu).astype(np.int16)
-    volume = volume.with_array(hu)
+    volume = clipped_hu(read_fn(record.image_path, series_uid=record.series_uid))
     entry: dict[str, Any] = {
         "uid": record.uid,
         "patient_id": record.patient_id,
@@ -299,9 +324,7 @@ def preprocess_scan(
     entry["spacing"] = list(settings.spacing)
     entry.update(_annotations(record, entry, strict))
 
-    resampled = preprocess.resample_isotropic(volume, settings.spacing, order=settings.order, dtype=np.int16)
-    # The cubic B-spline overshoots at sharp edges (air/FOV border, bone): clip again to the HU range.
-    resampled = resampled.with_array(preprocess.clip_hu(resampled.array))
+    resampled = resample_hu(volume, settings)
     has_mask = _has_label_mask(record)
     use_provided = settings.lung_mask != "computed" and has_mask
     if settings.lung_mask == "provided" and not has_mask:
@@ -315,7 +338,7 @@ def preprocess_scan(
             record.lung_mask_path, reference=resampled, lung_labels=labels
         ).array
     else:
-        mask = preprocess.lung_mask(resampled, threshold_hu=settings.mask_threshold_hu)
+        mask = computed_lung_mask(resampled, settings)
 
     image_rel = f"{IMAGE_DIR}/{record.uid}.npy"
     mask_rel = f"{MASK_DIR}/{record.uid}.npy"
