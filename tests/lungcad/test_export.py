@@ -1,0 +1,194 @@
+"""lungcad.export / lungcad.runtime: ONNX parity of the four networks and the runtime swap in inference.
+
+Small widths and inputs; every parity is max |eager − onnxruntime| ≤ 1e-4 in fp32 on random inputs of a
+batch other than the traced one.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from lungcad.export import (  # noqa: E402
+    TOLERANCE,
+    candidate_spec,
+    export_network,
+    glance_spec,
+    m3net_spec,
+    mppn_spec,
+    parity,
+)
+from lungcad.runtime import OnnxCandidateNet, OnnxGlance, OnnxM3Net, OnnxMPPN  # noqa: E402
+
+CLS_SIZES = {32: 8, 64: 12, 96: 16}
+
+
+@pytest.fixture(scope="module")
+def nets():
+    from lungcls.models.m3net import create_m3net
+    from lungdet.models import build_candidate_net, build_mppn
+    from lungseg.models import build_glance
+
+    torch.manual_seed(0)
+    stage1 = build_candidate_net("ascrm", width=4, head_channels=8)
+    mppn = build_mppn(width=2)
+    glance = build_glance(
+        "full",
+        widths=[16, 32, 64, 128],
+        stem_channels=[8, 16],
+        gct_heads=[1, 1, 2, 2],
+        in_channels=3,
+        img_size=64,
+    )
+    m3net = create_m3net("tiny", in_slices=8)
+    for net in (stage1, mppn, glance, m3net):  # non-trivial BatchNorm statistics, as after training
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+        net.eval()
+    return {"stage1": stage1, "mppn": mppn, "seg": glance, "cls": m3net}
+
+
+@pytest.fixture(scope="module")
+def exported(nets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    specs = {
+        "stage1": candidate_spec(nets["stage1"], block=64),
+        "mppn": mppn_spec(nets["mppn"]),
+        "seg": glance_spec(nets["seg"], 64),
+        "cls": m3net_spec(nets["cls"], CLS_SIZES, 8),
+    }
+    entries = {kind: export_network(spec, out / kind) for kind, spec in specs.items()}
+    return {"specs": specs, "entries": entries, "out": out}
+
+
+@pytest.mark.parametrize("kind", ["stage1", "mppn", "seg", "cls"])
+def test_parity_within_tolerance(exported, kind):
+    entry = exported["entries"][kind]
+    assert entry["format"] == "onnx" and entry["fallback"] is None
+    diffs = entry["parity"]["max_abs_diff"]
+    assert diffs and max(diffs.values()) <= TOLERANCE
+    assert entry["inputs"][0]["shape"][0] == "batch"
+
+
+def test_eager_networks_untouched_by_export(nets, exported):
+    assert not nets["mppn"].training and not any(m.training for m in nets["mppn"].modules())
+
+
+def test_stage1_spatial_axes_are_dynamic(nets, exported):
+    """The candidate net exported on 64³ blocks runs any multiple of 32 (here 32×96×64, batch 1)."""
+    from lungdet.models import coordinate_maps
+
+    onnx_net = OnnxCandidateNet(exported["out"] / "stage1.onnx")
+    x = torch.rand(1, 1, 32, 96, 64)
+    coords = coordinate_maps([[16, 0, 32]], (32, 96, 64), (128, 128, 128))
+    with torch.no_grad():
+        eager = nets["stage1"](x, coords)
+    got = onnx_net(x, coords)
+    assert got.shape == eager.shape == (1, 8, 24, 16, 3, 5)
+    assert float((got - eager).abs().max()) <= TOLERANCE
+    assert (onnx_net.stride, onnx_net.num_anchors, onnx_net.use_coords) == (4, 3, True)
+    assert onnx_net.anchor_sizes == tuple(nets["stage1"].anchor_sizes)
+
+
+def test_detect_scan_same_candidates(nets, exported):
+    """Stage 1 over a whole synthetic scan: identical candidate positions, scores within 1e-5."""
+    from lungdet.inference import Stage1Inference, detect_scan
+
+    gen = torch.Generator().manual_seed(3)
+    scan = torch.rand(80, 72, 70, generator=gen) * 0.3
+    zz, yy, xx = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in scan.shape), indexing="ij")
+    for c in ((30, 30, 30), (55, 40, 20)):
+        scan += 0.7 * (((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) < 16).float()
+    settings = Stage1Inference(block_size=64, overlap=0.5, score_threshold=0.0, max_candidates=20)
+    eager = detect_scan(nets["stage1"], scan, settings)
+    onnx = detect_scan(OnnxCandidateNet(exported["out"] / "stage1.onnx"), scan, settings)
+    assert eager.shape[0] > 0 and onnx.shape == eager.shape
+    assert torch.equal(onnx[:, 1:], eager[:, 1:]) or float((onnx[:, 1:] - eager[:, 1:]).abs().max()) < 1e-4
+    assert float((onnx[:, 0] - eager[:, 0]).abs().max()) <= 1e-5
+
+
+def test_score_candidates_same_probabilities(nets, exported):
+    from lungdet.inference import score_candidates
+
+    scan = torch.rand(40, 60, 60, generator=torch.Generator().manual_seed(4))
+    centres = torch.tensor([[20.0, 30.0, 30.0], [2.0, 5.0, 58.0], [39.0, 59.0, 0.0]])
+    onnx_mppn = OnnxMPPN(exported["out"] / "mppn.onnx")
+    assert onnx_mppn.crop_sizes == nets["mppn"].crop_sizes
+    for mirror in (False, True):
+        eager = score_candidates(nets["mppn"], scan, centres, chunk_size=2, mirror=mirror)
+        onnx = score_candidates(onnx_mppn, scan, centres, chunk_size=2, mirror=mirror)
+        assert float((onnx - eager).abs().max()) <= 1e-5
+
+
+def test_mppn_ensemble(tmp_path):
+    from lungdet.inference import score_candidates
+    from lungdet.models import build_mppn
+
+    torch.manual_seed(1)
+    ensemble = build_mppn(width=2, members=2).eval()
+    entry = export_network(mppn_spec(ensemble), tmp_path / "mppn")
+    assert entry["attributes"]["members"] == 2
+    assert entry["outputs"][0]["shape"] == ["batch", 2, 2]
+    assert max(entry["parity"]["max_abs_diff"].values()) <= TOLERANCE
+    scan = torch.rand(40, 60, 60, generator=torch.Generator().manual_seed(5))
+    centres = torch.tensor([[20.0, 30.0, 30.0], [10.0, 10.0, 10.0]])
+    eager = score_candidates(ensemble, scan, centres)
+    onnx = score_candidates(OnnxMPPN(tmp_path / "mppn.onnx"), scan, centres)
+    assert float((onnx - eager).abs().max()) <= 1e-5
+
+
+def test_glance_through_slice_probabilities(nets, exported):
+    from lungseg.inference import slice_probabilities
+
+    onnx_glance = OnnxGlance(exported["out"] / "seg.onnx")
+    chunk = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        for flip in (False, True):
+            e_seg, e_heat = slice_probabilities(nets["seg"], chunk, flip)
+            o_seg, o_heat = slice_probabilities(onnx_glance, chunk, flip)
+            assert float((o_seg - e_seg).abs().max()) <= 1e-5
+            assert float((o_heat - e_heat).abs().max()) <= 1e-5
+    assert next(onnx_glance.parameters()).device.type == "cpu"
+    with pytest.raises(ValueError, match="64, 64"):
+        onnx_glance(torch.rand(1, 3, 96, 96))
+
+
+def test_m3net_logits(nets, exported):
+    onnx_m3 = OnnxM3Net(exported["out"] / "cls.onnx")
+    patches = {s: torch.rand(4, 1, 8, n, n) for s, n in CLS_SIZES.items()}
+    with torch.no_grad():
+        eager = nets["cls"](patches).logits
+    assert float((onnx_m3(patches).logits - eager).abs().max()) <= TOLERANCE
+    with pytest.raises(KeyError, match="missing"):
+        onnx_m3({32: patches[32]})
+
+
+def test_torchscript_fallback_when_an_operator_has_no_onnx_form(nets, tmp_path):
+    """Below opset 20 ONNX has no N-D AffineGrid / GridSample (MPPN's injection): TorchScript, same interface."""
+    entry = export_network(mppn_spec(nets["mppn"]), tmp_path / "mppn", opset=19)
+    assert entry["format"] == "torchscript" and entry["file"] == "mppn.pt"
+    assert "affine_grid" in entry["fallback"] or "grid_sampler" in entry["fallback"]
+    assert max(entry["parity"]["max_abs_diff"].values()) <= TOLERANCE
+    scripted = OnnxMPPN(tmp_path / "mppn.pt")
+    assert scripted.crop_sizes == nets["mppn"].crop_sizes
+    large = torch.rand(2, 1, 32, 48, 48)
+    with torch.no_grad():
+        assert float((scripted(large) - nets["mppn"](large)).abs().max()) <= TOLERANCE
+
+
+def test_parity_detects_a_wrong_export(nets, exported):
+    """The check compares against the eager network: another network's export is refused."""
+    other = mppn_spec(nets["mppn"])
+    for p in other.module.parameters():
+        p.data.add_(0.5)
+    diffs = parity(other, exported["out"] / "mppn.onnx")
+    assert max(diffs.values()) > TOLERANCE
+    assert json.dumps(diffs)
+    assert np.isfinite(list(diffs.values())).all()
