@@ -78,9 +78,8 @@ def _candidates_csv(cache_dir: Path, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tree, cache, the four run folders and the bundle folder (see the module docstring)."""
+def build_tiny_bundle(tmp: Path) -> dict[str, Path]:
+    """Tree, cache, the four run folders and the bundle folder under `tmp` (see the module docstring)."""
     import torch
 
     from common.synth import make_lidc
@@ -91,7 +90,6 @@ def tiny_bundle_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 
     os.environ.setdefault("WANDB_MODE", "disabled")
     torch.manual_seed(0)
-    tmp = tmp_path_factory.mktemp("tiny_bundle")
     tree, cache = tmp / "lidc", tmp / "cache"
     make_lidc(tree, n_scans=N_SCANS, seed=0, size="small")
     data = {"dataset": "lidc", "root": str(tree), "cache_dir": str(cache), "split": "ratio", "ratios": RATIOS}
@@ -122,7 +120,7 @@ def tiny_bundle_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
                 "width": 4,
                 "head_channels": 8,
                 "block_size": 64,
-                "overlap": 0.5,
+                "overlap": 0.25,
                 "sw_batch_size": 1,
                 "score_threshold": 0.0,
                 "max_candidates": 4,
@@ -206,6 +204,12 @@ def tiny_bundle_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
         "tmp": tmp,
         **{f"run_{k}": v for k, v in runs.items()},
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tree, cache, the four run folders and the bundle folder (see the module docstring)."""
+    return build_tiny_bundle(tmp_path_factory.mktemp("tiny_bundle"))
 
 
 @pytest.fixture(scope="session")
