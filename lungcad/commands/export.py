@@ -24,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--bundle", type=Path, required=True, help="model bundle folder (lungcad bundle)")
     parser.add_argument("--format", choices=("onnx",), default="onnx", help="export format (onnx)")
     parser.add_argument("--out", type=Path, help=f"output folder (default: BUNDLE/{DEFAULT_SUBFOLDER})")
-    parser.add_argument("--opset", type=int, help="ONNX opset (default 20; lower ones fall back to TorchScript)")
+    parser.add_argument(
+        "--opset", type=int, help="ONNX opset (default 20; lower ones fall back to TorchScript)"
+    )
     parser.add_argument(
         "--stage1-block", type=int, default=64,
         help="side of the stage-1 block traced (any multiple of 32 runs afterwards; default 64)",

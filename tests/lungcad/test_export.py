@@ -192,3 +192,93 @@ def test_parity_detects_a_wrong_export(nets, exported):
     assert max(diffs.values()) > TOLERANCE
     assert json.dumps(diffs)
     assert np.isfinite(list(diffs.values())).all()
+
+
+# --------------------------------------------------------------------- a real bundle, command line, analyze
+
+
+def _compare_reports(torch_report: dict, onnx_report: dict) -> None:
+    """Same nodules; measurements within 0.1 mm and 1 % volume; scores within 1e-4."""
+    assert len(onnx_report["nodules"]) == len(torch_report["nodules"])
+    for a, b in zip(torch_report["nodules"], onnx_report["nodules"]):
+        ma, mb = a["measurements"], b["measurements"]
+        assert np.linalg.norm(np.subtract(ma["center_world_mm"], mb["center_world_mm"])) <= 0.1
+        for key in ("long_axis_mm", "short_axis_mm", "mean_diameter_mm", "max_3d_diameter_mm"):
+            assert abs(ma[key] - mb[key]) <= 0.1, key
+        assert abs(ma["volume_mm3"] - mb["volume_mm3"]) <= 0.01 * ma["volume_mm3"]
+        assert ma["type"] == mb["type"] and a["category"]["category"] == b["category"]["category"]
+        assert abs(a["malignancy_probability"] - b["malignancy_probability"]) <= 1e-4
+        if a["detection_score"] is not None:
+            assert abs(a["detection_score"] - b["detection_score"]) <= 1e-4
+
+
+def test_export_command_and_analyze_on_onnxruntime(tiny_bundle, tmp_path):
+    """`lungcad export` on the tiny bundle, then `lungcad analyze --runtime onnxruntime` against PyTorch on
+    one MHD phantom, in detection mode and with a given nodule (segmentation, measurements, M³Net)."""
+    import pandas as pd
+
+    from common.io import CTVolume, write_mhd
+    from common.synth import generate_scan
+    from lungcad import outputs
+    from lungcad.cli import main
+
+    onnx_dir = tmp_path / "onnx"
+    assert main(["export", "--bundle", str(tiny_bundle), "--format", "onnx", "--out", str(onnx_dir)]) == 0
+    document = json.loads((onnx_dir / "export.json").read_text())
+    assert document["opset"] == 20 and document["versions"]["onnxruntime"] != "missing"
+    assert set(document["models"]) == {"stage1", "mppn", "seg", "cls"}
+    for entry in document["models"].values():
+        assert entry["format"] == "onnx" and (onnx_dir / entry["file"]).is_file()
+        assert max(entry["parity"]["max_abs_diff"].values()) <= TOLERANCE
+        assert all(i["shape"][0] == "batch" for i in entry["inputs"] + entry["outputs"])
+
+    scan = generate_scan(0, 2)
+    g = scan.geometry
+    volume = CTVolume(scan.image, g.spacing, g.origin, np.asarray(g.direction, float).reshape(3, 3), "x")
+    path = tmp_path / "case.mhd"
+    write_mhd(volume, path)
+    world = volume.voxel_to_world(np.asarray(scan.accepted[0].voxel_zyx))[0]
+    marks = tmp_path / "marks.csv"
+    pd.DataFrame(
+        [("case", *world, scan.accepted[0].diameter_mm)],
+        columns=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"],
+    ).to_csv(marks, index=False)
+    for mode in ([], ["--nodules", str(marks)]):
+        reports = {}
+        for runtime in ("torch", "onnxruntime"):
+            out = tmp_path / f"out_{runtime}_{len(mode)}"
+            extra = ["--onnx", str(onnx_dir)] if runtime == "onnxruntime" else []
+            argv = ["analyze", str(path), "--bundle", str(tiny_bundle), "--out", str(out), *mode]
+            assert main([*argv, "--runtime", runtime, *extra]) == 0
+            reports[runtime] = outputs.finished_report(out / "case")
+            assert reports[runtime]["parameters"]["runtime"] == runtime
+        _compare_reports(reports["torch"], reports["onnxruntime"])
+        if not mode:
+            a = pd.read_csv(tmp_path / "out_torch_0" / "case" / "results.csv")
+            b = pd.read_csv(tmp_path / "out_onnxruntime_0" / "case" / "results.csv")
+            assert len(a) == len(b) and len(a) > 0
+            np.testing.assert_allclose(
+                b[["coordX", "coordY", "coordZ"]], a[["coordX", "coordY", "coordZ"]], atol=1e-3
+            )
+            np.testing.assert_allclose(b["probability"], a["probability"], atol=1e-4)
+        else:
+            assert len(reports["torch"]["nodules"]) == 1
+
+
+def test_analyze_onnxruntime_refuses_a_missing_or_foreign_export(tiny_bundle, tmp_path, capsys):
+    from lungcad.cli import main
+
+    (tmp_path / "case.mhd").write_text("never read: the options are refused first")
+    argv = ["analyze", str(tmp_path / "case.mhd"), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--runtime", "onnxruntime", "--onnx", str(tmp_path / "nothing")]) == 2
+    assert "lungcad export" in capsys.readouterr().err
+    assert main([*argv, "--onnx", str(tmp_path / "nothing")]) == 2
+    assert "--runtime onnxruntime" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "export.json").write_text(json.dumps({"bundle": {"sha256": "0" * 64}, "models": {}}))
+    from lungcad.bundle import Bundle
+    from lungcad.runtime import use_exported_models
+
+    with pytest.raises(ValueError, match="another bundle"):
+        use_exported_models(Bundle.load(tiny_bundle), foreign)
