@@ -20,8 +20,8 @@ checkpoint per model. The detection operating threshold and the stage-1 weight o
 chosen by running the two-stage detector on the stage-1 run's validation scans (its datamodule config,
 so its cache must still be there): the fusion weight w ∈ {0, 0.1, …, 1} of ``(1 − w)·p_MPPN + w·p_stage1``
 with the highest validation CPM (ties: the MPPN run's own ``stage1_weight``, then the smaller w), and the
-threshold of the official FROC curve's operating point with the most sensitivity at no more than
-``fp_per_scan`` false positives per scan (default 1).
+lowest fused score at which the validation scans keep at most ``fp_per_scan`` false positives per scan
+(default 1) under the LUNA16 hit rules.
 
 ``Bundle.load`` refuses a bundle (one line naming ``bundle.json`` and the key) when a file's sha256, the
 schema version, or a model's recorded preprocessing differs from what this code would do with the model's
@@ -683,52 +683,80 @@ def _validation_scores(bundle: Bundle, data: Mapping[str, Any]) -> list[dict[str
     return rows
 
 
-def _froc(rows: list[dict[str, Any]], weight: float):
-    from common.metrics.froc_torch import LUNA16FROC, scan_key_from_uid
+def _fused(rows: list[dict[str, Any]], weight: float) -> list[torch.Tensor]:
     from lungdet.inference import fuse_scores
 
+    return [fuse_scores(row["mppn"], row["stage1"], weight).double() for row in rows]
+
+
+def _cpm(rows: list[dict[str, Any]], weight: float) -> float:
+    """Validation CPM of the fused scores (``LUNA16FROC``: the official rules)."""
+    from common.metrics.froc_torch import LUNA16FROC, scan_key_from_uid
+
     metric = LUNA16FROC()
-    for row in rows:
-        score = fuse_scores(row["mppn"], row["stage1"], weight)
-        marks = torch.cat(
-            [torch.as_tensor(row["world"]).reshape(-1, 3).double(), score.reshape(-1, 1).double()], 1
-        )
+    for row, score in zip(rows, _fused(rows, weight)):
+        marks = torch.cat([torch.as_tensor(row["world"]).reshape(-1, 3).double(), score.reshape(-1, 1)], 1)
         metric.update([scan_key_from_uid(row["uid"])], [marks], [row["nodules"]], [row["excluded"]])
-    return metric.compute_result()
+    return float(metric.compute_result().cpm)
+
+
+def _operating_point(rows: list[dict[str, Any]], weight: float, fp_per_scan: float):
+    """``common.metrics.detection.operating_point_at_fp_rate`` on the LUNA16-matched fused marks."""
+    from common.metrics.detection import operating_point_at_fp_rate
+    from common.metrics.froc import match_candidates
+
+    scores = _fused(rows, weight)
+    cand_scan = np.concatenate([np.full(len(s), i) for i, s in enumerate(scores)]).astype(np.int64)
+    cand_xyz = np.concatenate([np.asarray(r["world"], dtype=np.float64).reshape(-1, 3) for r in rows])
+    cand_prob = np.concatenate([s.cpu().numpy() for s in scores])
+    findings = [(i, f, True) for i, r in enumerate(rows) for f in r["nodules"].numpy().reshape(-1, 4)]
+    findings += [(i, f, False) for i, r in enumerate(rows) for f in r["excluded"].numpy().reshape(-1, 4)]
+    nod = np.asarray([f for _, f, _ in findings], dtype=np.float64).reshape(-1, 4)
+    entries, _ = match_candidates(
+        cand_scan,
+        cand_xyz,
+        cand_prob,
+        np.asarray([i for i, _, _ in findings], dtype=np.int64),
+        nod[:, :3],
+        nod[:, 3],
+        np.asarray([inc for _, _, inc in findings], dtype=bool),
+        n_scans=len(rows),
+    )
+    return operating_point_at_fp_rate(entries, fp_per_scan)
 
 
 def choose_operating_point(
     bundle: Bundle, data: Mapping[str, Any], *, fp_per_scan: float = 1.0, search_fusion: bool = True
 ) -> dict[str, Any]:
-    """Fusion weight (max validation CPM over `FUSION_GRID`) and the threshold at ``fp_per_scan`` FP/scan."""
+    """Fusion weight (max validation CPM over `FUSION_GRID`) and the threshold at ``fp_per_scan`` FP/scan.
+
+    The threshold is the lowest fused score at which the validation scans keep at most ``fp_per_scan``
+    false positives per scan under the LUNA16 hit rules (``operating_point_at_fp_rate``: a score the
+    detector really produced, no interpolation).
+    """
     rows = _validation_scores(bundle, data)
     configured = float(bundle.models["mppn"].task.stage1_weight)
     n_nodules = int(sum(r["nodules"].shape[0] for r in rows))
     grid = FUSION_GRID if search_fusion and n_nodules else (configured,)
-    cpms = {w: (_froc(rows, w).cpm if n_nodules else float("nan")) for w in grid}
+    cpms = {w: (_cpm(rows, w) if n_nodules else float("nan")) for w in grid}
     best = max(cpms.values()) if n_nodules else float("nan")
     ties = [w for w, c in cpms.items() if n_nodules and math.isclose(c, best, abs_tol=1e-12)]
     weight = configured if (configured in ties or not ties) else min(ties)
-    result = _froc(rows, weight)
-    curve = result.curve
-    ok = np.flatnonzero(np.asarray(curve.fps) <= fp_per_scan + 1e-12)
-    if ok.size:
-        i = int(ok[-1])
-        threshold, sens, fps = float(curve.thresholds[i]), float(curve.sensitivity[i]), float(curve.fps[i])
-    else:  # every operating point exceeds the rate: the strictest one
-        threshold, sens, fps = float(curve.thresholds[0]), float(curve.sensitivity[0]), float(curve.fps[0])
+    point = _operating_point(rows, weight, fp_per_scan)
+    # No validation candidate at all: a threshold above every probability (JSON has no infinity).
+    threshold = float(point.threshold) if math.isfinite(point.threshold) else float(np.nextafter(1.0, 2.0))
     return {
         "operating_threshold": threshold,
         "fp_per_scan": float(fp_per_scan),
-        "validation_fp_per_scan": fps,
-        "validation_sensitivity": sens,
+        "validation_fp_per_scan": float(point.fps_per_scan),
+        "validation_sensitivity": float(point.recall),
         "stage1_weight": float(weight),
         "configured_stage1_weight": configured,
         "fusion_search": {f"{w:g}": (None if math.isnan(c) else float(c)) for w, c in cpms.items()},
-        "validation_cpm": None if math.isnan(result.cpm) else float(result.cpm),
+        "validation_cpm": None if not n_nodules else float(cpms[weight]),
         "validation_scans": len(rows),
         "validation_nodules": n_nodules,
-        "method": "two-stage detector run on the stage-1 run's validation scans (official LUNA16 FROC rules)",
+        "method": "two-stage detector run on the stage-1 run's validation scans (official LUNA16 hit rules)",
     }
 
 

@@ -152,26 +152,24 @@ def scan_id(volume: CTVolume, path: str | Path, anonymize: bool = False) -> str:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def _jsonable(value: Any) -> Any:
-    """numpy scalars/arrays and tuples → plain JSON types; NaN/inf are refused (JSON has none)."""
+def _jsonable(value: Any, where: str = "report", lenient: bool = False) -> Any:
+    """numpy scalars/arrays and tuples → plain JSON types. JSON has no NaN/inf: one in the ``bundle`` block
+    (an infinite operating threshold: no candidate qualifies) becomes null, anywhere else it is an error
+    naming the field."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {
+            str(k): _jsonable(v, f"{where}.{k}", lenient or where == "report.bundle")
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple | np.ndarray):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, f"{where}[{i}]", lenient) for i, v in enumerate(value)]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"report value {value} is not finite; the pipeline produced a NaN/inf measurement")
+        if lenient:
+            return None
+        raise ValueError(f"{where} is {value}, not a finite number; the pipeline produced an invalid value")
     return value
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lungcad")
-    except PackageNotFoundError:
-        return "0.1.0"
 
 
 def acquisition(source_datasets: Sequence[Any] | None) -> dict[str, Any]:
@@ -214,6 +212,7 @@ def build_report(
         timings_s: per-step seconds; defaults to ``analysis.timings_s``.
     """
     from lungcad import DISCLAIMER
+    from lungcad.bundle import package_version  # the one place that reads it (bundle.json has it too)
 
     volume: CTVolume = analysis.volume
     findings = list(analysis.findings)
@@ -237,7 +236,7 @@ def build_report(
     candidates = analysis.candidates
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
-        "generator": {"name": "lungcad", "version": _version()},
+        "generator": {"name": "lungcad", "version": package_version()},
         "created_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "disclaimer": DISCLAIMER,
         "scan": {

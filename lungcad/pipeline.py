@@ -44,6 +44,7 @@ import torch
 from common.cache import PrepareSettings, prepare_volume
 from common.io import CTVolume
 from common.metrics.froc_io import RESULT_COLUMNS
+from common.preprocess import clip_hu
 from lungcad.bundle import Bundle
 
 __all__ = ["FALLBACK_HU", "Analysis", "Finding", "PreparedScan", "analyze_volume", "prepare_scan"]
@@ -382,7 +383,7 @@ def analyze_volume(
         seg_scan = (
             det_scan if seg_pre["cache"] == det_pre["cache"] else prepare_scan(volume, seg_pre["cache"])
         )
-        hu = np.asarray(volume.array)
+        hu = clip_hu(np.asarray(volume.array))  # M³Net's native HU, as its patch cache stores them
     if nodules_world_mm is None:
         with _timed(timings, "preprocess", None):
             image = claf_view(det_scan, det_pre)

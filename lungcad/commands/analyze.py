@@ -3,7 +3,8 @@
 INPUT is one scan — a DICOM series folder, an ``.mhd`` (with its ``.raw``/``.zraw``) or a ``.nii``/``.nii.gz`` —
 or a batch folder of them. A folder that directly holds DICOM files (``*.dcm`` or files with the ``DICM``
 preamble) is ONE DICOM scan; any other folder is a batch: every ``.mhd``/``.nii``/``.nii.gz`` file under it
-and every sub-folder that directly holds DICOM files is one scan (hidden entries and OUT itself are skipped).
+and every sub-folder that directly holds DICOM files is one scan (hidden entries, ``DICOMDIR`` indexes and OUT
+itself are skipped).
 
 Each scan goes read → the bundle's pipeline (`lungcad.pipeline.analyze_volume`) → files in
 ``OUT/<scan id>/`` (`lungcad.outputs`), every step timed, logged and shown on a progress bar. ``report.json``
@@ -98,8 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def is_dicom_file(path: Path) -> bool:
-    """A ``.dcm`` file or one with the DICOM preamble (``DICM`` at byte 128)."""
-    if not path.is_file() or path.name.startswith("."):
+    """A ``.dcm`` file or one with the DICOM preamble (``DICM`` at byte 128); a DICOMDIR index is not a slice
+    (a CD export's root holds one beside the series folders: that root is a batch)."""
+    if not path.is_file() or path.name.startswith(".") or path.name.upper() == "DICOMDIR":
         return False
     if path.suffix.lower() == ".dcm":
         return True

@@ -5,8 +5,8 @@ MPPN (dataset ``lidc``; the MPPN's training candidates are the training scans' n
 points, written as a LUNA16 results CSV), GLANCE on 64×64 slices and M³Net (`tiny` preset, 8/12/16-voxel
 crops × 8 slices). Each model is trained through its own CLI with the user's config plus a small overlay
 (`fit`, one or two steps, no validation), so the run folders look like real ones (`runs/<name>/version_0`:
-config.yaml, run_info.json, checkpoints/last.ckpt), and `lungcad.bundle.write_bundle` bundles them —
-including the operating threshold chosen on the stage-1 run's validation scan.
+config.yaml, run_info.json, checkpoints/last.ckpt), and `lungcad bundle` (the CLI, in-process) bundles
+them — including the operating threshold chosen on the stage-1 run's validation scan.
 
 ``tiny_bundle`` (the bundle folder) is what other lungcad tests use; ``tiny_bundle_env`` also holds the
 tree, the 1 mm cache and the runs.
@@ -83,7 +83,7 @@ def build_tiny_bundle(tmp: Path) -> dict[str, Path]:
     import torch
 
     from common.synth import make_lidc
-    from lungcad.bundle import write_bundle
+    from lungcad.cli import main as lungcad_main
     from lungcls.cli import main as lungcls_main
     from lungdet.cli import run_cli as lungdet_main
     from lungseg.cli import main as lungseg_main
@@ -117,7 +117,7 @@ def build_tiny_bundle(tmp: Path) -> dict[str, Path]:
     stage1 = {
         "model": {
             "init_args": {
-                "width": 4,
+                "width": 2,
                 "head_channels": 8,
                 "block_size": 64,
                 "overlap": 0.25,
@@ -196,7 +196,8 @@ def build_tiny_bundle(tmp: Path) -> dict[str, Path]:
 
     runs = {kind: _run_dir(tmp / f"runs_{kind}") for kind in ("stage1", "mppn", "seg", "cls")}
     bundle = tmp / "bundle"
-    write_bundle(runs, bundle, fp_per_scan=1.0)
+    args = [f"--{kind}={path}" for kind, path in runs.items()]
+    assert lungcad_main(["bundle", *args, "--out", str(bundle), "--fp-per-scan", "1"]) == 0
     return {
         "tree": tree,
         "cache": cache,

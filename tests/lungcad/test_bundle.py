@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 
 import common.cache
+import lungcad.bundle as bundle_module
 from lungcad.bundle import BUNDLE_FILE, MODEL_KINDS, Bundle, resolve_run
 from lungcad.cli import main as lungcad_main
 
@@ -117,3 +120,48 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "nope is neither a run folder nor a checkpoint" in err and err.count("\n") == 1
+
+
+def test_fusion_weight_and_threshold_come_from_the_validation_froc(monkeypatch):
+    """Two validation scans, one nodule: stage 1 ranks it first, the MPPN last. Every w ≥ 0.5 puts it first
+    (CPM 1); the smallest such w wins when the run's own weight (0) is not among the best. At 0.5 FP/scan
+    the threshold admits the nodule and one false positive (fused scores 0.55, 0.5 | 0.45)."""
+    rows = [
+        {
+            "uid": "a",
+            "world": np.array([[0.0, 0.0, 0.0], [50.0, 0.0, 0.0], [80.0, 0.0, 0.0]]),
+            "stage1": torch.tensor([0.9, 0.1, 0.8], dtype=torch.float64),
+            "mppn": torch.tensor([0.2, 0.9, 0.1], dtype=torch.float64),
+            "nodules": torch.tensor([[0.0, 0.0, 0.0, 10.0]], dtype=torch.float64),
+            "excluded": torch.zeros(0, 4, dtype=torch.float64),
+        },
+        {
+            "uid": "b",
+            "world": np.zeros((0, 3)),
+            "stage1": torch.zeros(0, dtype=torch.float64),
+            "mppn": torch.zeros(0, dtype=torch.float64),
+            "nodules": torch.zeros(0, 4, dtype=torch.float64),
+            "excluded": torch.zeros(0, 4, dtype=torch.float64),
+        },
+    ]
+    monkeypatch.setattr(bundle_module, "_validation_scores", lambda bundle, data: rows)
+    fake = SimpleNamespace(models={"mppn": SimpleNamespace(task=SimpleNamespace(stage1_weight=0.0))})
+    point = bundle_module.choose_operating_point(fake, {}, fp_per_scan=0.5)
+    assert (
+        point["fusion_search"]["0"] < 1.0
+        and point["fusion_search"]["0.5"] == point["fusion_search"]["1"] == 1.0
+    )
+    assert point["stage1_weight"] == 0.5 and point["validation_cpm"] == 1.0
+    assert point["operating_threshold"] == pytest.approx(0.5) and point["validation_fp_per_scan"] == 0.5
+    assert point["validation_sensitivity"] == 1.0 and point["validation_scans"] == 2
+    kept = bundle_module.choose_operating_point(fake, {}, fp_per_scan=0.5, search_fusion=False)
+    assert kept["stage1_weight"] == 0.0 and set(kept["fusion_search"]) == {"0"}
+
+
+def test_the_bundle_command_wrote_the_fixture(tiny_bundle_env):
+    """The session's bundle was written by `lungcad bundle` from the four run folders (conftest)."""
+    manifest = json.loads((tiny_bundle_env["bundle"] / BUNDLE_FILE).read_text())
+    assert manifest["name"] == "bundle" and manifest["generator"]["name"] == "lungcad"
+    assert {m["source"]["run_name"] for m in manifest["models"].values()} == {
+        "claf_luna16", "mppn_luna16", "glance_lidc", "cls"
+    }  # fmt: skip

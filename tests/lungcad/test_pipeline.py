@@ -123,3 +123,29 @@ def test_given_nodule_is_reported_at_its_centre(bundle, direction):
     _check_labels(analysis)
     with pytest.raises(ValueError, match="outside the scan"):
         analyze_volume(volume, bundle, nodules_world_mm=np.array([[1e4, 0.0, 0.0]]))
+
+
+def test_candidates_equal_the_lungdet_two_stage_path_on_a_cached_scan(tiny_bundle_env, bundle, monkeypatch):
+    """What `analyze` scores for a scan is what `lungdet test` scores for it from the cache (FPRTask.score
+    on the ScanReader view, stage 1 chained, the bundle's fusion): same positions, same probabilities."""
+    import torch
+
+    cache = PreprocessedCache(tiny_bundle_env["cache"])
+    record = open_dataset("lidc", str(tiny_bundle_env["tree"])).records[0]
+    volume = read_volume(record.image_path, series_uid=record.series_uid)
+    monkeypatch.setitem(bundle.manifest["detection"], "operating_threshold", 2.0)  # detection only
+    analysis = analyze_volume(volume, bundle)
+    assert analysis.findings == [] and len(analysis.candidates) > 0
+
+    pre = bundle.models["stage1"].preprocessing
+    reader = ScanReader(
+        cache, tuple(pre["window_hu"]), pre["mask_outside_lung"], pre["outside_hu"], pre["lung_margin"]
+    )
+    fpr, stage1 = bundle.models["mppn"].task, bundle.models["stage1"].task
+    monkeypatch.setattr(fpr, "stage1_weight", bundle.stage1_weight)
+    monkeypatch.setitem(fpr.__dict__, "_stage1", stage1)  # as FPRTask.stage1 keeps it: not a submodule
+    scan = {"image": torch.from_numpy(reader.whole(record.uid)), "entry": cache.entry(record.uid)}
+    world, final, _, _ = fpr.score(scan)
+    order = np.argsort(-final.numpy(), kind="stable")
+    np.testing.assert_allclose(analysis.candidates[["coordX", "coordY", "coordZ"]].to_numpy(), world[order])
+    np.testing.assert_allclose(analysis.candidates["probability"].to_numpy(), final.numpy()[order])
