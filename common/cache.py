@@ -22,7 +22,7 @@ annotation CSV updates the manifest without re-resampling anything.
 
 A scan that cannot be read raises an error naming the file (strict mode) after the scans before it are
 safely recorded; lenient mode logs it and moves on. Only one build may write a cache at a time (a lock file
-holds the builder's pid; a lock left by a killed build is taken over).
+holds the builder's pid; a lock left by a killed build — its pid gone or a zombie — is taken over).
 """
 
 from __future__ import annotations
@@ -69,6 +69,11 @@ MASK_DIR = "lung_masks"
 FORMAT = "lungcad-preprocessed-cache"
 
 ReadFn = Callable[..., ct_io.CTVolume]
+#: How a user skips an unreadable scan, in the words of the commands they type.
+SKIP_SCANS_FIX = (
+    "to skip unreadable scans, pass --lenient (lungdata prepare) / --data.init_args.lenient true "
+    "(lungdet, lungseg, lungcls)"
+)
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,7 @@ def _finding_entries(
         where = str(finding.extras.get("source", "annotation"))
         _, problem = locate_in_scan(original, xyz, where, "finding", f"scan {uid}")
         if problem:
-            policy.bad_row(problem, fix="fix the row, or pass --lenient / strict=False to drop it")
+            policy.bad_row(problem)
             continue
         row: dict[str, Any] = {
             "world_xyz": [float(v) for v in xyz],
@@ -563,6 +568,8 @@ class PreprocessedCache:
 
             def failed(record: ScanRecord, err: Exception) -> None:
                 if strict:
+                    if isinstance(err, ct_io.VolumeReadError):
+                        raise ct_io.VolumeReadError(f"{err}; {SKIP_SCANS_FIX}") from None
                     raise err
                 log.error("skipped scan %s: %s", record.uid, err)
                 report.failed[record.uid] = str(err)
@@ -606,13 +613,23 @@ class PreprocessedCache:
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` is a running process; a zombie (killed, not yet reaped by its parent) is not.
+
+    Right after ``kill -9`` of a build, its pid stays a zombie until the parent (a shell, a test, a job
+    runner) waits for it; ``os.kill(pid, 0)`` still succeeds then, so the state in /proc decides.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): trust os.kill
+    state = stat.rsplit(")", 1)[-1].split()[:1]
+    return state not in (["Z"], ["X"], ["x"])
 
 
 def prepare_cache(

@@ -261,6 +261,8 @@ def read_volume(
         if uid is None and name.endswith(".mhd"):
             uid = path.name[: -len(".mhd")]
         volume = CTVolume.from_sitk(img, series_uid=uid, source=path)
+        if name.endswith(".mhd"):
+            check_voxel_order(volume, path)
     _validate(volume, path)
     return volume
 
@@ -293,6 +295,47 @@ def _validate(volume: CTVolume, path: Path) -> None:
         if bad:
             raise VolumeReadError(
                 f"{path}: {bad} voxel(s) are NaN or infinite; the file is corrupt, re-export or re-download it"
+            )
+
+
+def _neighbour_ratio(array: np.ndarray, axis: int, rng: np.random.Generator, n: int = 20000) -> float:
+    """Mean |difference| of voxels next to each other along `axis`, over that of random voxel pairs."""
+    flat = array.reshape(-1)
+    shape = np.asarray(array.shape)
+    index = [rng.integers(0, s, n) for s in shape]
+    index[axis] = rng.integers(0, shape[axis] - 1, n)
+    first = np.ravel_multi_index(index, array.shape)
+    second = first + int(np.prod(shape[axis + 1 :]))
+    neighbours = np.abs(flat[first].astype(np.float64) - flat[second]).mean()
+    pairs = np.abs(
+        flat[rng.integers(0, flat.size, n)].astype(np.float64) - flat[rng.integers(0, flat.size, n)]
+    )
+    return float(neighbours / max(pairs.mean(), 1e-9))
+
+
+def check_voxel_order(volume: CTVolume, path: Path) -> None:
+    """Refuse a volume whose header DimSize is in the wrong order although the data file's size fits it.
+
+    The size check cannot see a permuted DimSize (``64 40 64`` for ``64 64 40``: same product). The data
+    then still runs smoothly in file order (x neighbours stay x neighbours), but rows or slices no longer
+    continue one another: voxels next to each other along y or z differ as much as random pairs. Real CT,
+    even with thick slices, stays far from that; pure noise (smooth along no axis) is left alone.
+    """
+    array = volume.array
+    if array.ndim != 3 or min(array.shape) < 4 or array.size < 4096:
+        return
+    rng = np.random.default_rng(0)
+    x_ratio = _neighbour_ratio(array, 2, rng)
+    if x_ratio > 0.5:
+        return
+    for axis, what in ((1, "rows (y)"), (0, "slices (z)")):
+        ratio = _neighbour_ratio(array, axis, rng)
+        if ratio > 0.8:
+            dims = " ".join(str(n) for n in volume.size_xyz)
+            raise VolumeReadError(
+                f"{path}: DimSize {dims} looks permuted: neighbouring {what} do not continue one another "
+                f"(difference {ratio:.2f} of random voxel pairs, along x {x_ratio:.2f}) although the data file "
+                "has the right size; fix DimSize (x y z order) in the header"
             )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import sys
 from pathlib import Path
 
 from common.cache import PrepareSettings, PreprocessedCache
@@ -50,6 +51,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--order", type=int, choices=(1, 3), default=3, help="image interpolation order")
     parser.add_argument("--lenient", action="store_true", help="log and skip bad rows and bad scans")
+    parser.add_argument(
+        "--columns",
+        nargs="+",
+        default=None,
+        metavar="ROLE=NAME",
+        help="annotation column names where your copy differs, e.g. --columns x=coordX_mm diameter=d",
+    )
     parser.add_argument("--workers", type=int, default=1, help="scans processed in parallel")
     parser.add_argument(
         "--dicom-tolerance",
@@ -70,9 +78,21 @@ def run(args: argparse.Namespace) -> int:
     spacing = tuple(args.spacing * 3) if len(args.spacing) == 1 else tuple(args.spacing)
     settings = PrepareSettings(spacing=spacing, order=args.order, lung_mask=args.lung_mask)
     strict = not args.lenient
-    records = open_dataset(args.dataset, root, strict=strict).records
+    kwargs = {}
+    if args.columns:
+        pairs = [item.split("=", 1) for item in args.columns]
+        if any(len(pair) != 2 or not all(pair) for pair in pairs):
+            raise ValueError(f"--columns takes ROLE=NAME pairs, e.g. x=coordX_mm; got {args.columns}")
+        kwargs["columns"] = dict(pairs)
+    records = open_dataset(args.dataset, root, strict=strict, **kwargs).records
     if not records:
         raise ValueError(f"{args.dataset}: no scans found under {root}")
+    if args.dataset != "folder" and not any(r.nodules for r in records):
+        print(
+            f"lungdata prepare {args.dataset}: warning: no nodules in any of the {len(records)} scans under "
+            f"{root} (header-only annotations file?); the cache serves prediction, training will refuse it",
+            file=sys.stderr,
+        )
     if args.dicom_tolerance is not None and not args.dicom_tolerance >= 0:
         raise ValueError(f"--dicom-tolerance takes a distance in mm >= 0, got {args.dicom_tolerance}")
     read_fn = None  # common.io.read_volume with the default DICOM rule
