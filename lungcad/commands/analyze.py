@@ -78,6 +78,19 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="name scans by a hash of the series UID and strip the patient module from DICOM SEG/SR",
     )
     parser.add_argument("--overwrite", action="store_true", help="redo scans whose outputs are finished")
+    parser.add_argument(
+        "--runtime",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="run the networks in PyTorch (default) or their ONNX export on onnxruntime CPU (lungcad export)",
+    )
+    parser.add_argument(
+        "--onnx",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder written by `lungcad export` (default: BUNDLE/onnx); only with --runtime onnxruntime",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -325,6 +338,15 @@ class Analyzer:
             raise FileNotFoundError(
                 f"{args.bundle}: bundle folder not found; write one with `lungcad bundle`"
             )
+        runtime = getattr(args, "runtime", "torch")
+        onnx_dir = getattr(args, "onnx", None)
+        if onnx_dir is not None and runtime != "onnxruntime":
+            raise ValueError(f"--onnx {onnx_dir} is only used with --runtime onnxruntime")
+        if runtime == "onnxruntime":
+            from lungcad.commands.export import DEFAULT_SUBFOLDER
+            from lungcad.runtime import read_export
+
+            read_export(onnx_dir or args.bundle / DEFAULT_SUBFOLDER)  # missing export: fail before any scan
         self.given = GivenNodules.read(args.nodules) if args.nodules is not None else None
         self.bundle_sha = _bundle_sha(args.bundle)
         self.parameters: dict[str, Any] = {
@@ -333,6 +355,7 @@ class Analyzer:
             "series_uid_requested": args.series_uid,
             "dicom_tolerance_mm": args.dicom_tolerance,
             "anonymize": bool(args.anonymize),
+            "runtime": getattr(args, "runtime", "torch"),
         }
         self._bundle = None
         self.done: dict[str, Path] = {}
@@ -345,6 +368,11 @@ class Analyzer:
 
             start = time.perf_counter()
             self._bundle = Bundle.load(self.args.bundle)
+            if getattr(self.args, "runtime", "torch") == "onnxruntime":
+                from lungcad.commands.export import DEFAULT_SUBFOLDER
+                from lungcad.runtime import use_exported_models
+
+                use_exported_models(self._bundle, self.args.onnx or self.args.bundle / DEFAULT_SUBFOLDER)
             log.info("bundle loaded in %.1f s", time.perf_counter() - start)
         return self._bundle
 
