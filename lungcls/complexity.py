@@ -37,6 +37,7 @@ __all__ = [
     "ComplexityRow",
     "format_complexity_table",
     "main",
+    "m3net_complexity",
     "measure_complexity",
 ]
 
@@ -159,6 +160,31 @@ def format_complexity_table(rows: Sequence[ComplexityRow]) -> str:
             f"| {r.part} | {r.module} | {shape} | {r.params / 1e6:.3f} | {r.macs / 1e9:.3f} | {r.flops / 1e9:.3f} |"
         )
     return "\n".join(lines)
+
+
+def m3net_complexity(preset: str = "paper", token_mode: str = "spatial") -> dict[str, float]:
+    """Parameters and MAC/FLOP counts of an M³Net preset, built on the meta device (seconds, no memory).
+
+    A table part `{function: 'lungcls.complexity:m3net_complexity'}` (M³Net Table 7) calls it once and
+    stores the result as a run version (stage "compute"), so `--from-runs` reads it like any run.
+
+    Two input-size sets: "reference" feeds every branch the 32×32×56 patch, which is how the paper's
+    profiler produced its 20.079 "GFLOPs" (thop multiply-accumulates); "paper_sizes" feeds each branch its
+    real crop (32, 64, 96 in-plane × 56 slices). docs/lungcls.md explains the gap.
+
+    Returns:
+        `complexity/params_m` (millions), `complexity/gmacs_reference`, `complexity/gflops_reference`,
+        `complexity/gmacs_paper_sizes`, `complexity/gflops_paper_sizes` (10⁹ per sample).
+    """
+    with torch.device("meta"):
+        model = create_m3net(preset, token_mode=token_mode)
+    out: dict[str, float] = {}
+    for label, sizes in (("reference", REFERENCE_PROFILE_SIZES), ("paper_sizes", PAPER_INPUT_SIZES)):
+        total = measure_complexity(model, sizes)[-1]
+        out["complexity/params_m"] = total.params / 1e6
+        out[f"complexity/gmacs_{label}"] = total.macs / 1e9
+        out[f"complexity/gflops_{label}"] = total.flops / 1e9
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,7 +29,9 @@ Each file in `configs/tables/` names one table of one paper::
 A run is `<command> <stage> --config … <overrides> --run_name <run> --trainer.default_root_dir <runs>` and its
 name is `<run or table-row>[-<part>][-fold<k>]`. Rows marked `reference` are other authors' methods: only the
 paper's numbers are shown. A part may be a `function: module:callable` instead of a run (deterministic
-measurements such as parameter counts); its result is stored like a run so `--from-runs` reads it.
+measurements such as parameter counts), named in the package that owns the model (e.g.
+`lungcls.complexity:m3net_complexity`: `common` never imports the method packages); its result is stored
+like a run so `--from-runs` reads it.
 `include: other.yaml` takes every key from another file (e.g. a package's run table in `configs/m3net/`), this
 file's keys winning. `paired_test: {column: c, reference: row}` adds a paired t-test over folds.
 
