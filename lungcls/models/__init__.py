@@ -48,7 +48,6 @@ from lungcls.models.backbones import (
     ResNet3DBackbone,
     ScaleBackbone,
     Timm2DBackbone,
-    count_parameters,
     create_backbone,
 )
 from lungcls.models.fusion import (
@@ -93,7 +92,6 @@ __all__ = [
     "ScaleClassifier",
     "ScaleOutput",
     "Timm2DBackbone",
-    "count_parameters",
     "create_backbone",
     "create_m3net",
     "create_scale_classifier",

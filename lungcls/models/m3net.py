@@ -42,7 +42,8 @@ from typing import Any, Literal
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lungcls.models.backbones import BackboneFeatures, ScaleBackbone, count_parameters, create_backbone
+from common.complexity import count_parameters
+from lungcls.models.backbones import BackboneFeatures, ScaleBackbone, create_backbone
 from lungcls.models.fusion import HierarchicalFusion
 
 __all__ = [

@@ -32,7 +32,15 @@ from torch import Tensor, nn
 
 from lungdet.models.blocks import CBAM3d, ConvBNAct3d, ResidualBlock3d
 
-__all__ = ["MPPN", "MPPN_CROP_SIZES", "MPPNEnsemble", "build_mppn", "centre_crop", "crop_candidates", "resample_centre"]
+__all__ = [
+    "MPPN",
+    "MPPN_CROP_SIZES",
+    "MPPNEnsemble",
+    "build_mppn",
+    "centre_crop",
+    "crop_candidates",
+    "resample_centre",
+]
 
 #: (z, y, x) crop sizes of the large, medium and small scale (paper, "Multi-scale progressive inference").
 MPPN_CROP_SIZES: tuple[tuple[int, int, int], ...] = ((32, 48, 48), (16, 24, 24), (8, 12, 12))
@@ -152,7 +160,7 @@ class MPPN(nn.Module):
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(feat, num_classes))
 
     def example_inputs(self, input_shape: Sequence[int]) -> tuple[Tensor, ...]:
-        """Zero large-scale crops of a (B, C, D, H, W) shape (``count_flops`` calls this)."""
+        """Zero large-scale crops of a (B, C, D, H, W) shape (for ``common.complexity.count_flops``)."""
         return (torch.zeros(*input_shape),)
 
     def split_scales(self, large: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -258,7 +266,7 @@ class MPPNEnsemble(nn.Module):
         self.num_classes = members[0].num_classes
 
     def example_inputs(self, input_shape: Sequence[int]) -> tuple[Tensor, ...]:
-        """Zero large-scale crops of a (B, C, D, H, W) shape (``count_flops`` calls this)."""
+        """Zero large-scale crops of a (B, C, D, H, W) shape (for ``common.complexity.count_flops``)."""
         return self.members[0].example_inputs(input_shape)
 
     def forward(self, large: Tensor, medium: Tensor | None = None, small: Tensor | None = None) -> Tensor:
