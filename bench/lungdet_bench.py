@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from common.complexity import count_flops
-from lungdet.data import fill_value
 from lungdet.inference import detect_scan, score_candidates
 from lungdet.models import build_candidate_net, build_mppn
+from lungdet.scan_reader import fill_value
 
 SHAPE_ZYX = (300, 350, 350)
 MONAI_ROI_XYZ = (192, 192, 80)

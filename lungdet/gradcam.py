@@ -195,7 +195,7 @@ def save_gradcam_png(
 def main(argv: list[str] | None = None) -> list[Path]:
     """Grad-CAM PNGs of the top stage-1 candidates of one cached scan."""
     from common.cache import PreprocessedCache
-    from lungdet.data import ScanReader
+    from lungdet.scan_reader import ScanReader
     from lungdet.task import CandidateTask
 
     parser = argparse.ArgumentParser(description=main.__doc__)

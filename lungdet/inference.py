@@ -1,6 +1,6 @@
 """Whole-scan inference of CLAF: stage-1 sliding window, candidates in world mm, stage-2 re-scoring, CSV.
 
-Stage 1 (``detect_scan``): the prepared 1 mm scan (windowed, lung-masked; ``lungdet.data.ScanReader``) is
+Stage 1 (``detect_scan``): the prepared 1 mm scan (windowed, lung-masked; ``lungdet.scan_reader.ScanReader``) is
 padded at its far end to a multiple of the network stride and to at least one block, then MONAI's
 ``sliding_window_inference`` runs the candidate net over overlapping ``block_size``³ blocks (paper: 128³).
 Each block's output (D/4, H/4, W/4, A, 5) is flattened to A·5 channels on the 4×-coarser grid, which MONAI

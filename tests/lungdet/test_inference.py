@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.metrics.froc_io import evaluate_froc_files, read_results, write_results_csv
-from lungdet.data import ScanReader, fill_value
 from lungdet.inference import (
     MIRRORINGS,
     candidates_to_world,
@@ -20,6 +19,7 @@ from lungdet.inference import (
     stitched_prediction,
 )
 from lungdet.models import build_candidate_net, build_mppn, coordinate_maps, crop_candidates
+from lungdet.scan_reader import ScanReader, fill_value
 
 
 class LocalNet(nn.Module):
