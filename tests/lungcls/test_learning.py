@@ -22,7 +22,8 @@ import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
-from lungcls.data import NodulePatchDataModule, PathologyImageDataModule
+from lungcls.data import NodulePatchDataModule
+from lungcls.pathology_data import PathologyImageDataModule
 from lungcls.task import M3NetTask, PathologyTask, ScaleTask
 
 pytestmark = pytest.mark.slow
