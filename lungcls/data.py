@@ -49,9 +49,10 @@ import pandas as pd
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from common.cache import default_cache_dir
 from common.datasets.base import Nodule, ScanDataset, ScanRecord
-from common.datasets.registry import open_dataset, resolve_root
-from common.lightning.datamodule import PartLoaderDataModule, path_digest
+from common.datasets.registry import open_dataset
+from common.lightning.datamodule import DatasetDataModule
 from common.preprocess import GLANCE_WINDOW
 from common.splits import Split, SplitItem, ratio_split
 from lungcls.patches import AIR_HU, PatchCache, PatchSettings, context_for, nested_crops
@@ -213,13 +214,11 @@ class NodulePatchDataset(Dataset):
         }
 
 
-class NodulePatchDataModule(PartLoaderDataModule):
+class NodulePatchDataModule(DatasetDataModule):
     """Labelled nodules of a scan dataset as nested native-resolution crops (module docstring).
 
     Args:
         dataset: adapter name (`common.datasets.registry`), "lidc" by default.
-        root: dataset root; None takes the adapter's environment variable (LIDC_ROOT, ...).
-        cache_dir: patch cache folder; default ``cache/m3net-<dataset>-<root hash>-<block size>``.
         scales: scale keys to deliver (all three for stage 2, one for a stage-1 run).
         patch_sizes: scale key → in-plane size, where it differs from the key (reduced sizes, Table 2).
         depth: slices per crop.
@@ -233,25 +232,22 @@ class NodulePatchDataModule(PartLoaderDataModule):
         augment: augment the training part (`PatchAugmentation`).
         augmentation: `PatchAugmentation` keyword overrides (probabilities, ranges).
         split_level: "patient" (default) or "nodule" (reference-code comparison).
-        ratios: train/val/test shares.
         stratify: balance the (patient's highest) label over the parts.
-        split_file: an existing split file to use, or where to save the one made (default: in `cache_dir`).
-        seed: split seed.
         min_diameter: smallest mean reader diameter kept (mm).
         min_readers: smallest number of readers kept.
         one_scan_per_patient: keep each patient's first scan only (the M³Net reference selection).
         drop_indeterminate: drop nodules whose mean malignancy is exactly 3.
         reuse_cache: when the cache holds a nodule table, do not open the dataset again in
             `prepare_data` (fast restarts on the real LIDC; new or edited scans are then not seen).
-        predict_root: a folder of new scans (any layout `common.datasets.folder` reads) to predict on,
-            with `predict_csv`; None predicts the test part.
-        predict_csv: nodule centres to classify in those scans: ``seriesuid, coordX, coordY, coordZ``
-            world mm (the LUNA16 results format `lungdet predict` writes; extra columns are kept).
+        predict_csv: nodule centres to classify in the scans of `predict_root` (which it goes with):
+            ``seriesuid, coordX, coordY, coordZ`` world mm (the LUNA16 results format `lungdet predict`
+            writes; extra columns are kept).
         batch_size: batch size (the paper uses 32).
         eval_batch_size: batch size of val/test/predict (default `batch_size`).
-        num_workers: data-loader workers.
-        lenient: skip unreadable scans and bad annotation rows instead of stopping.
-        dataset_kwargs: extra adapter arguments (LIDC: source, database, outline, cluster_tol).
+        **kwargs: `common.lightning.datamodule.DatasetDataModule` arguments: root, cache_dir (default
+            ``cache/m3net-<dataset>-<root hash>-<block size>``, `common.cache.default_cache_dir`), split_file
+            (default: in `cache_dir`), ratios, seed, predict_root, num_workers, lenient, dataset_kwargs
+            (LIDC: source, database, outline, cluster_tol).
     """
 
     drop_last_train = True  # a last training batch of one sample breaks BatchNorm
@@ -259,8 +255,6 @@ class NodulePatchDataModule(PartLoaderDataModule):
     def __init__(
         self,
         dataset: str = "lidc",
-        root: str | None = None,
-        cache_dir: str | None = None,
         scales: Sequence[int] = PAPER_SCALES,
         patch_sizes: Mapping[int, int] | None = None,
         depth: int = PAPER_DEPTH,
@@ -272,25 +266,19 @@ class NodulePatchDataModule(PartLoaderDataModule):
         augment: bool = True,
         augmentation: dict[str, Any] | None = None,
         split_level: str = "patient",
-        ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
         stratify: bool = True,
-        split_file: str | None = None,
-        seed: int = 0,
         min_diameter: float = 0.0,
         min_readers: int = 1,
         one_scan_per_patient: bool = True,
         drop_indeterminate: bool = False,
         reuse_cache: bool = False,
-        predict_root: str | None = None,
         predict_csv: str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        lenient: bool = False,
-        dataset_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        if (predict_root is None) != (predict_csv is None):
+        super().__init__(dataset=dataset, batch_size=batch_size, **kwargs)
+        if (self.predict_root is None) != (predict_csv is None):
             raise ValueError(
                 "predict_root and predict_csv go together: a folder of scans and the nodule centres"
             )
@@ -300,9 +288,6 @@ class NodulePatchDataModule(PartLoaderDataModule):
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         if not scales:
             raise ValueError("scales is empty: give the scale keys to crop, e.g. [32, 64, 96]")
-        self.save_hyperparameters()
-        self.dataset_name = dataset
-        self.root = root
         self.scales = tuple(int(s) for s in scales)
         overrides = {int(k): int(v) for k, v in (patch_sizes or {}).items()}
         self.sizes = {s: overrides.get(s, s) for s in self.scales}
@@ -314,22 +299,15 @@ class NodulePatchDataModule(PartLoaderDataModule):
         self.augment = augment
         self.augmentation_kwargs = dict(augmentation or {})
         self.split_level = split_level
-        self.ratios = tuple(float(r) for r in ratios)
+        self.ratios = tuple(float(r) for r in self.ratios)
         self.stratify = stratify
-        self.split_file = split_file
-        self.seed = seed
         self.min_diameter = float(min_diameter)
         self.min_readers = int(min_readers)
         self.one_scan_per_patient = one_scan_per_patient
         self.drop_indeterminate = drop_indeterminate
         self.reuse_cache = reuse_cache
-        self.predict_root = predict_root
         self.predict_csv = predict_csv
-        self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.lenient = lenient
-        self.dataset_kwargs = dict(dataset_kwargs or {})
         max_shift = int(self.augmentation_kwargs.get("max_shift", 2))
         z_shift = int(self.augmentation_kwargs.get("z_shift", 2))
         auto, auto_depth = context_for(max(self.sizes.values()), self.depth, True, max_shift, z_shift)
@@ -341,26 +319,18 @@ class NodulePatchDataModule(PartLoaderDataModule):
                 f"({self.depth} × {max(self.sizes.values())}²); enlarge context / context_depth"
             )
         self.patch_settings = PatchSettings(context, context_depth, boundary)
-        self._cache_dir = cache_dir
         self.tables: dict[str, pd.DataFrame] = {}
-        self.datasets: dict[str, Dataset] = {}
 
     # ------------------------------------------------------------------------------------ locations
-    @property
-    def cache_dir(self) -> Path:
-        if self._cache_dir:
-            return Path(self._cache_dir)
-        root = resolve_root(self.dataset_name, self.root)
+    def default_cache_dir(self) -> Path:
+        """``cache/m3net-<dataset>-<root hash>-<context>x<context_depth>`` (`common.cache.default_cache_dir`)."""
         s = self.patch_settings
-        return Path("cache") / f"m3net-{self.dataset_name}-{path_digest(root)}-{s.context}x{s.context_depth}"
+        variant = f"{s.context}x{s.context_depth}"
+        return default_cache_dir(self.dataset_name, self.resolved_root, kind="m3net", variant=variant)
 
     @property
     def cache(self) -> PatchCache:
         return PatchCache(self.cache_dir)
-
-    def open_dataset(self) -> ScanDataset:
-        """The adapter over the dataset root."""
-        return open_dataset(self.dataset_name, self.root, strict=not self.lenient, **self.dataset_kwargs)
 
     # ------------------------------------------------------------------------------------ selection
     def _records(self, dataset: ScanDataset) -> list[ScanRecord]:
@@ -387,8 +357,7 @@ class NodulePatchDataModule(PartLoaderDataModule):
         """Crop and cache the nodule patches (skipped for nodules already cached)."""
         if self.predict_csv:
             self.predict_cache.build(self._predict_records(), self.patch_settings, strict=not self.lenient)
-            state = getattr(getattr(self, "trainer", None), "state", None)
-            if state is not None and str(getattr(state.fn, "value", state.fn)) == "predict":
+            if self.predicting_new_scans():
                 return  # new scans: the training data are not needed
         if self.reuse_cache and self.cache.exists():
             return

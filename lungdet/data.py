@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,9 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common.cache import PreprocessedCache, prepare_cache
-from common.datasets.registry import open_dataset
-from common.lightning.datamodule import CacheDataModule, path_digest
+from common.cache import PreprocessedCache
+from common.lightning.datamodule import CacheDataModule
 from common.preprocess import CLAF_WINDOW
 from lungdet.candidates import CANDIDATE_COLUMNS, candidate_table
 from lungdet.models.mppn import MPPN_CROP_SIZES
@@ -417,8 +415,8 @@ class FPRCropDataset(Dataset):
 
 
 class _LungdetDataModule(CacheDataModule):
-    """What both stages share: the prepared-scan reader, folder prediction without a training root,
-    deterministic epoch samplers, and choosing which parts ``predict`` covers."""
+    """What both stages share: the prepared-scan reader, deterministic epoch samplers, and choosing which
+    parts ``predict`` covers (folder prediction without a training root is ``CacheDataModule``'s)."""
 
     def __init__(
         self,
@@ -457,48 +455,14 @@ class _LungdetDataModule(CacheDataModule):
     def reader(self, cache: PreprocessedCache) -> ScanReader:
         return ScanReader(cache, self.window, self.mask_outside_lung, self.outside_hu, self.lung_margin)
 
-    # Predicting on a folder of new scans must not need the training dataset (a hospital has no LUNA16).
-    @property
-    def predict_cache_dir(self) -> Path:
-        """The base class's folder (`predict-<digest of predict_root>` beside the cache), found without
-        resolving the training root."""
-        base = Path(self._cache_dir).parent if self._cache_dir else Path("cache")
-        return base / f"predict-{path_digest(self.predict_root)}"
-
-    def _predicting_folder(self) -> bool:
-        trainer = getattr(self, "trainer", None)
-        fn = getattr(getattr(trainer, "state", None), "fn", None)
-        return bool(self.predict_root) and fn is not None and str(fn.value) == "predict"
-
-    def prepare_data(self) -> None:
-        if self._predicting_folder():
-            folder = open_dataset("folder", self.predict_root)
-            prepare_cache(folder.records, self.predict_cache_dir, self.settings, strict=not self.lenient)
-            return
-        super().prepare_data()
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage == "predict" and self.predict_root:
-            if "predict" not in self.datasets:
-                cache = PreprocessedCache(self.predict_cache_dir)
-                self.datasets["predict"] = self.build_dataset("predict", cache.uids, cache)
-            return
-        super().setup(stage)
-
     def _predict_uids(self, uids: list[str]) -> list[str]:
         if self.predict_root:
             return uids
         return [u for part in self.predict_parts for u in self.uids.get(part, [])]
 
     def _epoch_loader(self, part: str) -> DataLoader:
-        dataset = self.datasets[part]
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochSampler(len(dataset), seed=self.seed),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=getattr(dataset, "collate_fn", None),
+        return self._loader(
+            part, shuffle=False, sampler=EpochSampler(len(self.datasets[part]), seed=self.seed)
         )
 
     def _scan_loader(self, part: str) -> DataLoader:

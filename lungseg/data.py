@@ -424,9 +424,10 @@ class GlanceDataModule(CacheDataModule):
         return NoduleMaskStore(cache or PreprocessedCache(self.cache_dir), self.consensus_level)
 
     def prepare_data(self) -> None:
-        """Build the cache (base class), then the nodule masks on its grid for datasets that have them."""
+        """Build the cache (base class), then the nodule masks on its grid for datasets that have them
+        (not while predicting on a folder of new scans: they have no annotations)."""
         super().prepare_data()
-        if self.has_masks:
+        if self.has_masks and not self.predicting_new_scans():
             self.mask_store().build(self.open_dataset(), self.dataset_name, strict=not self.lenient)
 
     def _views(self, uids: Sequence[str], cache: PreprocessedCache, with_masks: bool) -> list[ScanView]:
@@ -469,11 +470,4 @@ class GlanceDataModule(CacheDataModule):
             replacement=True,
             generator=generator,
         )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
-        )
+        return self._loader("train", shuffle=False, sampler=sampler)
