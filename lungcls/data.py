@@ -1,6 +1,6 @@
 """Datamodules of M³Net: nodule patches for stage 1, stage 2 and few-shot adaptation.
 
-The pathology image folders (papers/003, 004) are `lungcls.pathology_data`.
+The pathology image folders (LDFC (Sci. Data 2024) and STPD (Jian et al., preprint 2024)) are `lungcls.pathology_data`.
 
 `NodulePatchDataModule` — every labelled nodule of a scan dataset (LIDC-IDRI by default) as nested crops
 at native spacing and native HU (`lungcls.patches`: one context block per nodule, cached as .npz, read

@@ -1,9 +1,9 @@
 """Datamodule of the 2D pathology image folders (cancer type, pathology class).
 
-`PathologyImageDataModule` — the 2D cancer-type / pathology image folders of papers/003 (LDFC, 3 classes,
-``BMP_classification/{train,test}``) and papers/004 (spatio-temporal, 6 classes,
+`PathologyImageDataModule` — the 2D cancer-type / pathology image folders of LDFC (Sci. Data 2024) (LDFC, 3 classes,
+``BMP_classification/{train,test}``) and STPD (Jian et al., preprint 2024) (spatio-temporal, 6 classes,
 ``class_dataset/{train,validate}``): grey BMPs → [0, 1] → `in_chans` channels at `img_size`, flips and
-rotation for training (papers/003's augmentation). The validation part is a patient-level share of the
+rotation for training (LDFC's (Sci. Data 2024) augmentation). The validation part is a patient-level share of the
 training folder (patients from the file names); the published held-out folder is the test part.
 """
 
@@ -38,7 +38,7 @@ class PathologyImageDataset(Dataset):
         samples: the images with their labels.
         img_size: output size (square).
         in_chans: output channels (a grey image is repeated; 3 for ImageNet-shaped models).
-        augment: flips and rotation (papers/003: horizontal, vertical flips and rotation).
+        augment: flips and rotation (LDFC (Sci. Data 2024): horizontal, vertical flips and rotation).
         mean / std: per-channel normalisation after scaling to [0, 1].
     """
 

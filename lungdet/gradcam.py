@@ -1,4 +1,4 @@
-"""Grad-CAM of the CLAF stage-1 network (papers/001, Fig. 8), written as PNG figures.
+"""Grad-CAM of the CLAF stage-1 network (CLAF (Wang et al. 2025), Fig. 8), written as PNG figures.
 
 The candidate net has no class scores, so the score explained is the **objectness logit of one candidate**:
 a crop (default 64³) is cut around the candidate from the prepared scan, the net runs on it with the

@@ -1,4 +1,4 @@
-"""CLAF networks (papers/001): the stage-1 candidate 3D U-Net and the stage-2 MPPN.
+"""CLAF networks (Wang et al. 2025): the stage-1 candidate 3D U-Net and the stage-2 MPPN.
 
 Public API (everything a task, datamodule, inference script or bench needs)::
 

@@ -27,7 +27,7 @@ from lungdet.models import (
     resample_centre,
 )
 
-PAPER_STAGE1_PARAMS = 1.77e6  # papers/001, "Our first-stage detector contains 1.77 M parameters"
+PAPER_STAGE1_PARAMS = 1.77e6  # CLAF (Wang et al. 2025), "Our first-stage detector contains 1.77 M parameters"
 
 
 def small_inputs(batch: int = 1, side: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +149,7 @@ def test_blocks_keep_shape_and_attend():
 
 
 def test_mppn_has_more_parameters_than_stage_one():
-    # papers/001 Table 1 text: the FP-reduction network "has more parameters" than the 1.77 M detector
+    # CLAF (Wang et al. 2025) Table 1 text: the FP-reduction network "has more parameters" than the 1.77 M detector
     assert count_parameters(build_mppn()) > PAPER_STAGE1_PARAMS
 
 

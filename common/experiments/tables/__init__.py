@@ -4,7 +4,7 @@ Each file in `configs/tables/` names one table of one paper::
 
     table: glance_table5                  # id (also the run-name prefix)
     title: GLANCE Table 5 — ablation on LUNA16 and Tianchi detection
-    source: papers/000 (GLANCE), Table 5
+    source: GLANCE (npj Digit. Med. 2025), Table 5
     command: lungseg                      # CLI of every row (a row may name another)
     stages: [fit, test]                   # what a missing run executes; the last one is read
     checkpoint: best                      # the fit checkpoint the last stage evaluates: best | last
