@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import importlib
 import json
 import logging
 import math
@@ -38,6 +37,7 @@ import pandas as pd
 from common import atomic
 from common.cache import sha256_file as sha256
 from common.io import CTVolume, write_nifti
+from common.metrics import froc_io
 
 log = logging.getLogger(__name__)
 
@@ -314,33 +314,21 @@ def write_nodules_csv(reports: Sequence[dict[str, Any]], path: str | Path) -> Pa
     return atomic.write_csv(path, nodules_frame(reports), float_format="%.6g")
 
 
-def _results_writer():
-    """The LUNA16 results writer: `common.metrics.froc_io` once it holds it, else `lungdet.inference`."""
-    froc_io = importlib.import_module("common.metrics.froc_io")
-    if hasattr(froc_io, "write_results_csv"):
-        return froc_io.write_results_csv
-    from lungdet.inference import write_results_csv
-
-    return write_results_csv
-
-
 def results_frame(candidates: pd.DataFrame | None, scan_id: str) -> pd.DataFrame:
     """The scored candidates with ``seriesuid`` set to the scan id, best first."""
-    from common.metrics.froc_io import RESULT_COLUMNS
-
     if candidates is None or len(candidates) == 0:
         return pd.DataFrame(
-            {c: pd.Series(dtype=object if c == "seriesuid" else float) for c in RESULT_COLUMNS}
+            {c: pd.Series(dtype=object if c == "seriesuid" else float) for c in froc_io.RESULT_COLUMNS}
         )
     frame = candidates.copy()
     frame["seriesuid"] = scan_id
     frame = frame.sort_values("probability", ascending=False, kind="stable")
-    return frame[list(RESULT_COLUMNS)].reset_index(drop=True)
+    return frame[list(froc_io.RESULT_COLUMNS)].reset_index(drop=True)
 
 
 def write_results_csv(frame: pd.DataFrame, path: str | Path) -> Path:
     """A LUNA16 results CSV (``seriesuid,coordX,coordY,coordZ,probability``) scorable as is."""
-    return Path(_results_writer()(frame, path))
+    return Path(froc_io.write_results_csv(frame, path))
 
 
 # ------------------------------------------------------------------------------------------------ images
