@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## create .venv and install the toolkit with pinned versions (constraints.txt)
 
-demo: $(STAMP) ## synthetic LUNA16 -> CLAF stage 1 + MPPN on CPU -> official FROC; prints the report folder
-	$(PY) -m lungdet.demo --out demo_out
+demo: $(STAMP) ## CLAF (+ official FROC), GLANCE, M3Net briefly on CPU -> bundle -> lungcad analyze of a DICOM series
+	$(PY) -m lungcad.demo --out demo_out
 
 reproduce-table3: $(STAMP) ## GLANCE Table 3 for GLANCE + CLAF from LUNA16_ROOT / TIANCHI_ROOT; DATA=demo: synthetic stand-ins
 ifeq ($(DATA),demo)
