@@ -439,8 +439,8 @@ def markdown(env: dict[str, Any], results: dict[str, Any]) -> str:
         "",
         f"Run {results['date']} on {results['machine']}; load average before / after "
         f"{load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} cores shared with other sessions; wall time "
-        f"{results['wall_s']:.0f} s (training {sum(env['timings_s'].values()):.0f} s of it, possibly reused "
-        "from an earlier run). Recipe and code: `lungcad/learning.py` (`python -m lungcad.learning --out "
+        f"{results['wall_s']:.0f} s of the checks (training and bundling, run before them or reused: "
+        f"{sum(env['timings_s'].values()):.0f} s). Recipe and code: `lungcad/learning.py` (`python -m lungcad.learning --out "
         "learning_out/analyze --docs docs`), checked by `pytest -m slow tests/lungcad/test_analyze_learning.py`.",
         "",
         f"Bundle: CLAF stage 1 + MPPN as `make demo` trains them but shortened ({' '.join(STAGE1_ARGS)} / "
