@@ -23,6 +23,7 @@ BENCHMARKS = (
     "bench.froc_bench",
     "bench.lungdet_bench",
     "bench.followup_bench",
+    "bench.analyze_bench",
 )
 
 
