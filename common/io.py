@@ -823,12 +823,17 @@ def write_dicom_series(
     normal of the in-plane axes, so a left-handed direction (det = -1) reads back as the same physical volume
     with the slice order reversed.
 
+    The series is a valid CT Image IOD: it carries a FrameOfReferenceUID (Type 1; a DICOM SEG needs it) and
+    every UID is at most 64 characters. The frame of reference and the SOP Instance UIDs are derived from
+    the series UID (pydicom's hashed ``generate_uid``), so the same inputs give the same bytes.
+
     Args:
         volume: an integer volume (int16 HU or uint8); float volumes must be rounded first.
         folder: created if needed; files are `slice_0000.dcm`, ...
         series_uid: SeriesInstanceUID; a fresh one is generated if omitted.
         study_uid: StudyInstanceUID; a fresh one is generated if omitted.
-        tags: extra `"gggg|eeee": value` tags written to every slice (e.g. synthetic patient fields).
+        tags: extra `"gggg|eeee": value` tags written to every slice (e.g. synthetic patient fields); they
+            override the defaults, e.g. ``"0020|0052"`` to share one frame of reference between series.
 
     Returns:
         The written file paths in slice order.
@@ -853,6 +858,7 @@ def write_dicom_series(
         "0008|103e": "lungcad series",
         "0020|000d": study_uid,
         "0020|000e": series_uid,
+        "0020|0052": generate_uid(entropy_srcs=[series_uid, "frame of reference"]),
         "0020|0011": "1",
         "0020|0037": orientation,
         "0018|0050": _fmt(volume.spacing[2]),
@@ -873,7 +879,8 @@ def write_dicom_series(
         position = img.TransformIndexToPhysicalPoint((0, 0, k))
         slice_img.SetMetaData("0020|0032", "\\".join(_fmt(v) for v in position))
         slice_img.SetMetaData("0020|0013", str(k + 1))
-        slice_img.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
+        # Not f"{series_uid}.{k + 1}": a 64-character series UID would give SOP UIDs over the 64 allowed.
+        slice_img.SetMetaData("0008|0018", generate_uid(entropy_srcs=[series_uid, "slice", str(k + 1)]))
         out = folder / f"slice_{k:04d}.dcm"
         with atomic.atomic_path(out, suffix=".dcm") as tmp:
             writer.SetFileName(str(tmp))

@@ -82,11 +82,9 @@ def write_held_out_dicom(folder: Path, seed: int, index: int) -> tuple[Path, str
     """Scan ``index`` of the synthetic dataset ``seed`` as a DICOM CT series; returns (folder, series UID).
 
     Carries a synthetic patient name and ID, as a real export would (they must reach no output but the DICOM
-    SEG/SR), and the frame of reference a DICOM SEG needs.
+    SEG/SR); `write_dicom_series` adds the frame of reference a DICOM SEG needs.
     """
     import shutil
-
-    from pydicom.uid import generate_uid
 
     from common.io import write_dicom_series
     from common.synth import generate_scan
@@ -98,7 +96,6 @@ def write_held_out_dicom(folder: Path, seed: int, index: int) -> tuple[Path, str
     tags = {
         "0010|0010": "Synthetic^Phantom",
         "0010|0020": scan.patient_id,
-        "0020|0052": generate_uid(entropy_srcs=[scan.series_uid, "frame"]),
         "0008|103e": "synthetic chest CT (held out)",
     }
     write_dicom_series(

@@ -109,9 +109,25 @@ def _truncated(path: Path, ds: pydicom.Dataset) -> bool:
             * int(ds.BitsAllocated)
             // 8
         )
-    except (AttributeError, TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - a value cut mid-way (pydicom BytesLengthException) or absent
         return True
-    return path.stat().st_size < expected
+    size = path.stat().st_size
+    if size < expected:
+        return True
+    # A cut in the header can still leave more bytes than the pixel data needs: the file is whole when its
+    # last `expected` bytes follow the Pixel Data element's header (8 or 12 bytes); else parse it all.
+    with open(path, "rb") as fh:
+        fh.seek(max(size - expected - 12, 0))
+        if _PIXEL_DATA_TAG in fh.read(12):
+            return False
+    try:
+        return len(pydicom.dcmread(path).get("PixelData", b"")) < expected
+    except Exception:  # noqa: BLE001 - any parse failure here means a cut file
+        return True
+
+
+#: (7FE0,0010) Pixel Data in little-endian byte order.
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
 
 def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> np.ndarray | None:
@@ -244,7 +260,8 @@ def select_ct_series(
                 f"not chosen: CT series {uid} ({'axial' if axial else 'not axial'}, {n} slices, {-spacing:.3g} mm)"
             )
     # Unreadable DICOM files of this series (or of no readable series) would leave a gap: name them first.
-    unreadable = [p for p in unreadable if _claimed_series(p) in ("", chosen)]
+    # A file cut inside its SeriesInstanceUID claims a prefix of it ("" when cut before).
+    unreadable = [p for p in unreadable if chosen.startswith(_claimed_series(p))]
     ct_io.check_unreadable_slices(f"{folder}: CT series {chosen}", unreadable, tolerance_mm)
     files, datasets = _check_geometry(folder, chosen, items, tolerance_mm)
     return SeriesChoice(folder, chosen, files, datasets, reasons, unreadable)

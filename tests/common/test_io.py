@@ -132,6 +132,35 @@ def test_dicom_series_round_trip(tmp_path, name):
     _assert_same_geometry(back, volume, atol=1e-9)
 
 
+def test_dicom_series_is_a_valid_ct_image(tmp_path):
+    """Every UID fits DICOM's 64 characters (also with the longest series UID pydicom makes), a
+    FrameOfReferenceUID is there (Type 1; a DICOM SEG refuses a source without it), the same inputs give
+    the same UIDs, and pydicom's validation accepts every UID."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    series_uid = generate_uid()  # the random ones are 64 characters long
+    assert len(series_uid) == 64
+    files = write_dicom_series(_volume(np.eye(3)), tmp_path / "a", series_uid=series_uid, study_uid="1.2.3")
+    again = write_dicom_series(_volume(np.eye(3)), tmp_path / "b", series_uid=series_uid, study_uid="1.2.3")
+    frames, sops = set(), []
+    for path, path_again in zip(files, again, strict=True):
+        ds = pydicom.dcmread(path)
+        for element in [*ds.iterall(), *ds.file_meta]:
+            if element.VR == "UI" and element.value:
+                pydicom.valuerep.validate_value("UI", element.value, pydicom.config.RAISE)
+                assert len(element.value) <= 64, element
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        ds_again = pydicom.dcmread(path_again, stop_before_pixels=True)
+        assert (ds_again.SOPInstanceUID, ds_again.FrameOfReferenceUID) == (
+            ds.SOPInstanceUID,
+            ds.FrameOfReferenceUID,
+        )
+        frames.add(ds.FrameOfReferenceUID)
+        sops.append(ds.SOPInstanceUID)
+    assert len(frames) == 1 and len(set(sops)) == len(files)
+
+
 def test_dicom_left_handed_stack_reads_back_as_the_same_physical_volume(tmp_path):
     volume = _volume(np.diag([1.0, 1.0, -1.0]))
     write_dicom_series(volume, tmp_path / "series")

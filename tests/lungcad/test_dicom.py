@@ -17,7 +17,6 @@ from lungcad.dicom_input import read_dicom_ct, select_ct_series
 from lungcad.dicom_output import ANONYMIZED, write_seg, write_sr
 
 PATIENT = {"0010|0010": "Doe^Jane", "0010|0020": "PID-73519", "0010|0030": "19470203"}
-FRAME_OF_REFERENCE = "1.2.826.0.1.3680043.99.1"
 CORONAL = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])  # columns: x, -z, y (det +1)
 
 
@@ -33,9 +32,7 @@ def _series(
         np.eye(3) if direction is None else direction,
     )
     tmp = folder / f"_tmp_{uid}"
-    files = write_dicom_series(
-        volume, tmp, series_uid=uid, tags={**PATIENT, "0020|0052": FRAME_OF_REFERENCE, **(extra or {})}
-    )
+    files = write_dicom_series(volume, tmp, series_uid=uid, tags={**PATIENT, **(extra or {})})
     folder.mkdir(parents=True, exist_ok=True)
     moved = []
     for f in files:
@@ -254,7 +251,7 @@ def test_seg_segments_and_frames_overlay_the_labels(written):
     assert [s.SegmentLabel for s in raw.SegmentSequence] == ["Nodule 1", "Nodule 2"]
     assert raw.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "27925004"  # SCT Nodule
     assert raw.SegmentSequence[0].AnatomicRegionSequence[0].CodeValue == "39607008"  # SCT Lung
-    assert raw.FrameOfReferenceUID == FRAME_OF_REFERENCE
+    assert raw.FrameOfReferenceUID == datasets[0].FrameOfReferenceUID  # written by common.io
     # Every frame sits at its source slice's position and references that slice.
     by_uid = {ds.SOPInstanceUID: ds for ds in datasets}
     for frame in raw.PerFrameFunctionalGroupsSequence:

@@ -105,6 +105,28 @@ ROWS: tuple[Row, ...] = (
         "names the series folder and the slice file"),
     Row("predict-junk-file", "a non-image `.mhd` in a predict folder", "lungdet predict", 2,
         "names the file and `--data.init_args.lenient true` that skips it"),
+    Row("analyze-not-ct", "a DICOM folder whose only series is MR", "lungcad analyze", 2,
+        "names the folder and the MR series: lungcad analyses CT scans only"),
+    Row("analyze-one-slice", "a DICOM series of one slice", "lungcad analyze", 2,
+        "names the folder, the series and the slice file: a 3D scan needs the whole series"),
+    Row("analyze-two-series", "a folder with a thick (6 slices) and a thin (12 slices) CT series",
+        "lungcad analyze", 0,
+        "not an error: the thin one is analysed (rule: axial, most slices, thinnest spacing), the choice "
+        "and the other series logged"),
+    Row("analyze-mixed-orientation", "one series whose slices have two orientations", "lungcad analyze", 2,
+        "names the folder, the series and the two slice files; says `--series-uid`"),
+    Row("analyze-gantry-tilt", "`GantryDetectorTilt` 15°", "lungcad analyze", 2,
+        "names the folder, the series, the tilt and the slice file"),
+    Row("analyze-missing-slice", "a slice missing from the middle of a series", "lungcad analyze", 2,
+        "names the folder, the series and the slices around the gap; says `--dicom-tolerance MM`"),
+    Row("analyze-bundle-tampered", "a bundle weights file changed after `lungcad bundle`", "lungcad analyze", 2,
+        "names `bundle.json` and `files.<name>`: sha256 differs, rebuild or re-copy the bundle"),
+    Row("analyze-bundle-file-missing", "a bundle weights file deleted", "lungcad analyze", 2,
+        "names `bundle.json` and `files.<name>`: missing, copy the whole bundle folder"),
+    Row("analyze-nodules-non-numeric", "`--nodules` CSV with `coordX` = `abc`", "lungcad analyze", 2,
+        "names the CSV, row, line, column and value"),
+    Row("analyze-nodules-outside", "`--nodules` CSV row outside its scan", "lungcad analyze", 2,
+        "names the CSV, row and line: world mm (x, y, z) in the scan's own frame"),
 )  # fmt: skip
 
 
@@ -126,11 +148,12 @@ def tree_digest(path: Path) -> dict[str, str] | None:
 class Case:
     """What one row runs and checks."""
 
-    cli: str  # "lungdata" or "lungdet"
+    cli: str  # "lungdata", "lungdet" or "lungcad"
     argv: list[str]
     needles: list[str]
     protect: list[Path] = field(default_factory=list)
     check: Callable[[str], None] | None = None  # extra check, given stdout + stderr + log
+    patch: Callable[[pytest.MonkeyPatch], None] | None = None  # stand-ins set before the command runs
 
 
 @dataclass
@@ -418,6 +441,135 @@ def case(row_id: str, w: World, tmp: Path) -> Case:  # noqa: C901  (one branch p
         argv = ["predict", "--config", str(CLAF), "--config", str(_lungdet_overlay(tmp, w.tree))]
         argv += ["--data.init_args.predict_root", str(folder)]
         return Case("lungdet", argv, [str(junk), "--data.init_args.lenient true"], [folder])
+    if row_id.startswith("analyze-"):
+        return analyze_case(row_id, w, tmp)
+    raise KeyError(row_id)
+
+
+# ------------------------------------------------------------------------------------ lungcad analyze
+# Every refusal below comes before any model is loaded (`lungcad.commands.analyze`: the --nodules CSV is
+# read first, then the scan is read and checked, then the bundle is loaded and verified, checksums before
+# weights), so the rows need no trained bundle: the input rows pass an empty bundle folder, the bundle rows
+# a bundle.json whose one listed file is tampered or gone (the real `Bundle.load` refuses it), and the one
+# row that succeeds (two series, one picked) runs with the models stood in for (nothing is detected).
+
+
+def _analyze_series(folder: Path, uid: str, n: int = 8, spacing_z: float = 2.0, tags=None) -> list[Path]:
+    """A small CT series (n slices of 24×24) written by common.io."""
+    from common.io import CTVolume, write_dicom_series
+
+    rng = np.random.default_rng(n)
+    array = rng.integers(-1000, 200, (n, 24, 24)).astype(np.int16)
+    volume = CTVolume(array, (1.5, 1.5, spacing_z), (-18.0, -18.0, -40.0), np.eye(3))
+    return write_dicom_series(volume, folder, series_uid=uid, tags=tags)
+
+
+def _stub_bundle(folder: Path, weights: bytes = b"weights") -> Path:
+    """A bundle.json (the format `Bundle.load` reads) listing one file with its sha256."""
+    from lungcad.bundle import BUNDLE_FILE, FORMAT, SCHEMA_VERSION
+
+    folder.mkdir(parents=True)
+    (folder / "stage1.ckpt").write_bytes(weights)
+    files = {"stage1.ckpt": hashlib.sha256(weights).hexdigest()}
+    manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "files": files, "models": {}}
+    (folder / BUNDLE_FILE).write_text(json.dumps(manifest))
+    return folder
+
+
+def _no_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stand in for the bundle and the models: the scan is read, chosen and written, nothing is detected."""
+    import pandas as pd
+
+    import lungcad.bundle
+    import lungcad.pipeline
+    from lungcad.pipeline import Analysis
+
+    class NoBundle:
+        @classmethod
+        def load(cls, path, *args, **kwargs):
+            return cls()
+
+    def nothing_found(volume, bundle, **kwargs):
+        candidates = pd.DataFrame(columns=["seriesuid", "coordX", "coordY", "coordZ", "probability"])
+        labels = np.zeros(volume.shape, np.uint16)
+        return Analysis(volume, [], labels, candidates, {}, {"name": "stand-in", "sha256": None})
+
+    monkeypatch.setattr(lungcad.bundle, "Bundle", NoBundle)
+    monkeypatch.setattr(lungcad.pipeline, "analyze_volume", nothing_found)
+
+
+def analyze_case(row_id: str, w: World, tmp: Path) -> Case:
+    """The `lungcad analyze` rows: OUT holds an earlier scan's results, which must stay as they are."""
+    import pydicom
+
+    out = tmp / "out"
+    (out / "earlier").mkdir(parents=True)
+    (out / "earlier" / "report.json").write_text('{"earlier": true}\n')
+    bundle = tmp / "bundle"
+    bundle.mkdir()
+    series = tmp / "dicom" / "series"
+    uid = "1.2.826.0.1.3680043.8.498.19"
+
+    def argv(*extra: str, source: Path = series) -> list[str]:
+        return ["analyze", str(source), "--bundle", str(bundle), "--out", str(out), *extra]
+
+    if row_id == "analyze-not-ct":
+        _analyze_series(series, uid, tags={"0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4"})
+        return Case("lungcad", argv(), [str(series), f"MR series {uid}", "CT scans only"], [out])
+    if row_id == "analyze-one-slice":
+        _analyze_series(series, uid, n=1)
+        return Case("lungcad", argv(), [str(series), uid, "slice_0000.dcm", "single slice"], [out])
+    if row_id == "analyze-two-series":
+        thick, thin = f"{uid}.1", f"{uid}.2"
+        for name, n, dz in ((thick, 6, 4.0), (thin, 12, 2.0)):
+            for k, f in enumerate(_analyze_series(tmp / name, name, n=n, spacing_z=dz)):
+                series.mkdir(parents=True, exist_ok=True)
+                f.rename(series / f"{name[-1]}_{k:04d}.dcm")
+
+        def chose_thin(text: str) -> None:
+            report = json.loads((out / thin / "report.json").read_text())
+            assert report["scan"]["id"] == thin and report["scan"]["shape_zyx"][0] == 12
+            assert {p.name for p in out.iterdir()} == {"earlier", thin}
+            assert f"not chosen: CT series {thick}" in text
+
+        needles = [f"chose CT series {thin}", "rule: axial, most slices, thinnest spacing"]
+        return Case("lungcad", argv(), needles, [out / "earlier"], chose_thin, _no_models)
+    if row_id == "analyze-mixed-orientation":
+        files = _analyze_series(series, uid)
+        ds = pydicom.dcmread(files[5])
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # a coronal slice inside the axial series
+        ds.save_as(files[5])
+        needles = [str(series), uid, "mixed orientations", "slice_0005.dcm", "--series-uid"]
+        return Case("lungcad", argv(), needles, [out])
+    if row_id == "analyze-gantry-tilt":
+        _analyze_series(series, uid, tags={"0018|1120": "15"})
+        needles = [str(series), uid, "gantry tilt 15 degrees", "slice_0000.dcm"]
+        return Case("lungcad", argv(), needles, [out])
+    if row_id == "analyze-missing-slice":
+        _analyze_series(series, uid)[4].unlink()
+        needles = [str(series), uid, "slice_0003.dcm -> slice_0005.dcm", "--dicom-tolerance MM"]
+        return Case("lungcad", argv(), needles, [out])
+    if row_id in ("analyze-bundle-tampered", "analyze-bundle-file-missing"):
+        bundle.rmdir()
+        _stub_bundle(bundle)
+        weights = bundle / "stage1.ckpt"
+        if row_id == "analyze-bundle-tampered":
+            weights.write_bytes(b"weightz")
+            needles = [str(bundle / "bundle.json"), "files.stage1.ckpt sha256", "re-copy"]
+        else:
+            weights.unlink()
+            needles = [str(bundle / "bundle.json"), "files.stage1.ckpt is missing"]
+        return Case("lungcad", argv(source=w.dicom), needles, [out, bundle])
+    if row_id in ("analyze-nodules-non-numeric", "analyze-nodules-outside"):
+        _analyze_series(series, uid)
+        csv = tmp / "nodules.csv"
+        if row_id == "analyze-nodules-non-numeric":
+            csv.write_text(f"seriesuid,coordX,coordY,coordZ\n{uid},0,0,-35\n{uid},abc,0,-35\n")
+            needles = [str(csv), "row 2", "line 3", "coordX", "abc"]
+        else:
+            csv.write_text(f"seriesuid,coordX,coordY,coordZ\n{uid},0,0,-35\n{uid},0,0,500\n")
+            needles = [str(csv), "row 2 (line 3)", "outside its scan"]
+        return Case("lungcad", argv("--nodules", str(csv)), needles, [out])
     raise KeyError(row_id)
 
 
@@ -431,7 +583,10 @@ def _run(cli: str, argv: list[str]) -> int:
         return main(argv)
     import logging
 
-    from lungdet.cli import main
+    if cli == "lungcad":
+        from lungcad.cli import main
+    else:
+        from lungdet.cli import main
 
     # Stream handlers made during an earlier test (Lightning's on import, `lungdata`'s basicConfig) hold
     # that test's captured stderr, closed since: point them at this test's.
@@ -464,11 +619,13 @@ KILL_ROWS = ("kill-9-then-rerun", "concurrent-prepare")
 @pytest.mark.parametrize(
     "row", [pytest.param(r, id=r.id, marks=r.marks) for r in ROWS if r.id not in KILL_ROWS]
 )
-def test_bad_input(row: Row, world: World, tmp_path, capsys, caplog) -> None:
+def test_bad_input(row: Row, world: World, tmp_path, capsys, caplog, monkeypatch) -> None:
     import logging
 
     caplog.set_level(logging.INFO)
     c = case(row.id, world, tmp_path)
+    if c.patch:
+        c.patch(monkeypatch)
     before = {p: tree_digest(p) for p in c.protect}
     capsys.readouterr()
     rc = _run(c.cli, c.argv)
