@@ -141,10 +141,9 @@ def test_command_is_the_agents_and_runs_our_clis_through_this_interpreter(monkey
 def _print_config(package: str, argv: list[str]) -> int:
     main = importlib.import_module(f"{package}.cli").main
     try:
-        main([*argv, "--print_config"])
-    except SystemExit as exit_:
+        return int(main([*argv, "--print_config"]) or 0)  # user errors: one line, status 2
+    except SystemExit as exit_:  # --print_config exits 0 after printing
         return int(exit_.code or 0)
-    return 0
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
