@@ -273,6 +273,12 @@ def _check_uid(uid: str) -> None:
         raise ValueError(f"scan uid {uid!r} cannot name a cache file; uids must be plain names")
 
 
+SCAN_BLAS_THREADS = 1
+"""BLAS threads of one scan's resampling. Fixed, because float32 matrix products round differently with
+another thread count (±1 HU on a few hundred voxels of a scan): with it fixed, a scan's bytes do not depend
+on `workers`, shards or the machine's core count. Parallelism comes from `workers` (one scan per process)."""
+
+
 def preprocess_scan(
     record: ScanRecord,
     settings: PrepareSettings,
@@ -285,6 +291,20 @@ def preprocess_scan(
 
     Runs in worker processes too, hence a plain function of picklable arguments.
     """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=SCAN_BLAS_THREADS):
+        return _preprocess_scan(record, settings, root, fingerprint, read_fn, strict)
+
+
+def _preprocess_scan(
+    record: ScanRecord,
+    settings: PrepareSettings,
+    root: str | Path,
+    fingerprint: dict[str, Any],
+    read_fn: ReadFn | None,
+    strict: bool,
+) -> dict[str, Any]:
     started = time.perf_counter()
     root = Path(root)
     read_fn = read_fn or ct_io.read_volume
@@ -344,13 +364,6 @@ def preprocess_scan(
     # Timing is logged, not stored: the manifest must not depend on which process built the scan or how fast.
     log.debug("%s preprocessed in %.1f s", record.uid, time.perf_counter() - started)
     return entry
-
-
-def _worker_init(threads: int) -> None:
-    """Give each worker process its share of the cores for BLAS (the resampling matrix products)."""
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=threads)
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -523,7 +536,7 @@ class PreprocessedCache:
             records: the scans (e.g. `LUNA16Dataset(root).records`).
             settings: preprocessing settings; default 1 mm cubic B-spline with provided-or-computed masks.
             read_fn: volume reader `(path, series_uid=...) -> CTVolume`; default `common.io.read_volume`.
-            workers: scans processed in parallel (processes); each gets cores / workers BLAS threads.
+            workers: scans processed in parallel (processes), one BLAS thread each (`SCAN_BLAS_THREADS`).
             strict: a bad scan stops the build with its error (default); lenient logs it and continues.
             shard: (i, n): build only shard i of n (`shard_records`); n such builds, in any order or at the
                 same time, on one machine or several sharing the folder, give the cache one build gives.
@@ -601,8 +614,7 @@ class PreprocessedCache:
         return report
 
     def _build_parallel(self, todo, settings, read_fn, workers, strict, done, failed) -> None:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
             pending = {
                 pool.submit(
                     preprocess_scan, record, settings, self.root, fingerprint, read_fn, strict

@@ -88,3 +88,22 @@ def test_bad_shard_and_workers_are_one_line_errors(luna, tmp_path, capsys):
     assert main([*base, "--workers", "0"]) == 2
     assert "--workers 0: give at least 1" in capsys.readouterr().err
     assert not PreprocessedCache(tmp_path / "c").manifest_path.exists()
+
+
+def test_a_scan_is_resampled_with_a_fixed_blas_thread_count(luna, tmp_path):
+    """float32 matrix products round differently with another thread count, so every build uses the same."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from common.cache import SCAN_BLAS_THREADS
+    from common.io import read_volume
+
+    seen = []
+
+    def read(path, series_uid=None):
+        seen.append({pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"})
+        return read_volume(path, series_uid=series_uid)
+
+    records = LUNA16Dataset(luna.root).records[:1]
+    with threadpool_limits(limits=2):
+        PreprocessedCache(tmp_path / "cache").build(records, read_fn=read)
+    assert seen == [{SCAN_BLAS_THREADS}]
