@@ -12,7 +12,7 @@ export PYTHONUTF8 := 1
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo reproduce-table3 test test-slow lint format bench bench-gpu clean-venv
+.PHONY: help install demo reproduce-table3 learning-report test test-slow lint format bench bench-gpu clean-venv
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## create .venv and install the toolkit with pinned versions (constraints.txt)
 
-demo: $(STAMP) ## synthetic LUNA16 -> CLAF stage 1 + MPPN on CPU -> official FROC; prints the report folder
-	$(PY) -m lungdet.demo --out demo_out
+demo: $(STAMP) ## CLAF (+ official FROC), GLANCE, M3Net briefly on CPU -> bundle -> lungcad analyze of a DICOM series
+	$(PY) -m lungcad.demo --out demo_out
 
 reproduce-table3: $(STAMP) ## GLANCE Table 3 for GLANCE + CLAF from LUNA16_ROOT / TIANCHI_ROOT; DATA=demo: synthetic stand-ins
 ifeq ($(DATA),demo)
@@ -42,10 +42,25 @@ else
 	$(PY) -m common.cli table render glance_table3
 endif
 
+MODEL ?= all
+LEARNING_PARTS := $(if $(filter all,$(MODEL)),claf glance m3net pathology,$(MODEL))
+learning-report: $(STAMP) ## train + score on phantoms, 95% intervals over patients -> docs/learning.md (slow; MODEL=claf|glance|m3net|pathology)
+	@for m in $(LEARNING_PARTS); do \
+	  case $$m in \
+	    claf) module=lungdet.learning;; \
+	    glance) module=lungseg.learning;; \
+	    m3net|pathology) module="lungcls.learning --model $$m";; \
+	    *) echo "unknown MODEL=$$m: choose claf, glance, m3net or pathology"; exit 2;; \
+	  esac; \
+	  echo "[learning-report] $$m"; \
+	  $(PY) -m $$module --out learning_out/$$m --docs docs || exit 1; \
+	done
+	$(PY) -m common.experiments.learning_report --docs docs
+
 test: $(STAMP) ## run the default test suite (CPU, a few minutes)
 	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile
 
-test-slow: $(STAMP) ## run the slow learning checks (models actually learn on phantoms)
+test-slow: $(STAMP) ## the slow learning checks: the learning-report runs with assertions on their intervals
 	$(PY) -m pytest -q -p no:cacheprovider -m slow -s
 
 lint: $(STAMP) ## ruff lint + format check

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from lungdet.data import fill_value
-from lungdet.inference import detect_scan, score_candidates
+from lungdet.inference import Stage1Inference, detect_scan, score_candidates
 from lungdet.models import build_candidate_net, build_mppn, count_flops
 
 SHAPE_ZYX = (300, 350, 350)
@@ -167,10 +167,12 @@ def run(
     mppn = build_mppn(width=mppn_width).eval()
     seen: list[int] = []
     with torch.no_grad():
-        detect_scan(net, volume[:block_size, :block_size, :block_size], block_size=block_size)  # warm-up
+        warm = volume[:block_size, :block_size, :block_size]
+        detect_scan(net, warm, Stage1Inference(block_size=block_size, sw_batch_size=1))  # warm-up
         hook = net.register_forward_hook(lambda module, args, output: seen.append(int(args[0].shape[0])))
         start = time.perf_counter()
-        detect_scan(net, volume, block_size=block_size, overlap=0.25, sw_batch_size=2, pad_value=fill_value())
+        settings = Stage1Inference(block_size=block_size, overlap=0.25, sw_batch_size=2)
+        detect_scan(net, volume, settings, pad_value=fill_value())
         t1 = time.perf_counter() - start
         hook.remove()
     blocks = sum(seen)

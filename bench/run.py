@@ -22,6 +22,7 @@ BENCHMARKS = (
     "bench.preprocess_bench",
     "bench.froc_bench",
     "bench.lungdet_bench",
+    "bench.followup_bench",
     "bench.prepare_bench",
     "bench.train_bench",
 )

@@ -71,9 +71,24 @@ def csv_text(header: Sequence[str] | None, rows: Iterable[Sequence[Any]], linete
     return buffer.getvalue()
 
 
-def write_json(path: str | Path, data: Any, indent: int = 1, fsync: bool = False) -> Path:
-    """Write `data` as sorted, indented JSON (stable bytes for the same data) atomically."""
-    return write_text(path, json.dumps(data, indent=indent, sort_keys=True) + "\n", fsync=fsync)
+def json_ready(data: Any) -> Any:
+    """`data` with NaN and infinities replaced by None: JSON has no NaN, and a bare ``NaN`` token makes the
+    file unreadable for strict parsers (jq, JavaScript, jsonschema), so an undefined number is ``null``."""
+    if isinstance(data, dict):
+        return {key: json_ready(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [json_ready(value) for value in data]
+    if isinstance(data, float | np.floating):
+        return float(data) if np.isfinite(data) else None
+    return data
+
+
+def write_json(
+    path: str | Path, data: Any, indent: int = 1, fsync: bool = False, sort_keys: bool = True
+) -> Path:
+    """Write `data` as indented JSON (sorted keys: stable bytes for the same data) atomically; NaN → null."""
+    text = json.dumps(json_ready(data), indent=indent, sort_keys=sort_keys, allow_nan=False)
+    return write_text(path, text + "\n", fsync=fsync)
 
 
 def write_csv(

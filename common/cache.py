@@ -22,7 +22,7 @@ annotation CSV updates the manifest without re-resampling anything.
 
 A scan that cannot be read raises an error naming the file (strict mode) after the scans before it are
 safely recorded; lenient mode logs it and moves on. Only one build may write a cache at a time (a lock file
-holds the builder's pid; a lock left by a killed build is taken over).
+holds the builder's pid; a lock left by a killed build — its pid gone or a zombie — is taken over).
 
 At scale, `build(..., shard=(i, n))` builds only every n-th scan (by sorted uid) so that n processes — a
 SLURM array, several machines — fill one shared cache: each scan belongs to exactly one shard, whose lock
@@ -67,6 +67,7 @@ __all__ = [
     "grid_geometry",
     "prepare_cache",
     "parse_shard",
+    "prepare_volume",
     "shard_records",
 ]
 
@@ -79,6 +80,11 @@ MASK_DIR = "lung_masks"
 FORMAT = "lungcad-preprocessed-cache"
 
 ReadFn = Callable[..., ct_io.CTVolume]
+#: How a user skips an unreadable scan, in the words of the commands they type.
+SKIP_SCANS_FIX = (
+    "to skip unreadable scans, pass --lenient (lungdata prepare) / --data.init_args.lenient true "
+    "(lungdet, lungseg, lungcls)"
+)
 
 
 @dataclass(frozen=True)
@@ -201,7 +207,7 @@ def _finding_entries(
         where = str(finding.extras.get("source", "annotation"))
         _, problem = locate_in_scan(original, xyz, where, "finding", f"scan {uid}")
         if problem:
-            policy.bad_row(problem, fix="fix the row, or pass --lenient / strict=False to drop it")
+            policy.bad_row(problem)
             continue
         row: dict[str, Any] = {
             "world_xyz": [float(v) for v in xyz],
@@ -276,7 +282,41 @@ def _check_uid(uid: str) -> None:
 SCAN_BLAS_THREADS = 1
 """BLAS threads of one scan's resampling. Fixed, because float32 matrix products round differently with
 another thread count (±1 HU on a few hundred voxels of a scan): with it fixed, a scan's bytes do not depend
-on `workers`, shards or the machine's core count. Parallelism comes from `workers` (one scan per process)."""
+on `workers`, shards or the machine's core count, and `prepare_volume` (`lungcad analyze`) gives the very
+bytes the cache holds. Parallelism comes from `workers` (one scan per process)."""
+
+
+def clipped_hu(volume: ct_io.CTVolume) -> ct_io.CTVolume:
+    """The scan as int16 HU with scanner padding mapped to air (``preprocess.clip_hu``): the cache's input."""
+    hu = preprocess.clip_hu(volume.array)
+    if hu.dtype != np.int16:
+        hu = np.rint(hu).astype(np.int16)
+    return volume.with_array(hu)
+
+
+def resample_hu(volume: ct_io.CTVolume, settings: PrepareSettings) -> ct_io.CTVolume:
+    """A `clipped_hu` scan on the cache grid: the array a cache entry's ``image`` file holds."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=SCAN_BLAS_THREADS):
+        resampled = preprocess.resample_isotropic(
+            volume, settings.spacing, order=settings.order, dtype=np.int16
+        )
+    # The cubic B-spline overshoots at sharp edges (air/FOV border, bone): clip again to the HU range.
+    return resampled.with_array(preprocess.clip_hu(resampled.array))
+
+
+def computed_lung_mask(resampled: ct_io.CTVolume, settings: PrepareSettings) -> np.ndarray:
+    """The computed lung mask of a `resample_hu` scan (what the cache stores when no mask is provided)."""
+    return preprocess.lung_mask(resampled, threshold_hu=settings.mask_threshold_hu)
+
+
+def prepare_volume(volume: ct_io.CTVolume, settings: PrepareSettings) -> tuple[ct_io.CTVolume, np.ndarray]:
+    """A new scan prepared in memory exactly as `preprocess_scan` caches it (computed lung mask): the
+    resampled int16 HU volume and its uint8 lung mask. `lungcad analyze` uses it, so analysing a scan and
+    caching it cannot drift apart."""
+    resampled = resample_hu(clipped_hu(volume), settings)
+    return resampled, computed_lung_mask(resampled, settings).astype(np.uint8, copy=False)
 
 
 def preprocess_scan(
@@ -291,28 +331,10 @@ def preprocess_scan(
 
     Runs in worker processes too, hence a plain function of picklable arguments.
     """
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=SCAN_BLAS_THREADS):
-        return _preprocess_scan(record, settings, root, fingerprint, read_fn, strict)
-
-
-def _preprocess_scan(
-    record: ScanRecord,
-    settings: PrepareSettings,
-    root: str | Path,
-    fingerprint: dict[str, Any],
-    read_fn: ReadFn | None,
-    strict: bool,
-) -> dict[str, Any]:
     started = time.perf_counter()
     root = Path(root)
     read_fn = read_fn or ct_io.read_volume
-    volume = read_fn(record.image_path, series_uid=record.series_uid)
-    hu = preprocess.clip_hu(volume.array)
-    if hu.dtype != np.int16:
-        hu = np.rint(hu).astype(np.int16)
-    volume = volume.with_array(hu)
+    volume = clipped_hu(read_fn(record.image_path, series_uid=record.series_uid))
     entry: dict[str, Any] = {
         "uid": record.uid,
         "patient_id": record.patient_id,
@@ -330,9 +352,7 @@ def _preprocess_scan(
     entry["spacing"] = list(settings.spacing)
     entry.update(_annotations(record, entry, strict))
 
-    resampled = preprocess.resample_isotropic(volume, settings.spacing, order=settings.order, dtype=np.int16)
-    # The cubic B-spline overshoots at sharp edges (air/FOV border, bone): clip again to the HU range.
-    resampled = resampled.with_array(preprocess.clip_hu(resampled.array))
+    resampled = resample_hu(volume, settings)
     has_mask = _has_label_mask(record)
     use_provided = settings.lung_mask != "computed" and has_mask
     if settings.lung_mask == "provided" and not has_mask:
@@ -346,7 +366,7 @@ def _preprocess_scan(
             record.lung_mask_path, reference=resampled, lung_labels=labels
         ).array
     else:
-        mask = preprocess.lung_mask(resampled, threshold_hu=settings.mask_threshold_hu)
+        mask = computed_lung_mask(resampled, settings)
 
     image_rel = f"{IMAGE_DIR}/{record.uid}.npy"
     mask_rel = f"{MASK_DIR}/{record.uid}.npy"
@@ -597,6 +617,8 @@ class PreprocessedCache:
 
             def failed(record: ScanRecord, err: Exception) -> None:
                 if strict:
+                    if isinstance(err, ct_io.VolumeReadError):
+                        raise ct_io.VolumeReadError(f"{err}; {SKIP_SCANS_FIX}") from None
                     raise err
                 log.error("skipped scan %s: %s", record.uid, err)
                 report.failed[record.uid] = str(err)
@@ -639,13 +661,23 @@ class PreprocessedCache:
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` is a running process; a zombie (killed, not yet reaped by its parent) is not.
+
+    Right after ``kill -9`` of a build, its pid stays a zombie until the parent (a shell, a test, a job
+    runner) waits for it; ``os.kill(pid, 0)`` still succeeds then, so the state in /proc decides.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): trust os.kill
+    state = stat.rsplit(")", 1)[-1].split()[:1]
+    return state not in (["Z"], ["X"], ["x"])
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -34,8 +34,12 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CTVolume",
     "VolumeReadError",
+    "DICOM_POSITION_TOLERANCE_MM",
     "anonymized_header",
+    "check_slice_positions",
+    "check_unreadable_slices",
     "index_to_world_matrix",
+    "read_dicom_slices",
     "read_volume",
     "voxel_to_world",
     "write_dicom_series",
@@ -206,7 +210,9 @@ def _to_canonical_dtype(array: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def read_volume(path: str | Path, series_uid: str | None = None) -> CTVolume:
+def read_volume(
+    path: str | Path, series_uid: str | None = None, *, dicom_tolerance_mm: float | None = None
+) -> CTVolume:
     """Read a CT scan from an `.mhd` header (.raw or .zraw data), a `.nii`/`.nii.gz` file or a DICOM folder.
 
     Rescale slope/intercept are applied (SimpleITK does this for DICOM), so integer CT comes back as int16 HU.
@@ -214,17 +220,21 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> CTVolume:
     Args:
         path: the `.mhd` / `.nii(.gz)` file, or a folder of DICOM files.
         series_uid: which series to read when the folder holds several.
+        dicom_tolerance_mm: DICOM only: accept slices up to this far (mm) off an even grid and leave out
+            unreadable slice files (the user's `--dicom-tolerance`); None = refuse both (see
+            `check_slice_positions`).
 
     Raises:
         FileNotFoundError: the path does not exist.
         VolumeReadError: the file is unreadable or fails validation (missing or truncated data file,
-            zero/negative/non-finite spacing, NaN voxels, no or ambiguous DICOM series).
+            zero/negative/non-finite spacing, NaN voxels, no or ambiguous DICOM series, unreadable DICOM
+            slices, missing slices or uneven slice spacing).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder; check the dataset root and the scan list")
     if path.is_dir():
-        volume = _read_dicom_folder(path, series_uid)
+        volume = _read_dicom_folder(path, series_uid, dicom_tolerance_mm)
     else:
         name = path.name.lower()
         compressed_data = None
@@ -251,6 +261,8 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> CTVolume:
         if uid is None and name.endswith(".mhd"):
             uid = path.name[: -len(".mhd")]
         volume = CTVolume.from_sitk(img, series_uid=uid, source=path)
+        if name.endswith(".mhd"):
+            check_voxel_order(volume, path)
     _validate(volume, path)
     return volume
 
@@ -283,6 +295,47 @@ def _validate(volume: CTVolume, path: Path) -> None:
         if bad:
             raise VolumeReadError(
                 f"{path}: {bad} voxel(s) are NaN or infinite; the file is corrupt, re-export or re-download it"
+            )
+
+
+def _neighbour_ratio(array: np.ndarray, axis: int, rng: np.random.Generator, n: int = 20000) -> float:
+    """Mean |difference| of voxels next to each other along `axis`, over that of random voxel pairs."""
+    flat = array.reshape(-1)
+    shape = np.asarray(array.shape)
+    index = [rng.integers(0, s, n) for s in shape]
+    index[axis] = rng.integers(0, shape[axis] - 1, n)
+    first = np.ravel_multi_index(index, array.shape)
+    second = first + int(np.prod(shape[axis + 1 :]))
+    neighbours = np.abs(flat[first].astype(np.float64) - flat[second]).mean()
+    pairs = np.abs(
+        flat[rng.integers(0, flat.size, n)].astype(np.float64) - flat[rng.integers(0, flat.size, n)]
+    )
+    return float(neighbours / max(pairs.mean(), 1e-9))
+
+
+def check_voxel_order(volume: CTVolume, path: Path) -> None:
+    """Refuse a volume whose header DimSize is in the wrong order although the data file's size fits it.
+
+    The size check cannot see a permuted DimSize (``64 40 64`` for ``64 64 40``: same product). The data
+    then still runs smoothly in file order (x neighbours stay x neighbours), but rows or slices no longer
+    continue one another: voxels next to each other along y or z differ as much as random pairs. Real CT,
+    even with thick slices, stays far from that; pure noise (smooth along no axis) is left alone.
+    """
+    array = volume.array
+    if array.ndim != 3 or min(array.shape) < 4 or array.size < 4096:
+        return
+    rng = np.random.default_rng(0)
+    x_ratio = _neighbour_ratio(array, 2, rng)
+    if x_ratio > 0.5:
+        return
+    for axis, what in ((1, "rows (y)"), (0, "slices (z)")):
+        ratio = _neighbour_ratio(array, axis, rng)
+        if ratio > 0.8:
+            dims = " ".join(str(n) for n in volume.size_xyz)
+            raise VolumeReadError(
+                f"{path}: DimSize {dims} looks permuted: neighbouring {what} do not continue one another "
+                f"(difference {ratio:.2f} of random voxel pairs, along x {x_ratio:.2f}) although the data file "
+                "has the right size; fix DimSize (x y z order) in the header"
             )
 
 
@@ -402,8 +455,128 @@ def _read_compressed_mhd(path: Path, data_path: Path, dtype: np.dtype, dims: lis
     return img
 
 
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> CTVolume:
-    files = [p for p in folder.iterdir() if p.is_file()]
+#: How far (mm) a slice may sit from the evenly spaced grid the volume puts it on before a DICOM series is
+#: refused by default. Positions in real headers are rounded to ~0.001 mm; a missing slice moves its
+#: neighbours by half a slice spacing or more. `--dicom-tolerance MM` (`dicom_tolerance_mm=`) raises it.
+DICOM_POSITION_TOLERANCE_MM = 0.05
+
+_TOLERANCE_FIX = (
+    "pass --dicom-tolerance MM (dicom_tolerance_mm=) to accept slices up to MM mm off an even grid"
+)
+
+
+def _dicom_floats(value: str | None) -> np.ndarray | None:
+    """A DICOM multi-valued decimal string ("a\\b\\c") as floats; None when absent or unparsable."""
+    if not value:
+        return None
+    try:
+        return np.asarray([float(v) for v in value.split("\\")], dtype=np.float64)
+    except ValueError:
+        return None
+
+
+def check_slice_positions(
+    positions_mm: np.ndarray,
+    names: list[str],
+    series: str,
+    tolerance_mm: float | None = None,
+) -> None:
+    """Refuse a stack whose slices are not evenly spaced: missing slices, gaps, repeats, irregular spacing.
+
+    The volume puts slice *k* at ``first + k * (last - first) / (n - 1)`` along the slice normal (what
+    SimpleITK does), so the check is how far each slice's own position is from that place.
+
+    Args:
+        positions_mm: each slice's ImagePositionPatient projected on the slice normal, in stack order.
+        names: the slice file names, same order (for the message).
+        series: what to call the series in the message (folder and UID).
+        tolerance_mm: the largest accepted offset; None = `DICOM_POSITION_TOLERANCE_MM` (the default rule).
+
+    Raises:
+        VolumeReadError: naming the series, the slice files around the worst gap and the tolerance flag.
+    """
+    pos = np.asarray(positions_mm, dtype=np.float64)
+    if pos.size < 2:
+        return
+    tol = DICOM_POSITION_TOLERANCE_MM if tolerance_mm is None else float(tolerance_mm)
+    gaps = np.diff(pos)
+    median = float(np.median(gaps))
+    worst = int(np.argmax(np.abs(gaps - median)))
+    where = f"{names[worst]} -> {names[worst + 1]}"
+    repeated = np.flatnonzero(np.abs(gaps) <= 1e-6 * max(1.0, abs(median)))
+    if repeated.size:
+        k = int(repeated[0])
+        raise VolumeReadError(
+            f"{series}: slices {names[k]} and {names[k + 1]} have the same position ({pos[k]:.3f} mm); the "
+            "folder mixes two acquisitions or holds a duplicate file, remove one or pick the series by UID"
+        )
+    grid = pos[0] + np.arange(pos.size) * (pos[-1] - pos[0]) / (pos.size - 1)
+    offset = float(np.max(np.abs(pos - grid)))
+    if offset > tol:
+        raise VolumeReadError(
+            f"{series}: slices are not evenly spaced (gap {abs(gaps[worst]):.3f} mm at {where}, median "
+            f"{abs(median):.3f} mm; a slice sits {offset:.3f} mm off the even grid, tolerance {tol:g} mm): missing "
+            f"slices or irregular spacing; re-export the complete series, or {_TOLERANCE_FIX}"
+        )
+    if offset > DICOM_POSITION_TOLERANCE_MM:
+        log.warning(
+            "%s: uneven slice spacing accepted (a slice sits %.3f mm off the even grid, gap %.3f mm at %s)",
+            series, offset, abs(gaps[worst]), where,
+        )  # fmt: skip
+
+
+def check_unreadable_slices(series: str, unreadable: list[Path], tolerance_mm: float | None = None) -> None:
+    """Refuse a series with unreadable slice files, unless a tolerance was given (then warn and go on without them).
+
+    Raises:
+        VolumeReadError: naming the series, the files and the `--dicom-tolerance` flag.
+    """
+    if not unreadable:
+        return
+    shown = ", ".join(Path(p).name for p in unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
+    if tolerance_mm is None:
+        raise VolumeReadError(
+            f"{series}: {len(unreadable)} slice file(s) cannot be read ({shown}): truncated or corrupt; "
+            "re-export or re-download the series, or pass --dicom-tolerance MM (dicom_tolerance_mm=) to "
+            "leave them out and accept the gap they leave up to MM mm"
+        )
+    log.warning("%s: left out %d unreadable slice file(s): %s", series, len(unreadable), shown)
+
+
+def is_dicomdir(ds) -> bool:
+    """Whether a parsed DICOM file is a media directory (DICOMDIR), the one kind of DICOM file with no series."""
+    meta = getattr(ds, "file_meta", None)
+    return str(getattr(meta, "MediaStorageSOPClassUID", "")) == "1.2.840.10008.1.3.10"
+
+
+def _unreadable_slices(files: list[Path], listed: set[str], series_uid: str) -> list[Path]:
+    """DICOM files GDCM left out of every series that belong to `series_uid` or to no readable series.
+
+    A truncated or corrupt slice is dropped by GDCM without a word; the series would be built without it.
+    """
+    import pydicom
+
+    bad = []
+    for path in files:
+        if str(path) in listed:
+            continue
+        with open(path, "rb") as fh:
+            is_dicom = fh.read(132)[128:] == b"DICM"
+        if not is_dicom:
+            continue  # not DICOM (LIDC's XML, notes), or a preamble-less file GDCM could not place either
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - a DICOM file pydicom cannot parse either is an unreadable slice
+            bad.append(path)
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if uid == series_uid or (not uid and not is_dicomdir(ds)):  # no series UID: cut before it
+            bad.append(path)
+    return bad
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None, tolerance_mm: float | None = None) -> CTVolume:
+    files = sorted(p for p in folder.iterdir() if p.is_file())
     if not files:
         raise VolumeReadError(
             f"{folder}: DICOM folder is empty; point at the folder that holds the .dcm files"
@@ -430,19 +603,114 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> CTVolume:
         raise VolumeReadError(
             f"{folder}: no DICOM series with UID {series_uid}; the folder holds {', '.join(sorted(uids))}"
         )
-    names = reader.GetGDCMSeriesFileNames(str(folder), series_uid)
-    if len(names) < 2:
-        log.debug("DICOM series in %s has a single slice", folder)
-    reader.SetFileNames(names)
+    names = list(reader.GetGDCMSeriesFileNames(str(folder), series_uid))
+    listed = {str(Path(n)) for uid in uids for n in reader.GetGDCMSeriesFileNames(str(folder), uid)}
+    # GDCM silently leaves out slice files it cannot parse (a truncated file): find them and say so.
+    unreadable = _unreadable_slices(files, listed, series_uid)
+    volume, _ = read_dicom_slices(
+        [Path(n) for n in names], series_uid, folder, tolerance_mm, unreadable=unreadable
+    )
+    return volume
+
+
+def read_dicom_slices(
+    files: list[Path],
+    series_uid: str,
+    source: Path,
+    tolerance_mm: float | None = None,
+    unreadable: list[Path] = (),
+) -> tuple[CTVolume, list[Path]]:
+    """Read one DICOM series from its slice files, in the given order (sorted along the slice normal).
+
+    Every slice must be readable and the slices evenly spaced (`check_slice_positions`). With a tolerance
+    (`tolerance_mm` given: the user's `--dicom-tolerance`), unreadable slice files are left out with a
+    warning and the resulting gap is judged against that tolerance.
+
+    Args:
+        files: the slice files of the series, sorted along the slice normal (GDCM's order).
+        series_uid: the series UID (for the volume and the messages).
+        source: the folder (for the volume and the messages).
+        tolerance_mm: None = the default rule (`DICOM_POSITION_TOLERANCE_MM`, no unreadable slices).
+        unreadable: slice files of this series already known to be unreadable.
+
+    Returns:
+        The volume (slice *k* = ``files_read[k]``) and the files read (``files`` less unreadable ones).
+
+    Raises:
+        VolumeReadError: an unreadable slice, uneven spacing, or SimpleITK failing; the message names the
+            folder, the series and the slice files.
+    """
+    series = f"{source}: DICOM series {series_uid}"
+    files = [Path(f) for f in files]
+    unreadable = [Path(f) for f in unreadable]
+
+    def execute(paths: list[Path]) -> tuple[sitk.ImageSeriesReader, sitk.Image]:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(p) for p in paths])
+        reader.MetaDataDictionaryArrayUpdateOn()
+        # ITK's own "non uniform sampling" warning names no file; check_slice_positions says it better.
+        shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        try:
+            return reader, reader.Execute()
+        finally:
+            sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
     try:
-        img = reader.Execute()
+        reader, img = execute(files)
     except RuntimeError as err:
-        raise VolumeReadError(
-            f"{folder}: reading DICOM series {series_uid} failed ({_first_line(err)}); some slices are corrupt"
-        ) from err
+        failing = [p for p in files if not _readable_slice(p)]
+        if not failing:
+            raise VolumeReadError(
+                f"{series}: reading the series failed ({_first_line(err)}); some slices are corrupt"
+            ) from err
+        unreadable += failing
+        files = [p for p in files if p not in failing]
+        reader = img = None
+    check_unreadable_slices(series, unreadable, tolerance_mm)
+    if not files:
+        raise VolumeReadError(f"{series}: no readable slice file")
+    if img is None:
+        try:
+            reader, img = execute(files)
+        except RuntimeError as err:
+            raise VolumeReadError(
+                f"{series}: reading the series failed ({_first_line(err)}); some slices are corrupt"
+            ) from err
+    if len(files) >= 2:
+        orientation = (
+            _dicom_floats(reader.GetMetaData(0, "0020|0037"))
+            if reader.HasMetaDataKey(0, "0020|0037")
+            else None
+        )
+        positions = [
+            _dicom_floats(reader.GetMetaData(k, "0020|0032"))
+            if reader.HasMetaDataKey(k, "0020|0032")
+            else None
+            for k in range(len(files))
+        ]
+        if (
+            orientation is not None
+            and orientation.size == 6
+            and all(p is not None and p.size == 3 for p in positions)
+        ):
+            normal = np.cross(orientation[:3], orientation[3:])
+            check_slice_positions(
+                np.asarray(positions) @ normal, [p.name for p in files], series, tolerance_mm
+            )
     if img.GetDimension() == 2:
         img = sitk.JoinSeries([img])
-    return CTVolume.from_sitk(img, series_uid=series_uid, source=folder)
+    volume = CTVolume.from_sitk(img, series_uid=series_uid, source=source)
+    _validate(volume, source)
+    return volume, files
+
+
+def _readable_slice(path: Path) -> bool:
+    try:
+        sitk.ReadImage(str(path))
+    except RuntimeError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------- writing

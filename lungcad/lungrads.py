@@ -28,6 +28,7 @@ __all__ = [
     "scan_category",
     "followup_category",
     "is_growth",
+    "stepped_category",
     "lungrads_table",
     "TABLE_RESOURCE",
 ]
@@ -208,3 +209,26 @@ def followup_category(
         )
     rule, text = _interval(rules["new_or_growing_solid_component"], component)
     return _higher(_make(rule["category"], f"part-solid, {status}{when}, component in {text}"), size)
+
+
+def stepped_category(
+    category: LungRADSCategory, *, prior_category: str | None, interval_days: float | None
+) -> LungRADSCategory:
+    """v2022 stepped management for a nodule that is stable or decreased (``stepped_management`` in the
+    YAML): a prior category 3 becomes 2 after ≥ 6 months, a prior 4A becomes 3 after ≥ 3 months.
+
+    `category` is the nodule's follow-up category (`followup_category`); it is returned unchanged when no
+    step applies, or when the nodule now sits in a higher size category than its prior one (size thresholds
+    apply: crossing one is reclassified by size, not stepped down).
+    """
+    order = lungrads_table()["order"]
+    if prior_category is None or interval_days is None:
+        return category
+    if prior_category not in order:
+        raise ValueError(f"unknown prior Lung-RADS category {prior_category!r}; use one of {order}")
+    if order.index(category.category) > order.index(prior_category):
+        return category
+    for rule in lungrads_table()["stepped_management"]:
+        if prior_category == rule["prior"] and interval_days >= rule["min_interval_days"]:
+            return _make(rule["category"], f"{rule['text']} ({interval_days:.0f} days); {category.reason}")
+    return category

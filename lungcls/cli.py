@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from common.lightning.cli import LungCLI
+from common.lightning.cli import LungCLI, run_main
 from lungcls import data as _data  # noqa: F401  (registers the datamodules for short class names)
 from lungcls.task import ClassificationTask
 
@@ -89,8 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "complexity":
         return efficiency_report(args[1:])
-    LungCLI(ClassificationTask, None, package="lungcls", args=None if argv is None else args)
-    return 0
+    return run_main("lungcls", lambda a: LungCLI(ClassificationTask, None, package="lungcls", args=a), args)
 
 
 if __name__ == "__main__":

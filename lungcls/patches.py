@@ -406,7 +406,7 @@ class PatchCache:
                         policy.bad_row(
                             f"{record.image_path}: nodule {nodule.nodule_id or key} at world "
                             f"{tuple(round(v, 1) for v in nodule.world_xyz)} lies outside the scan",
-                            fix="check the annotation table or pass lenient=True",
+                            fix="check the annotation table, or skip such rows with --data.init_args.lenient true",
                         )
                         continue
                     block, offset = crop_block(array, centre, block_shape, settings.boundary)

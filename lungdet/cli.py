@@ -17,7 +17,7 @@ import sys
 
 from lightning.pytorch.cli import ArgsType
 
-from common.lightning.cli import LungCLI
+from common.lightning.cli import LungCLI, run_main
 from common.lightning.datamodule import CacheDataModule
 from common.lightning.task import BaseTask
 
@@ -36,9 +36,8 @@ def run_cli(args: ArgsType = None, run: bool = True) -> LungCLI:
 
 
 def main(args: ArgsType = None) -> int:
-    """Entry point of the ``lungdet`` console script."""
-    run_cli(args)
-    return 0
+    """Entry point of the ``lungdet`` console script; user errors are one line and exit status 2."""
+    return run_main("lungdet", run_cli, args)
 
 
 if __name__ == "__main__":

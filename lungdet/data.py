@@ -823,6 +823,12 @@ class CandidateDataModule(_LungdetDataModule):
     def build_dataset(self, part: str, uids: list[str], cache: PreprocessedCache) -> Dataset:
         reader = self.reader(cache)
         if part == "train":
+            if uids and not any(cache.entry(uid).get("nodules") for uid in uids):
+                raise ValueError(
+                    f"no nodules in the {len(uids)} training scan(s) of the cache {cache.root}: the detector "
+                    "needs annotated nodules to learn; check the dataset's annotations file (a header-only "
+                    "annotations.csv gives this)"
+                )
             return CandidateCropDataset(
                 reader,
                 uids,

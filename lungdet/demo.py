@@ -182,7 +182,7 @@ def run_demo(
     bootstrap: int = 1000,
     figures: bool = True,
 ) -> dict[str, Any]:
-    """Run the whole demo; returns the report folder, both FROC rows and the step timings.
+    """Run the whole demo; returns the report folder, the FROC rows, the step timings and the checkpoints.
 
     Args:
         out: working folder (tree, cache, runs, report).
@@ -312,6 +312,7 @@ def run_demo(
         "timings": timings,
         "evaluated": evaluated,
         "test_uids": test_uids,
+        "checkpoints": {"stage1": stage1_ckpt, "stage2": stage2_ckpt},
     }
 
 

@@ -1,6 +1,8 @@
 """Whole-scan inference of CLAF: stage-1 sliding window, candidates in world mm, stage-2 re-scoring, CSV.
 
-Stage 1 (``detect_scan``): the prepared 1 mm scan (windowed, lung-masked; ``lungdet.data.ScanReader``) is
+Stage 1 (``detect_scan``), run as ``Stage1Inference`` says (one frozen object holds every run-time choice
+of the sliding window and the candidate selection; the anchor sizes and the output stride are the network's
+own, ``net.anchor_sizes`` and ``net.stride``, never assumed here): the prepared 1 mm scan (windowed, lung-masked; ``lungdet.data.ScanReader``) is
 padded at its far end to a multiple of the network stride and to at least one block, then MONAI's
 ``sliding_window_inference`` runs the candidate net over overlapping ``block_size``³ blocks (paper: 128³).
 Each block's output (D/4, H/4, W/4, A, 5) is flattened to A·5 channels on the 4×-coarser grid, which MONAI
@@ -27,7 +29,8 @@ that ``lungdata evaluate-froc`` and the official script read.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +49,9 @@ from lungdet.models import coordinate_maps, crop_candidates
 from lungdet.postprocess import candidates_from_prediction
 
 __all__ = [
+    "BLEND_MODES",
     "RESULT_COLUMNS",
+    "Stage1Inference",
     "candidates_to_world",
     "detect_scan",
     "fuse_scores",
@@ -58,30 +63,87 @@ __all__ = [
 ]
 
 
-def _stride_of(net: nn.Module) -> int:
-    return int(getattr(net, "stride", 4))
+BLEND_MODES = ("constant", "gaussian")
 
 
-def stitched_prediction(
-    net: nn.Module,
-    image: Tensor,
-    *,
-    block_size: int | Sequence[int] = 128,
-    overlap: float = 0.25,
-    sw_batch_size: int = 1,
-    blend_mode: str = "constant",
-    pad_value: float = 0.0,
-) -> Tensor:
-    """The stage-1 output of a whole scan, stitched from overlapping blocks.
+@dataclass(frozen=True)
+class Stage1Inference:
+    """How stage 1 runs over a whole scan: the run-time choices, kept apart from the trained network.
 
-    Args:
-        net: a ``CandidateNet`` (anything with its ``forward(x, coords)`` and output layout).
-        image: (Z, Y, X) prepared scan.
-        block_size: block side(s), multiples of 32.
+    They are not hyperparameters of a checkpoint (``lungdet test --ckpt_path … --model.init_args.
+    score_threshold 0.05`` must win over what the run was trained with), so ``CandidateTask`` builds this
+    object from its inference arguments and ``FPRTask.stage1_inference`` overrides fields of it by name.
+
+    Attributes:
+        block_size: sliding-window block side(s), multiples of 32 (paper: 128).
         overlap: fraction of a block shared with its neighbour; ``block × (1 − overlap)`` must be a multiple
             of the network stride.
         sw_batch_size: blocks per forward pass.
         blend_mode: "constant" (average) or "gaussian" (centre-weighted) blending of overlaps.
+        score_threshold: minimum objectness probability of a candidate.
+        nms_iou: cube-IoU threshold of the 3D NMS.
+        merge_factor: centre-distance NMS radius in diameters (``suppress_near_duplicates``); 0 disables.
+        max_candidates: at most this many (the most probable) per scan; −1 for all (LUNA16 scores ≤ 100).
+        pre_nms_top_k: best-scoring anchors that enter the NMS.
+    """
+
+    block_size: int | tuple[int, int, int] = 128
+    overlap: float = 0.25
+    sw_batch_size: int = 2
+    blend_mode: str = "constant"
+    score_threshold: float = 0.1
+    nms_iou: float = 0.1
+    merge_factor: float = 1.0
+    max_candidates: int = 100
+    pre_nms_top_k: int = 5000
+
+    def __post_init__(self) -> None:
+        block = self.block_size
+        block = int(block) if isinstance(block, int) else tuple(int(b) for b in block)  # YAML gives lists
+        if isinstance(block, tuple) and len(block) != 3:
+            raise ValueError(f"block_size must be one side or three (z, y, x) sides, got {self.block_size}")
+        object.__setattr__(self, "block_size", block)
+        if self.blend_mode not in BLEND_MODES:
+            raise ValueError(f"blend_mode must be one of {BLEND_MODES}, got {self.blend_mode!r}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must lie in [0, 1), got {self.overlap}")
+        if self.sw_batch_size < 1 or self.pre_nms_top_k < 1:
+            raise ValueError("sw_batch_size and pre_nms_top_k must be at least 1")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def updated(self, overrides: Mapping[str, Any] | None) -> Stage1Inference:
+        """A copy with some fields replaced by name (unknown names are a ValueError naming the valid ones)."""
+        overrides = dict(overrides or {})
+        unknown = set(overrides) - set(self.field_names())
+        if unknown:
+            raise ValueError(f"stage-1 inference accepts {sorted(self.field_names())}, not {sorted(unknown)}")
+        return replace(self, **overrides)
+
+    @property
+    def block(self) -> tuple[int, int, int]:
+        """Block sides (z, y, x)."""
+        b = self.block_size
+        return (b, b, b) if isinstance(b, int) else b  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["block_size"] = self.block_size if isinstance(self.block_size, int) else list(self.block_size)
+        return out
+
+
+def stitched_prediction(
+    net: nn.Module, image: Tensor, settings: Stage1Inference, *, pad_value: float = 0.0
+) -> Tensor:
+    """The stage-1 output of a whole scan, stitched from overlapping blocks.
+
+    Args:
+        net: a ``CandidateNet`` (anything with its ``forward(x, coords)``, output layout and ``stride``,
+            ``num_anchors``, ``use_coords`` attributes).
+        image: (Z, Y, X) prepared scan.
+        settings: block size, overlap, blocks per pass and blending (the other fields are not used here).
         pad_value: value of the padding added at the far end of each axis (the reader's fill value).
 
     Returns:
@@ -92,8 +154,8 @@ def stitched_prediction(
     """
     if image.ndim != 3:
         raise ValueError(f"stitched_prediction expects one (Z, Y, X) scan, got shape {tuple(image.shape)}")
-    stride = _stride_of(net)
-    block = (int(block_size),) * 3 if isinstance(block_size, int) else tuple(int(b) for b in block_size)
+    stride = int(net.stride)
+    block, overlap = settings.block, settings.overlap
     for b in block:
         step = int(b * (1 - overlap))
         if b % 32 or step % stride:
@@ -105,12 +167,12 @@ def stitched_prediction(
     padded = [max(b, -(-n // stride) * stride) for n, b in zip(scan_shape, block)]
     pad = [p - n for p, n in zip(padded, scan_shape)]
     x = F.pad(image[None, None], (0, pad[2], 0, pad[1], 0, pad[0]), value=float(pad_value))
-    num_anchors = int(getattr(net, "num_anchors", 3))
+    num_anchors = int(net.num_anchors)
 
     def predictor(window: Tensor, slices: list[list[slice]]) -> Tensor:
         starts = torch.tensor([[s[2 + a].start for a in range(3)] for s in slices], dtype=torch.float64)
         coords = None
-        if getattr(net, "use_coords", True):
+        if net.use_coords:
             coords = coordinate_maps(
                 starts, window.shape[-3:], torch.tensor(scan_shape), dtype=window.dtype, device=window.device
             )
@@ -121,10 +183,10 @@ def stitched_prediction(
     stitched = sliding_window_inference(
         x,
         roi_size=block,
-        sw_batch_size=sw_batch_size,
+        sw_batch_size=settings.sw_batch_size,
         predictor=predictor,
         overlap=overlap,
-        mode=blend_mode,
+        mode=settings.blend_mode,
         with_coord=True,
     )
     _, _, d, h, w = stitched.shape
@@ -164,61 +226,42 @@ def suppress_near_duplicates(candidates: Tensor, factor: float = 1.0) -> Tensor:
 
 
 def detect_scan(
-    net: nn.Module,
-    image: Tensor,
-    *,
-    block_size: int | Sequence[int] = 128,
-    overlap: float = 0.25,
-    sw_batch_size: int = 1,
-    blend_mode: str = "constant",
-    pad_value: float = 0.0,
-    score_threshold: float = 0.1,
-    nms_iou: float = 0.1,
-    merge_factor: float = 1.0,
-    max_candidates: int = 100,
-    pre_nms_top_k: int = 5000,
+    net: nn.Module, image: Tensor, settings: Stage1Inference | None = None, *, pad_value: float = 0.0
 ) -> Tensor:
     """Stage-1 candidates of one whole scan.
 
     Args:
-        net: the candidate net (put it in eval mode; this runs without gradients).
+        net: the candidate net (put it in eval mode; this runs without gradients); its ``anchor_sizes`` and
+            ``stride`` define the anchor grid.
         image: (Z, Y, X) prepared scan on the net's device.
-        block_size, overlap, sw_batch_size, blend_mode, pad_value: see ``stitched_prediction``.
-        score_threshold: minimum objectness probability.
-        nms_iou: cube-IoU threshold of the 3D NMS.
-        merge_factor: centre-distance NMS radius in diameters (``suppress_near_duplicates``); 0 disables.
-        max_candidates: at most this many (the most probable) per scan; −1 for all.
-        pre_nms_top_k: best-scoring anchors that enter the NMS.
+        settings: the inference settings (default ``Stage1Inference()``).
+        pad_value: value outside the scan (the reader's fill value; a property of the data, not a choice).
 
     Returns:
         (K, 5) ``(score, z, y, x, d)`` in voxels of the scan, descending score.
     """
+    settings = settings or Stage1Inference()
     with torch.no_grad():
-        prediction = stitched_prediction(
-            net,
-            image,
-            block_size=block_size,
-            overlap=overlap,
-            sw_batch_size=sw_batch_size,
-            blend_mode=blend_mode,
-            pad_value=pad_value,
-        )
-        sizes = getattr(net, "anchor_sizes", (5.0, 10.0, 20.0))
+        prediction = stitched_prediction(net, image, settings, pad_value=pad_value)
         anchors = anchor_grid(
-            prediction.shape[:3], _stride_of(net), sizes, device=prediction.device, dtype=prediction.dtype
+            prediction.shape[:3],
+            int(net.stride),
+            tuple(net.anchor_sizes),
+            device=prediction.device,
+            dtype=prediction.dtype,
         )
         cands = candidates_from_prediction(
             prediction,
             anchors,
-            score_threshold=score_threshold,
-            nms_iou=nms_iou,
-            pre_nms_top_k=pre_nms_top_k,
+            score_threshold=settings.score_threshold,
+            nms_iou=settings.nms_iou,
+            pre_nms_top_k=settings.pre_nms_top_k,
         )
         upper = torch.as_tensor(image.shape, dtype=cands.dtype, device=cands.device) - 0.5
         inside = ((cands[:, 1:4] >= -0.5) & (cands[:, 1:4] <= upper)).all(dim=1)
-        cands = suppress_near_duplicates(cands[inside], merge_factor)
-        if max_candidates >= 0:
-            cands = cands[:max_candidates]
+        cands = suppress_near_duplicates(cands[inside], settings.merge_factor)
+        if settings.max_candidates >= 0:
+            cands = cands[: settings.max_candidates]
     return cands
 
 
@@ -268,7 +311,7 @@ def score_candidates(
         (K,) probabilities on the image's device.
     """
     centres = torch.as_tensor(centres_zyx).reshape(-1, 3).cpu()
-    size = tuple(int(v) for v in getattr(mppn, "crop_sizes", ((32, 48, 48),))[0])
+    size = tuple(int(v) for v in mppn.crop_sizes[0])
     volume = image.detach().cpu()  # crops are cut on the CPU, then moved to the network's device
     flips = MIRRORINGS if mirror else ((),)
     out = []

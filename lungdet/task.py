@@ -56,6 +56,7 @@ from common.metrics.froc_torch import LUNA16FROC, scan_key_from_uid
 from lungdet.anchors import DEFAULT_ANCHOR_SIZES, anchor_grid, assign_targets_batch
 from lungdet.data import DEFAULT_FILL, label_candidates
 from lungdet.inference import (
+    Stage1Inference,
     candidates_to_world,
     detect_scan,
     fuse_scores,
@@ -69,21 +70,11 @@ log = logging.getLogger(__name__)
 
 __all__ = ["STAGE1_RUNTIME", "STAGE2_RUNTIME", "CandidateTask", "FPRTask"]
 
-#: Inference and reporting options of stage 1. They are run-time choices, not part of the trained model, so
-#: they stay out of the checkpoint's hyperparameters: LightningCLI re-applies a checkpoint's hyperparameters
-#: over the command line, and `lungdet test --ckpt_path … --model.init_args.score_threshold 0.05` must win.
-STAGE1_RUNTIME = (
-    "block_size",
-    "overlap",
-    "sw_batch_size",
-    "blend_mode",
-    "score_threshold",
-    "nms_iou",
-    "merge_factor",
-    "max_candidates",
-    "fp_rate",
-    "results_csv",
-)
+#: Inference and reporting options of stage 1: the fields of `Stage1Inference` plus the reporting ones. They
+#: are run-time choices, not part of the trained model, so they stay out of the checkpoint's hyperparameters:
+#: LightningCLI re-applies a checkpoint's hyperparameters over the command line, and
+#: `lungdet test --ckpt_path … --model.init_args.score_threshold 0.05` must win.
+STAGE1_RUNTIME = (*Stage1Inference.field_names(), "fp_rate", "results_csv")
 #: The same for stage 2 (which stage-1 checkpoint to chain, how to fuse, where to write).
 STAGE2_RUNTIME = (
     "stage1_checkpoint",
@@ -264,12 +255,15 @@ class CandidateTask(_DetectionTaskMixin, BaseTask):
         nms_iou: 3D NMS threshold (cube IoU).
         merge_factor: centre-distance NMS radius in candidate diameters (0: off).
         max_candidates: candidates kept per scan (LUNA16 evaluates at most 100).
+        pre_nms_top_k: best-scoring anchors that enter the NMS.
         fp_rate: operating point reported as ``<stage>/sens@<fp_rate>`` (paper: 0.55 FP/scan).
         results_csv: where ``predict`` writes its CSV (default ``<run folder>/results.csv``).
         **kwargs: ``BaseTask`` optimisation arguments (optimizer, lr, weight_decay, scheduler, ...).
 
-    The inference and reporting arguments (``STAGE1_RUNTIME``) are not saved as hyperparameters: give them
-    in the config of every run that evaluates or predicts.
+    The inference arguments (``block_size`` … ``pre_nms_top_k``) keep their flat config keys and become one
+    ``Stage1Inference`` (``self.inference``), the only thing ``detect`` hands on. They and the reporting
+    arguments (``STAGE1_RUNTIME``) are not saved as hyperparameters: give them in the config of every run
+    that evaluates or predicts.
     """
 
     def __init__(
@@ -297,19 +291,23 @@ class CandidateTask(_DetectionTaskMixin, BaseTask):
         nms_iou: float = 0.1,
         merge_factor: float = 1.0,
         max_candidates: int = 100,
+        pre_nms_top_k: int = 5000,
         fp_rate: float = 0.55,
         results_csv: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(ignore=list(STAGE1_RUNTIME), **kwargs)
-        self.merge_factor = merge_factor
-        self.block_size = block_size
-        self.overlap = overlap
-        self.sw_batch_size = sw_batch_size
-        self.blend_mode = blend_mode
-        self.score_threshold = score_threshold
-        self.nms_iou = nms_iou
-        self.max_candidates = max_candidates
+        self.inference = Stage1Inference(
+            block_size=block_size,
+            overlap=overlap,
+            sw_batch_size=sw_batch_size,
+            blend_mode=blend_mode,
+            score_threshold=score_threshold,
+            nms_iou=nms_iou,
+            merge_factor=merge_factor,
+            max_candidates=max_candidates,
+            pre_nms_top_k=pre_nms_top_k,
+        )
         self.fp_rate = fp_rate
         self.results_csv = results_csv
         self._init_detection_state()
@@ -378,19 +376,7 @@ class CandidateTask(_DetectionTaskMixin, BaseTask):
         was_training = self.model.training
         self.model.eval()
         try:
-            return detect_scan(
-                self.model,
-                image,
-                block_size=self.block_size,
-                overlap=self.overlap,
-                sw_batch_size=self.sw_batch_size,
-                blend_mode=self.blend_mode,
-                pad_value=self.pad_value,
-                score_threshold=self.score_threshold,
-                nms_iou=self.nms_iou,
-                merge_factor=self.merge_factor,
-                max_candidates=self.max_candidates,
-            )
+            return detect_scan(self.model, image, self.inference, pad_value=self.pad_value)
         finally:
             self.model.train(was_training)
 
@@ -424,8 +410,8 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
             cost; not in the paper, see ``lungdet.models.mppn.MPPNEnsemble``).
         stage1_checkpoint: a ``CandidateTask`` checkpoint; used whenever a scan comes without candidates
             (two-stage evaluation, prediction on new scans).
-        stage1_inference: stage-1 inference options for the chained checkpoint (any of ``STAGE1_RUNTIME``,
-            e.g. ``{block_size: 128, score_threshold: 0.05}``); the ``CandidateTask`` defaults otherwise.
+        stage1_inference: stage-1 inference options for the chained checkpoint (fields of
+            ``Stage1Inference``, e.g. ``{block_size: 128, score_threshold: 0.05}``); the defaults otherwise.
         stage1_weight: final score = (1 − w)·p_MPPN + w·p_stage1 (0 = MPPN only, the paper).
         chunk_size: candidates per MPPN forward pass at evaluation.
         mirror_tta: score each candidate as the mean MPPN probability over its 8 mirrored crops (test-time
@@ -457,9 +443,7 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
     ) -> None:
         if not 0.0 <= stage1_weight <= 1.0:
             raise ValueError(f"stage1_weight must lie in [0, 1], got {stage1_weight}")
-        unknown = set(stage1_inference or {}) - set(STAGE1_RUNTIME)
-        if unknown:
-            raise ValueError(f"stage1_inference accepts {sorted(STAGE1_RUNTIME)}, not {sorted(unknown)}")
+        Stage1Inference().updated(stage1_inference)  # names and values checked before any training
         super().__init__(optimizer=optimizer, lr=lr, ignore=list(STAGE2_RUNTIME), **kwargs)
         self.stage1_checkpoint = stage1_checkpoint
         self.stage1_inference = dict(stage1_inference or {})

@@ -33,7 +33,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser
 
-from common.lightning.cli import LungCLI
+from common.lightning.cli import LungCLI, run_main
 
 __all__ = ["GlanceCLI", "complexity_command", "main", "model_from_configs"]
 
@@ -146,5 +146,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lungseg.data import GlanceDataModule
     from lungseg.task import GlanceTask
 
-    GlanceCLI(GlanceTask, GlanceDataModule, package="lungseg", args=None if argv is None else args)
-    return 0
+    return run_main(
+        "lungseg", lambda a: GlanceCLI(GlanceTask, GlanceDataModule, package="lungseg", args=a), args
+    )

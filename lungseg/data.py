@@ -337,6 +337,7 @@ class GlanceDataModule(CacheDataModule):
         num_workers: int = 0,
         lenient: bool = False,
         dataset_kwargs: dict[str, Any] | None = None,
+        columns: dict[str, str] | None = None,
         image_size: int = 512,
         window_hu: tuple[float, float] = GLANCE_WINDOW,
         lung_crop: bool = False,
@@ -375,6 +376,7 @@ class GlanceDataModule(CacheDataModule):
             num_workers=num_workers,
             lenient=lenient,
             dataset_kwargs=dataset_kwargs,
+            columns=columns,
         )
         if image_size % 32 or image_size < 32:
             raise ValueError(

@@ -10,7 +10,6 @@ and, with bootstrapping, ``froc_bootstrap.csv`` (the script's 10000-point mean/C
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +55,23 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="drop marks of scans missing from the series list (the official script does) instead of failing",
     )
     parser.add_argument(
+        "--scans",
+        type=Path,
+        default=None,
+        help="folder of the scans' .mhd headers, to warn about annotations outside their volume "
+        "(default: the annotations file's folder, where LUNA16 keeps subset0..9)",
+    )
+    parser.add_argument(
         "--name", default=None, help="system name for the figure (default: results file stem)"
     )
     parser.set_defaults(func=run)
     return parser
+
+
+def _interval(mean: float, lower: float, upper: float) -> str:
+    if not np.isfinite(mean):
+        return "  undefined"
+    return f"  {mean:.4f} [{lower:.4f}, {upper:.4f}]"
 
 
 def format_report(result: FROCResult) -> str:
@@ -72,13 +84,17 @@ def format_report(result: FROCResult) -> str:
         header += f"  bootstrap mean [{int(round(bs.confidence * 100))}% CI], {bs.n_samples} samples"
     lines.append(header)
     for i, (rate, sens) in enumerate(zip(result.fp_rates, result.sensitivities)):
-        row = f"  {rate:>8g}  {sens:>11.4f}"
+        row = f"  {rate:>8g}  {sens:>11.4f}" if np.isfinite(sens) else f"  {rate:>8g}  {'undefined':>11}"
         if bs is not None:
-            row += f"  {bs.mean[i]:.4f} [{bs.lower[i]:.4f}, {bs.upper[i]:.4f}]"
+            row += _interval(bs.mean[i], bs.lower[i], bs.upper[i])
         lines.append(row)
-    row = f"  {'CPM':>8}  {result.cpm:>11.4f}"
+    row = (
+        f"  {'CPM':>8}  {result.cpm:>11.4f}"
+        if np.isfinite(result.cpm)
+        else f"  {'CPM':>8}  {'undefined':>11}"
+    )
     if bs is not None:
-        row += f"  {bs.cpm_mean:.4f} [{bs.cpm_lower:.4f}, {bs.cpm_upper:.4f}]"
+        row += _interval(bs.cpm_mean, bs.cpm_lower, bs.cpm_upper)
     lines.append(row)
     lines.append(
         f"candidates {c.n_candidates} ({c.removed_by_cap} removed by the per-scan cap, "
@@ -104,7 +120,7 @@ def write_outputs(result: FROCResult, out_dir: Path, name: str) -> dict[str, Pat
         "curve": out_dir / "froc_curve.csv",
         "figure": out_dir / "froc.png",
     }
-    atomic.write_text(paths["json"], json.dumps(result.to_dict(), indent=1) + "\n")
+    atomic.write_json(paths["json"], result.to_dict(), indent=1, sort_keys=False)  # undefined values → null
     curve = result.curve
     _write_columns(
         paths["curve"], "fps_per_scan,sensitivity,threshold", curve.fps, curve.sensitivity, curve.thresholds
@@ -139,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         bootstrap_grid=BOOTSTRAP_GRID,
         max_marks=args.max_marks if args.max_marks > 0 else None,
         ignore_unlisted=args.ignore_unlisted,
+        scans=args.scans if args.scans is not None else Path(args.annotations).parent,
     )
     results_path = Path(args.results)
     stem = results_path.name.split(".")[0]

@@ -1,4 +1,5 @@
-"""`lungdata prepare <dataset> --root R --out O [--spacing 1] [--lenient] [--workers N] [--shard I/N]`.
+"""`lungdata prepare <dataset> --root R --out O [--spacing 1] [--lenient] [--workers N] [--shard I/N]
+[--dicom-tolerance MM]`.
 
 Builds the preprocessed cache (`common.cache`): every scan of the dataset resampled to `--spacing` mm with
 a cubic B-spline, clipped to [−1024, 3071] HU and stored as int16 with its lung mask, plus `manifest.json`.
@@ -17,11 +18,14 @@ constructor takes `(root, strict=...)`; its root defaults to the class's `env_va
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import sys
 from pathlib import Path
 
 from common.cache import PrepareSettings, PreprocessedCache, parse_shard
 from common.datasets.registry import DATASETS, open_dataset, resolve_root
+from common.io import DICOM_POSITION_TOLERANCE_MM, read_volume
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +57,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--order", type=int, choices=(1, 3), default=3, help="image interpolation order")
     parser.add_argument("--lenient", action="store_true", help="log and skip bad rows and bad scans")
+    parser.add_argument(
+        "--columns",
+        nargs="+",
+        default=None,
+        metavar="ROLE=NAME",
+        help="annotation column names where your copy differs, e.g. --columns x=coordX_mm diameter=d",
+    )
     parser.add_argument("--workers", type=int, default=1, help="scans processed in parallel (processes)")
     parser.add_argument(
         "--shard",
         metavar="I/N",
         help="prepare only shard I of N (0-based) of the scans, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT",
+    )
+    parser.add_argument(
+        "--dicom-tolerance",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="DICOM series: accept slices up to MM mm off an even grid (missing slices, uneven spacing) and "
+        f"leave out unreadable slice files; default: refuse both (slices more than "
+        f"{DICOM_POSITION_TOLERANCE_MM:g} mm off, any unreadable slice)",
     )
     parser.set_defaults(func=run)
 
@@ -72,11 +92,28 @@ def run(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard) if args.shard else None
     settings = PrepareSettings(spacing=spacing, order=args.order, lung_mask=args.lung_mask)
     strict = not args.lenient
-    records = open_dataset(args.dataset, root, strict=strict).records
+    kwargs = {}
+    if args.columns:
+        pairs = [item.split("=", 1) for item in args.columns]
+        if any(len(pair) != 2 or not all(pair) for pair in pairs):
+            raise ValueError(f"--columns takes ROLE=NAME pairs, e.g. x=coordX_mm; got {args.columns}")
+        kwargs["columns"] = dict(pairs)
+    records = open_dataset(args.dataset, root, strict=strict, **kwargs).records
     if not records:
         raise ValueError(f"{args.dataset}: no scans found under {root}")
+    if args.dataset != "folder" and not any(r.nodules for r in records):
+        print(
+            f"lungdata prepare {args.dataset}: warning: no nodules in any of the {len(records)} scans under "
+            f"{root} (header-only annotations file?); the cache serves prediction, training will refuse it",
+            file=sys.stderr,
+        )
+    if args.dicom_tolerance is not None and not args.dicom_tolerance >= 0:
+        raise ValueError(f"--dicom-tolerance takes a distance in mm >= 0, got {args.dicom_tolerance}")
+    read_fn = None  # common.io.read_volume with the default DICOM rule
+    if args.dicom_tolerance is not None:
+        read_fn = functools.partial(read_volume, dicom_tolerance_mm=args.dicom_tolerance)
     cache = PreprocessedCache(args.out)
-    report = cache.build(records, settings, workers=args.workers, strict=strict, shard=shard)
+    report = cache.build(records, settings, read_fn=read_fn, workers=args.workers, strict=strict, shard=shard)
     where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     print(f"lungdata prepare {args.dataset}{where}: {report.summary()}; manifest {cache.manifest_path}")
     if shard:

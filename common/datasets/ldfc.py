@@ -40,6 +40,7 @@ from common.datasets.tables import (
     GeometryCache,
     RowPolicy,
     cell_float,
+    coerce_columns,
     csv_line,
     find_scans,
     locate_in_scan,
@@ -149,7 +150,7 @@ class LDFCDataset(ScanDataset):
         self.mhd_dir = self.root / mhd_dir
         self.voxel_csv = self._locate(voxel_csv)
         self.world_csv = self._locate(world_csv)
-        self.columns = columns or LDFCColumns()
+        self.columns = coerce_columns(columns, LDFCColumns)
         self.match_tolerance_mm = match_tolerance_mm
         self.image_patient_pattern = image_patient_pattern
         self.strict = strict

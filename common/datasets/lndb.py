@@ -40,6 +40,7 @@ from common.datasets.tables import (
     GeometryCache,
     RowPolicy,
     cell_float,
+    coerce_columns,
     csv_line,
     find_scans,
     locate_in_scan,
@@ -114,7 +115,7 @@ class LNDbDataset(ScanDataset):
         self.nodules_csv = self._locate(nodules_csv)
         self.gt_csv = self._locate(gt_csv)
         self.folds_csv = self._locate(folds_csv)
-        self.columns = columns or LNDbColumns()
+        self.columns = coerce_columns(columns, LNDbColumns)
         self.min_agreement = min_agreement
         self.policy = RowPolicy(strict, log)
 

@@ -43,6 +43,7 @@ from common.datasets.tables import (
     RowPolicy,
     WorldColumns,
     cell_float,
+    coerce_columns,
     csv_line,
     find_scans,
     locate_in_scan,
@@ -112,7 +113,7 @@ class LUNA16Dataset(ScanDataset):
         self.excluded_name = excluded
         self.subsets = None if subsets is None else sorted({int(s) for s in subsets})
         self.seg_dir = self.root / seg_dir
-        self.columns = columns or LUNA16Columns()
+        self.columns = coerce_columns(columns, LUNA16Columns)
         self.policy = RowPolicy(strict, log)
         self._geometry: dict[str, ScanGeometry] = {}
 

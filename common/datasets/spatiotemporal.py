@@ -39,6 +39,7 @@ from common.datasets.tables import (
     GeometryCache,
     RowPolicy,
     WorldColumns,
+    coerce_columns,
     csv_line,
     find_scans,
     read_table,
@@ -106,7 +107,7 @@ class SpatioTemporalDataset(ScanDataset):
         else:
             names = [annotations] if isinstance(annotations, str) else list(annotations)
             self.annotation_files = [self.root / n for n in names]
-        self.columns = columns or WorldColumns()
+        self.columns = coerce_columns(columns, WorldColumns)
         self.patient_pattern = re.compile(patient_pattern) if patient_pattern else None
         self.patient_table = Path(patient_table) if patient_table else None
         if self.patient_table is not None and not self.patient_table.is_absolute():

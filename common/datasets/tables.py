@@ -8,6 +8,7 @@ outside its volume) is an error in strict mode and a logged skip — file and li
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -28,6 +29,35 @@ class AnnotationError(ValueError):
     """An annotation file or row that cannot be used as it is."""
 
 
+#: How a user skips bad rows, in the words of the commands they type (SPEC §9: messages name CLI flags).
+LENIENT_FIX = (
+    "fix the row, or skip such rows with --lenient (lungdata prepare) / --data.init_args.lenient true "
+    "(lungdet, lungseg, lungcls)"
+)
+
+
+def columns_hint(roles: Iterable[str]) -> str:
+    """How a user maps their column names, in command-line terms."""
+    role = next(iter(roles), "x")
+    return (
+        f"map them with --columns {role}=NAME … (lungdata prepare) or --data.init_args.columns "
+        f"'{{{role}: NAME}}' (lungdet, lungseg)"
+    )
+
+
+def coerce_columns(value, cls):
+    """An adapter's column names from a dataclass instance, a ``{role: name}`` dict (configs, CLI) or None."""
+    if value is None:
+        return cls()
+    if isinstance(value, Mapping):
+        roles = [f for f in cls.__dataclass_fields__]
+        unknown = sorted(set(value) - set(roles))
+        if unknown:
+            raise ValueError(f"unknown column role(s) {unknown}; the roles are {roles}")
+        return cls(**{k: str(v) for k, v in value.items()})
+    return value
+
+
 class RowPolicy:
     """Strict (raise) or lenient (log and skip) handling of bad rows; remembers what was skipped."""
 
@@ -36,7 +66,7 @@ class RowPolicy:
         self.log = logger or log
         self.skipped: list[str] = []
 
-    def bad_row(self, message: str, fix: str = "pass strict=False / --lenient to skip such rows") -> None:
+    def bad_row(self, message: str, fix: str = LENIENT_FIX) -> None:
         """Report one unusable row (or scan): raise in strict mode, naming `fix`; else log and remember it."""
         if self.strict:
             raise AnnotationError(f"{message} ({fix})")
@@ -76,7 +106,7 @@ def read_table(path: str | Path, columns: Mapping[str, str], hint: str) -> pd.Da
         wanted = ", ".join(f"{role}={name!r}" for role, name in missing.items())
         raise AnnotationError(
             f"{path} lacks column(s) {wanted}; it has {list(frame.columns)}. If your copy names them "
-            f"differently, pass the names via {hint}."
+            f"differently, {columns_hint(missing)} (in Python: {hint})."
         )
     return frame
 
@@ -194,8 +224,22 @@ def locate_in_scan(geo: ScanGeometry, xyz, where: str, what: str, scan: str) -> 
         return zyx, None
     return zyx, (
         f"{where}: {what} at world {tuple(round(float(v), 2) for v in xyz)} lies outside {scan} "
-        f"(voxel {tuple(round(float(v), 1) for v in zyx)}, shape {geo.shape_zyx})"
+        f"(voxel {tuple(round(float(v), 1) for v in zyx)}, shape {geo.shape_zyx})" + _permuted_hint(geo, xyz)
     )
+
+
+def _permuted_hint(geo: ScanGeometry, xyz) -> str:
+    """A hint when the centre would lie inside the scan with its header's DimSize in another order."""
+    for size in sorted(set(itertools.permutations(geo.size_xyz))):
+        if size == tuple(geo.size_xyz):
+            continue
+        other = ScanGeometry(size, geo.spacing, geo.origin, geo.direction)  # type: ignore[arg-type]
+        if other.contains(other.world_to_voxel(xyz)):
+            return (
+                f"; or the scan header's DimSize {' '.join(map(str, geo.size_xyz))} is permuted (with "
+                f"{' '.join(map(str, size))} the centre is inside): check the header"
+            )
+    return ""
 
 
 class GeometryCache:

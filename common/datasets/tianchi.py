@@ -24,6 +24,7 @@ from common.datasets.tables import (
     GeometryCache,
     RowPolicy,
     WorldColumns,
+    coerce_columns,
     find_scans,
     world_nodules_from_csv,
 )
@@ -61,7 +62,7 @@ class TianchiDataset(ScanDataset):
         else:
             names = [annotations] if isinstance(annotations, (str, Path)) else list(annotations)
             self.annotation_files = [p if Path(p).is_absolute() else self.root / p for p in map(Path, names)]
-        self.columns = columns or WorldColumns()
+        self.columns = coerce_columns(columns, WorldColumns)
         self.policy = RowPolicy(strict, log)
 
     def _load_records(self) -> list[ScanRecord]:

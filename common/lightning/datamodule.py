@@ -120,7 +120,9 @@ class CacheDataModule(PartLoaderDataModule, abc.ABC):
         batch_size: batch size.
         num_workers: data-loader workers.
         lenient: log and skip bad scans/rows instead of stopping.
-        dataset_kwargs: extra adapter arguments (column names, file names, subsets, ...).
+        dataset_kwargs: extra adapter arguments (file names, subsets, ...).
+        columns: the annotation tables' column names where your copy differs, ``{role: name}``
+            (e.g. ``{x: coordX_mm}``; roles as in the adapter's columns class).
     """
 
     def __init__(
@@ -139,6 +141,7 @@ class CacheDataModule(PartLoaderDataModule, abc.ABC):
         num_workers: int = 0,
         lenient: bool = False,
         dataset_kwargs: dict[str, Any] | None = None,
+        columns: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if split not in SPLIT_KINDS:
@@ -157,6 +160,8 @@ class CacheDataModule(PartLoaderDataModule, abc.ABC):
         self.num_workers = num_workers
         self.lenient = lenient
         self.dataset_kwargs = dict(dataset_kwargs or {})
+        if columns:
+            self.dataset_kwargs["columns"] = dict(columns)
         self._cache_dir = cache_dir
         self.uids: dict[str, list[str]] = {}
         self.datasets: dict[str, Dataset] = {}

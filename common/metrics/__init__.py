@@ -9,6 +9,8 @@
 - :mod:`common.metrics.segmentation` — Dice, IoU, sensitivity, HD95 (mm) for 2D/3D masks.
 - :mod:`common.metrics.classification` — M³Net §4.2 metrics, QWK, bootstrap mean ± std.
 - :mod:`common.metrics.figures` — FROC curve and confusion-matrix PNGs.
+- :mod:`common.metrics.intervals` — 95 % bootstrap intervals over patients and paired intervals of a
+  difference between two systems (the learning report's statistics).
 
 Names are exported lazily: heavy imports (torch, torchmetrics, MONAI, matplotlib) happen only when a
 name from a submodule that needs them is first used.
@@ -53,6 +55,15 @@ _EXPORTS = {
         "froc_curve",
         "match_candidates",
         "read_sensitivities",
+    ),
+    "intervals": (
+        "Interval",
+        "bootstrap_patients",
+        "classification_statistic",
+        "froc_statistic",
+        "mean_statistic",
+        "paired_bootstrap_patients",
+        "patient_draws",
     ),
     "froc_io": ("FROCInputError", "evaluate_froc_files", "load_froc_inputs"),
     "froc_torch": ("LUNA16FROC", "scan_key_from_uid"),

@@ -15,7 +15,11 @@ Unlike the script, which crashes with a bare traceback or silently skips rows, e
 the fix: a missing column, a value that is not a number, NaN or infinite coordinates or probability,
 a result whose series UID is not in the series list, a duplicated series UID, an empty file.
 Annotations of scans that are not in the series list are ignored, as in the script (that is how one
-evaluates a single subset with the full annotation files).
+evaluates a single subset with the full annotation files), and an annotation outside its scan's volume
+still counts as a nodule to find; both keep the official numbers, but each is warned about once, with the
+count and the first rows, so a wrong series list or a mixed-up annotation file does not go unnoticed.
+Annotations with no nodule in the listed scans (a header-only file) leave sensitivity undefined: a
+warning, and ``null`` in the JSON output, never ``NaN``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.datasets.tables import ANNOTATION_COLUMNS, WorldColumns
+from common.datasets.tables import ANNOTATION_COLUMNS, WorldColumns, csv_line
 from common.metrics.froc import (
     BOOTSTRAP_GRID,
     FP_RATES,
@@ -201,12 +205,72 @@ def read_results(path: str | Path) -> pd.DataFrame:
     return out
 
 
+def _rows_text(path: Path, frame: pd.DataFrame) -> str:
+    shown = [f"line {csv_line(i)} ({frame.at[i, 'seriesuid']})" for i in frame.index[:_MAX_LISTED]]
+    more = f" and {len(frame) - _MAX_LISTED} more" if len(frame) > _MAX_LISTED else ""
+    return f"{path.name} " + ", ".join(shown) + more
+
+
+def _warn_unlisted(path: Path, ann: pd.DataFrame, index: dict[str, int], seriesuids: Path) -> None:
+    """One warning for annotations whose scan is not in the series list (left out, as the script does)."""
+    unlisted = ann.loc[ann["seriesuid"].map(index).isna()]
+    if not unlisted.empty:
+        log.warning(
+            "%s: %d annotation(s) of scans not in the series list %s are left out (official rule): %s",
+            path,
+            len(unlisted),
+            seriesuids,
+            _rows_text(path, unlisted),
+        )
+
+
+def find_scan_headers(folder: Path, uids) -> dict[str, Path]:
+    """``<uid>.mhd`` headers of the given scans in a LUNA16-style tree (``folder``, ``subset*/``, one level up)."""
+    found: dict[str, Path] = {}
+    bases = [folder, folder.parent]
+    for base in bases:
+        for sub in [base, *sorted(base.glob("subset*"))]:
+            for uid in uids:
+                if uid not in found and (sub / f"{uid}.mhd").is_file():
+                    found[uid] = sub / f"{uid}.mhd"
+    return found
+
+
+def _warn_outside(path: Path, ann: pd.DataFrame, scans: Path) -> None:
+    """One warning for annotations outside their scan's volume (still counted as nodules, official rule)."""
+    from common.datasets.geometry import ScanGeometry
+
+    headers = find_scan_headers(scans, sorted(set(ann["seriesuid"])))
+    outside = []
+    for i, row in ann.iterrows():
+        header = headers.get(row["seriesuid"])
+        if header is None:
+            continue
+        try:
+            geometry = ScanGeometry.from_header(header)
+        except ValueError:
+            continue
+        xyz = row[["coordX", "coordY", "coordZ"]].to_numpy(dtype=np.float64)
+        if not geometry.contains(geometry.world_to_voxel(xyz)):
+            outside.append(i)
+    if outside:
+        log.warning(
+            "%s: %d annotation(s) lie outside their scan's volume (headers under %s) and count as misses "
+            "(official rule): %s",
+            path,
+            len(outside),
+            scans,
+            _rows_text(path, ann.loc[outside]),
+        )
+
+
 def load_froc_inputs(
     annotations: str | Path,
     excluded: str | Path,
     seriesuids: str | Path,
     results: str | Path,
     ignore_unlisted: bool = False,
+    scans: str | Path | None = None,
 ) -> FROCInputs:
     """Read, check and index the four official inputs.
 
@@ -214,6 +278,8 @@ def load_froc_inputs(
         annotations, excluded, seriesuids, results: the four files.
         ignore_unlisted: drop result rows of scans that are not in the series list (what the
             official script does silently) instead of raising; the number dropped is logged.
+        scans: a folder with the scans' ``.mhd`` headers (LUNA16 tree); when given, annotations outside
+            their scan's volume are warned about (numbers unchanged).
     """
     uids = read_seriesuids(seriesuids)
     index = {uid: i for i, uid in enumerate(uids)}
@@ -242,6 +308,17 @@ def load_froc_inputs(
             )
             + "; add the scan to the series list or drop its marks"
         )
+    _warn_unlisted(Path(annotations), ann, index, Path(seriesuids))
+    listed = ann.loc[ann["seriesuid"].map(index).notna()]
+    if listed.empty:
+        log.warning(
+            "%s: no nodules in the %d scans of %s; sensitivities and CPM are undefined (null in froc.json)",
+            annotations,
+            len(uids),
+            seriesuids,
+        )
+    elif scans is not None:
+        _warn_outside(Path(annotations), listed, Path(scans))
     nodules = pd.concat([ann.assign(included=True), exc.assign(included=False)], ignore_index=True)
     nod_scan = nodules["seriesuid"].map(index)
     in_list = nod_scan.notna().to_numpy()
@@ -271,9 +348,12 @@ def evaluate_froc_files(
     max_marks: int | None = MAX_MARKS_PER_SCAN,
     fp_rates: tuple[float, ...] = FP_RATES,
     ignore_unlisted: bool = False,
+    scans: str | Path | None = None,
 ) -> FROCResult:
     """The official LUNA16 evaluation of a results CSV (see :func:`common.metrics.froc.evaluate_froc`)."""
-    inputs = load_froc_inputs(annotations, excluded, seriesuids, results, ignore_unlisted=ignore_unlisted)
+    inputs = load_froc_inputs(
+        annotations, excluded, seriesuids, results, ignore_unlisted=ignore_unlisted, scans=scans
+    )
     result = evaluate_froc(
         inputs.cand_scan,
         inputs.cand_xyz,

@@ -9,6 +9,7 @@ Python API (the `lungdata synth` command calls the same functions):
 
     make_luna16(out, n_scans=8, seed=0, size="small", subsets=None) -> Luna16Tree
     make_lidc(out, n_scans=8, seed=0, size="small") -> LidcTree
+    make_followup(out, n_patients=2, n_times=2, seed=0, size="small") -> FollowupTree   # longitudinal
     generate_scan(seed, index, size="small", bank=None) -> SynthScan       # one scan in memory
     read_manifest(folder) -> dict                                            # synth_manifest.json
 """
@@ -22,6 +23,7 @@ __all__ = [
     "ShapeBank",
     "SynthScan",
     "generate_scan",
+    "make_followup",
     "make_lidc",
     "make_luna16",
     "read_manifest",
@@ -34,12 +36,14 @@ _EXPORTS = {
     "ShapeBank": "common.synth.nodules",
     "SynthScan": "common.synth.scan",
     "generate_scan": "common.synth.scan",
+    "make_followup": "common.synth.followup",
     "make_lidc": "common.synth.lidc",
     "make_luna16": "common.synth.luna16",
     "read_manifest": "common.synth.manifest",
 }
 
 if TYPE_CHECKING:
+    from common.synth.followup import make_followup
     from common.synth.lidc import make_lidc
     from common.synth.luna16 import make_luna16
     from common.synth.manifest import read_manifest

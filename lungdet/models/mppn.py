@@ -32,7 +32,15 @@ from torch import Tensor, nn
 
 from lungdet.models.blocks import CBAM3d, ConvBNAct3d, ResidualBlock3d
 
-__all__ = ["MPPN", "MPPN_CROP_SIZES", "MPPNEnsemble", "build_mppn", "centre_crop", "crop_candidates", "resample_centre"]
+__all__ = [
+    "MPPN",
+    "MPPN_CROP_SIZES",
+    "MPPNEnsemble",
+    "build_mppn",
+    "centre_crop",
+    "crop_candidates",
+    "resample_centre",
+]
 
 #: (z, y, x) crop sizes of the large, medium and small scale (paper, "Multi-scale progressive inference").
 MPPN_CROP_SIZES: tuple[tuple[int, int, int], ...] = ((32, 48, 48), (16, 24, 24), (8, 12, 12))

@@ -313,3 +313,85 @@ def test_anonymized_header_drops_identifying_tags(tmp_path):
     assert header["SeriesInstanceUID"] == "1.2.3.4.5"
     assert header["SliceThickness"] == pytest.approx(2.5)
     assert len(header["ImageOrientationPatient"]) == 6
+
+
+# ------------------------------------------------------------------ DICOM series integrity (issue 19 item 1)
+
+
+def _series(tmp_path, n=10, spacing_z=1.5):
+    volume = CTVolume(
+        np.random.default_rng(4).integers(-1000, 400, (n, 12, 14)).astype(np.int16),
+        (0.7, 0.7, spacing_z),
+        (-40.0, -30.0, -100.0),
+        np.eye(3),
+    )
+    folder = tmp_path / "series"
+    files = write_dicom_series(volume, folder, series_uid="1.2.826.0.1.99.7")
+    return volume, folder, files
+
+
+def test_dicom_truncated_slice_is_an_error_naming_the_slice_and_the_flag(tmp_path):
+    volume, folder, files = _series(tmp_path)
+    files[4].write_bytes(files[4].read_bytes()[: files[4].stat().st_size // 2])
+    with pytest.raises(
+        VolumeReadError,
+        match=r"1\.2\.826\.0\.1\.99\.7: 1 slice file\(s\) cannot be read \(slice_0004\.dcm\).*--dicom-tolerance",
+    ):
+        read_volume(folder)
+    # Opting in: the slice is left out and the gap it leaves (0.75 mm off the even grid) is accepted ...
+    back = read_volume(folder, dicom_tolerance_mm=0.8)
+    assert back.shape[0] == 9
+    # ... but only within the stated tolerance.
+    with pytest.raises(
+        VolumeReadError, match=r"gap 3\.000 mm at slice_0003\.dcm -> slice_0005\.dcm.*tolerance 0\.5 mm"
+    ):
+        read_volume(folder, dicom_tolerance_mm=0.5)
+
+
+def test_dicom_folder_with_a_dicomdir_and_notes_reads_cleanly(tmp_path):
+    import pydicom
+
+    volume, folder, _ = _series(tmp_path)
+    (folder / "notes.xml").write_text("<not-dicom/>")
+    ds = pydicom.Dataset()  # an instance-less DICOM file, as a DICOMDIR: not a slice
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.99.77"
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.save_as(folder / "DICOMDIR", enforce_file_format=True)
+    np.testing.assert_array_equal(read_volume(folder).array, volume.array)
+
+
+def test_dicom_missing_slice_and_uneven_spacing_are_errors(tmp_path):
+    _, folder, files = _series(tmp_path)
+    files[6].unlink()
+    with pytest.raises(
+        VolumeReadError,
+        match=r"not evenly spaced \(gap 3\.000 mm at slice_0005\.dcm -> slice_0007\.dcm.*--dicom-tolerance",
+    ):
+        read_volume(folder)
+    # Uneven spacing without a missing file: move one slice 0.4 mm.
+    _, folder2, files2 = _series(tmp_path / "b")
+    import pydicom
+
+    ds = pydicom.dcmread(files2[3])
+    ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 0.4]
+    ds.save_as(files2[3])
+    with pytest.raises(
+        VolumeReadError, match=r"series.*1\.2\.826\.0\.1\.99\.7: slices are not evenly spaced"
+    ):
+        read_volume(folder2)
+    assert read_volume(folder2, dicom_tolerance_mm=0.5).shape[0] == 10
+
+
+def test_prepare_cli_refuses_a_truncated_slice_and_names_the_flag(tmp_path, capsys):
+    from common.cli import main
+
+    _, folder, files = _series(tmp_path / "root", n=12)
+    files[5].write_bytes(files[5].read_bytes()[:300])
+    argv = ["prepare", "folder", "--root", str(tmp_path / "root"), "--out", str(tmp_path / "cache")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "slice_0005.dcm" in err and "--dicom-tolerance" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert main([*argv, "--dicom-tolerance", "1"]) == 0

@@ -90,20 +90,24 @@ def test_bad_shard_and_workers_are_one_line_errors(luna, tmp_path, capsys):
     assert not PreprocessedCache(tmp_path / "c").manifest_path.exists()
 
 
-def test_a_scan_is_resampled_with_a_fixed_blas_thread_count(luna, tmp_path):
-    """float32 matrix products round differently with another thread count, so every build uses the same."""
+def test_a_scan_is_resampled_with_a_fixed_blas_thread_count(luna, tmp_path, monkeypatch):
+    """float32 matrix products round differently with another thread count, so every build — and
+    `prepare_volume`, what `lungcad analyze` runs — resamples with the same one."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from common.cache import SCAN_BLAS_THREADS
-    from common.io import read_volume
+    from common import preprocess
+    from common.cache import SCAN_BLAS_THREADS, PrepareSettings, prepare_volume
 
     seen = []
+    resample = preprocess.resample_isotropic
 
-    def read(path, series_uid=None):
+    def spy(*args, **kwargs):
         seen.append({pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"})
-        return read_volume(path, series_uid=series_uid)
+        return resample(*args, **kwargs)
 
+    monkeypatch.setattr(preprocess, "resample_isotropic", spy)
     records = LUNA16Dataset(luna.root).records[:1]
     with threadpool_limits(limits=2):
-        PreprocessedCache(tmp_path / "cache").build(records, read_fn=read)
-    assert seen == [{SCAN_BLAS_THREADS}]
+        PreprocessedCache(tmp_path / "cache").build(records)
+        prepare_volume(luna.volumes[records[0].uid], PrepareSettings())
+    assert seen == [{SCAN_BLAS_THREADS}, {SCAN_BLAS_THREADS}]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +15,7 @@ from common.metrics.froc_io import evaluate_froc_files, read_results
 from lungdet.data import ScanReader, fill_value
 from lungdet.inference import (
     MIRRORINGS,
+    Stage1Inference,
     candidates_to_world,
     detect_scan,
     fuse_scores,
@@ -21,6 +24,7 @@ from lungdet.inference import (
     write_results_csv,
 )
 from lungdet.models import build_candidate_net, build_mppn, coordinate_maps, crop_candidates
+from lungdet.task import CandidateTask
 
 
 class LocalNet(nn.Module):
@@ -52,7 +56,9 @@ class LocalNet(nn.Module):
 def test_stitched_blocks_equal_one_pass_over_the_scan():
     net = LocalNet()
     image = torch.rand(70, 90, 101)
-    stitched = stitched_prediction(net, image, block_size=32, overlap=0.5, sw_batch_size=3, pad_value=0.25)
+    stitched = stitched_prediction(
+        net, image, Stage1Inference(block_size=32, overlap=0.5, sw_batch_size=3), pad_value=0.25
+    )
     padded = F.pad(image, (0, 3, 0, 2, 0, 2), value=0.25)  # to multiples of 4
     coords = coordinate_maps([0, 0, 0], padded.shape, image.shape)[None]
     direct = net(padded[None, None], coords)[0]
@@ -62,17 +68,16 @@ def test_stitched_blocks_equal_one_pass_over_the_scan():
 
 def test_block_overlap_must_keep_the_grids_aligned():
     with pytest.raises(ValueError, match="multiples of the stride"):
-        stitched_prediction(LocalNet(), torch.rand(40, 40, 40), block_size=32, overlap=0.3)
+        stitched_prediction(LocalNet(), torch.rand(40, 40, 40), Stage1Inference(block_size=32, overlap=0.3))
     with pytest.raises(ValueError, match="multiples of 32"):
-        stitched_prediction(LocalNet(), torch.rand(40, 40, 40), block_size=48, overlap=0.5)
+        stitched_prediction(LocalNet(), torch.rand(40, 40, 40), Stage1Inference(block_size=48, overlap=0.5))
 
 
 def test_detect_scan_finds_a_planted_cube():
     image = torch.zeros(50, 60, 70)
     image[20:28, 32:40, 12:20] = 1.0  # two 4³ cells in each direction
-    cands = detect_scan(
-        LocalNet(coord_deltas=False), image, block_size=32, overlap=0.5, score_threshold=0.5, nms_iou=0.1
-    )
+    settings = Stage1Inference(block_size=32, overlap=0.5, sw_batch_size=1, score_threshold=0.5, nms_iou=0.1)
+    cands = detect_scan(LocalNet(coord_deltas=False), image, settings)
     assert cands.shape[1] == 5 and cands.shape[0] >= 1
     centres = cands[:, 1:4]
     within = (
@@ -82,11 +87,38 @@ def test_detect_scan_finds_a_planted_cube():
     assert (cands[:-1, 0] >= cands[1:, 0]).all(), "sorted by score"
 
 
+def test_stage1_settings_are_one_frozen_object_and_anchors_come_from_the_net():
+    settings = Stage1Inference(block_size=[32, 64, 32], overlap=0.5, sw_batch_size=1, score_threshold=0.5)
+    assert settings.block == (32, 64, 32) and settings.to_dict()["block_size"] == [32, 64, 32]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.overlap = 0.25  # type: ignore[misc]
+    with pytest.raises(ValueError, match=r"not \['block'\]"):
+        settings.updated({"block": 32})
+    with pytest.raises(ValueError, match="blend_mode"):
+        Stage1Inference(blend_mode="max")
+    task = CandidateTask(block_size=64, score_threshold=0.2, merge_factor=0.0)
+    assert task.inference == Stage1Inference(block_size=64, score_threshold=0.2, merge_factor=0.0)
+    assert "score_threshold" not in task.hparams and "pre_nms_top_k" not in task.hparams
+
+    image = torch.zeros(50, 60, 70)
+    image[20:28, 32:40, 12:20] = 1.0
+    settings = Stage1Inference(block_size=32, overlap=0.5, sw_batch_size=1, score_threshold=0.5)
+    small, large = LocalNet(coord_deltas=False), LocalNet(coord_deltas=False)
+    large.anchor_sizes = (10.0, 20.0, 40.0)
+    sizes_small = set(detect_scan(small, image, settings)[:, 4].tolist())
+    sizes_large = set(detect_scan(large, image, settings)[:, 4].tolist())
+    assert sizes_small <= {5.0, 10.0, 20.0} and sizes_large <= {10.0, 20.0, 40.0}
+    assert sizes_small != sizes_large
+
+
 def test_real_candidate_net_on_a_whole_scan_keeps_candidates_inside():
     torch.manual_seed(0)
     net = build_candidate_net("ascrm", width=2, head_channels=8, prior_prob=0.5).eval()
     image = torch.rand(40, 45, 50)
-    cands = detect_scan(net, image, block_size=32, overlap=0.5, score_threshold=0.0, max_candidates=20)
+    settings = Stage1Inference(
+        block_size=32, overlap=0.5, sw_batch_size=1, score_threshold=0.0, max_candidates=20
+    )
+    cands = detect_scan(net, image, settings)
     assert 0 < cands.shape[0] <= 20
     assert (cands[:, 1:4] >= -0.5).all() and (cands[:, 1:4] <= torch.tensor(image.shape) - 0.5).all()
 

@@ -179,7 +179,9 @@ def test_mppn_config_fit_test_and_two_stage_predict(
     assert results["probability"].between(0, 1).all()
 
 
-def test_mppn_ensemble_by_config_fits_checkpoints_and_tests(stage1_checkpoint, luna_tree, luna_cache, tmp_path):
+def test_mppn_ensemble_by_config_fits_checkpoints_and_tests(
+    stage1_checkpoint, luna_tree, luna_cache, tmp_path
+):
     from lungdet.models import MPPNEnsemble
 
     tiny = _overlay(tmp_path, luna_tree, luna_cache.root, 2)

@@ -1,0 +1,444 @@
+"""The models of a bundle on one CT volume: detection, segmentation, measurements, malignancy, Lung-RADS.
+
+``analyze_volume(volume, bundle)`` runs, each step timed in ``Analysis.timings_s``:
+
+1. **preprocess** — ``common.cache.prepare_volume``: the same clipping, resampling and computed lung mask as
+   the preprocessed cache (``lungdata prepare``), in memory, once per distinct cache setting of the bundle's
+   models; CLAF's view of it is ``lungdet.data.ScanReader`` over that in-memory entry (window, lung masking,
+   fill), so the prepared array equals what ``lungdet test`` reads from a cache of the same scan (tested).
+2. **detect** — CLAF stage 1 (``CandidateTask.detect`` with the bundle's ``Stage1Inference``) →
+   **fpr** — MPPN probability per candidate, fused with the stage-1 score by the bundle's ``stage1_weight``
+   (``lungdet.inference.fuse_scores``). Every scored candidate goes to ``Analysis.candidates`` (LUNA16
+   columns, world mm); those scoring at least the bundle's operating threshold become findings, best first.
+   With ``nodules_world_mm`` (the ``--nodules`` mode) detection is skipped and the given centres are the
+   findings, in the given order.
+3. **segment** — GLANCE (``lungseg.inference.predict_scan``) on the slices spanning each finding (its
+   diameter ± a margin) of the GLANCE view of the scan; the probability map is interpolated (linear) onto the
+   ORIGINAL scan grid around the finding and thresholded at the model's ``seg_threshold``; the connected
+   component holding the finding's centre (else the nearest one within the finding's radius) is the
+   nodule. Where GLANCE finds nothing there, the fallback is the connected region of ≥ −500 HU
+   (``FALLBACK_HU``: above ground glass' lower bound, below soft tissue) around the centre within a sphere of
+   1.5 × the finding's diameter; where that is empty too, a sphere of the finding's diameter.
+   ``Finding.segmentation`` says which ("glance", "hu-threshold", "sphere"). A finding whose centre lies
+   in an earlier (better-scoring) finding's mask is the same nodule and is dropped.
+4. **measure** — ``lungcad.measure.measure_nodule`` on the original grid.
+5. **classify** — M³Net on nested native-resolution patches around the mask centroid (``lungcls.patches``:
+   ``crop_block`` + ``nested_crops`` with the bundle's context block, boundary rule, sizes and normalisation).
+6. **category** — ``lungcad.lungrads.baseline_category`` from type and size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.ndimage as ndi
+import torch
+
+from common.cache import PrepareSettings, prepare_volume
+from common.io import CTVolume
+from common.metrics.froc_io import RESULT_COLUMNS
+from common.preprocess import clip_hu
+from lungcad.bundle import Bundle
+
+__all__ = ["FALLBACK_HU", "Analysis", "Finding", "PreparedScan", "analyze_volume", "prepare_scan"]
+
+#: HU threshold of the segmentation fallback (voxels at or above it, connected to the finding's centre).
+FALLBACK_HU = -500.0
+#: Default diameter of a given (``--nodules``) position whose size is unknown, mm.
+GIVEN_DIAMETER_MM = 10.0
+SCAN_UID = "scan"
+
+
+@dataclass
+class Finding:
+    """One nodule (see ``lungcad.pipeline`` for how each field is made)."""
+
+    index: int
+    detection_score: float | None
+    malignancy_probability: float
+    measurements: Any  # lungcad.measure.NoduleMeasurements
+    category: Any  # lungcad.lungrads.LungRADSCategory
+    source: str  # "detected" | "given"
+    segmentation: str = "glance"  # "glance" | "hu-threshold" | "sphere"
+
+
+@dataclass
+class Analysis:
+    """Everything ``analyze_volume`` found in one scan (labels on the original grid, k = finding k)."""
+
+    volume: CTVolume
+    findings: list[Finding]
+    labels: np.ndarray
+    candidates: pd.DataFrame
+    timings_s: dict[str, float]
+    bundle_info: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------ preprocess
+
+
+@dataclass
+class PreparedScan:
+    """One scan on a cache grid, in memory: the arrays and manifest-like entry a cache would hold."""
+
+    image: np.ndarray  # int16 HU (z, y, x)
+    lung_mask: np.ndarray  # uint8
+    entry: dict[str, Any]
+
+
+class _MemoryCache:
+    """The part of ``PreprocessedCache`` that ``ScanReader`` uses, over one in-memory scan."""
+
+    def __init__(self, scan: PreparedScan) -> None:
+        self.root = Path("<memory>")
+        self.entries = {scan.entry["uid"]: scan.entry}
+        self._scan = scan
+
+    def load(self, uid: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        return self._scan.image, self._scan.lung_mask, self._scan.entry
+
+
+def prepare_scan(volume: CTVolume, cache: dict[str, Any], uid: str = SCAN_UID) -> PreparedScan:
+    """``common.cache.prepare_volume`` with the cache settings recorded in a bundle model's preprocessing."""
+    settings = PrepareSettings(
+        spacing=tuple(cache["spacing"]),
+        order=int(cache["order"]),
+        lung_mask="computed",
+        mask_threshold_hu=float(cache["mask_threshold_hu"]),
+    )
+    resampled, mask = prepare_volume(volume, settings)
+    entry = {
+        "uid": uid,
+        "shape": list(resampled.shape),
+        "spacing": list(resampled.spacing),
+        "origin": list(resampled.origin),
+        "direction": [float(v) for v in resampled.direction.ravel()],
+        "original_shape": list(volume.shape),
+        "original_spacing": list(volume.spacing),
+        "nodules": [],
+        "excluded": [],
+    }
+    return PreparedScan(resampled.array, mask, entry)
+
+
+def claf_view(scan: PreparedScan, pre: dict[str, Any]) -> np.ndarray:
+    """The windowed, lung-masked float32 scan CLAF sees (``ScanReader.whole`` over the in-memory entry)."""
+    from lungdet.data import ScanReader
+
+    reader = ScanReader(
+        _MemoryCache(scan),  # type: ignore[arg-type]
+        window=tuple(pre["window_hu"]),
+        mask_outside_lung=bool(pre["mask_outside_lung"]),
+        outside_hu=float(pre["outside_hu"]),
+        lung_margin=int(pre["lung_margin"]),
+    )
+    return reader.whole(scan.entry["uid"])
+
+
+# ------------------------------------------------------------------------------------------ steps
+
+
+def _detect(bundle: Bundle, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLAF stage-1 candidates (score, z, y, x, d) of the prepared scan, and the scan as a tensor."""
+    stage1 = bundle.models["stage1"].task
+    stage1.pad_value = float(bundle.models["stage1"].preprocessing["fill_value"])
+    tensor = torch.from_numpy(image).to(next(stage1.parameters()).device)
+    return stage1.detect(tensor), tensor
+
+
+def _fpr(bundle: Bundle, scan: PreparedScan, tensor: torch.Tensor, cands: torch.Tensor) -> pd.DataFrame:
+    """MPPN probability of each candidate, fused with stage 1 as the bundle says: LUNA16 rows, best first."""
+    from lungdet.inference import candidates_to_world, fuse_scores, score_candidates
+
+    mppn = bundle.models["mppn"].task
+    mppn.pad_value = float(bundle.models["mppn"].preprocessing["fill_value"])
+    p = score_candidates(
+        mppn.model,
+        tensor,
+        cands[:, 1:4],
+        chunk_size=mppn.chunk_size,
+        pad_value=mppn.pad_value,
+        mirror=mppn.mirror_tta,
+    )
+    final = fuse_scores(p, cands[:, 0], bundle.stage1_weight)
+    world = candidates_to_world(cands[:, 1:4], scan.entry).reshape(-1, 3)
+    frame = pd.DataFrame(
+        {
+            "seriesuid": [scan.entry["uid"]] * len(world),
+            "coordX": world[:, 0],
+            "coordY": world[:, 1],
+            "coordZ": world[:, 2],
+            "probability": final.double().cpu().numpy(),
+            "stage1_probability": cands[:, 0].double().cpu().numpy(),
+            "mppn_probability": p.double().cpu().numpy(),
+            "diameter_mm": cands[:, 4].double().cpu().numpy() * float(scan.entry["spacing"][0]),
+        }
+    )
+    return frame.sort_values("probability", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def _glance_item(scan: PreparedScan, pre: dict[str, Any], slices: np.ndarray) -> dict[str, Any]:
+    """A ``GlanceScanDataset`` item of the given slices (same box, window and 2.5D context as ScanView)."""
+    from common.preprocess import window
+    from lungseg.slices import AIR_HU, crop_resize, full_box, lung_box
+
+    shape = tuple(int(v) for v in scan.entry["shape"])
+    spacing = tuple(float(v) for v in scan.entry["spacing"])
+    size = int(pre["image_size"])
+    box = None
+    if pre["lung_crop"]:
+        box = lung_box(scan.lung_mask, float(pre["crop_margin_mm"]) / min(spacing[:2]))
+    box = box or full_box(shape[1:])
+    lo, hi = pre["window_hu"]
+    context, step = int(pre["context_slices"]), int(pre["context_step"])
+
+    def one(z: int) -> np.ndarray:
+        hu = crop_resize(np.asarray(scan.image[z], dtype=np.float32), box, size, AIR_HU)
+        return window(hu, lo, hi)
+
+    stack = np.stack(
+        [
+            np.stack(
+                [one(int(k)) for k in np.clip(z + step * np.arange(-context, context + 1), 0, shape[0] - 1)]
+            )
+            for z in slices
+        ]
+    ).astype(np.float16)
+    return {
+        "uid": scan.entry["uid"],
+        "image": torch.from_numpy(stack),
+        "slices": torch.from_numpy(np.asarray(slices, dtype=np.int64)),
+        "box": box.as_tuple(),
+        "image_size": size,
+        "shape": shape,
+        "spacing": spacing,
+        "origin": tuple(scan.entry["origin"]),
+        "direction": tuple(scan.entry["direction"]),
+    }
+
+
+def _component_at(mask: np.ndarray, centre: np.ndarray, radius_vox: np.ndarray) -> np.ndarray | None:
+    """The connected component of `mask` holding `centre` (z, y, x), else the nearest one within the radius."""
+    labels, n = ndi.label(mask)
+    if n == 0:
+        return None
+    idx = tuple(int(np.clip(round(c), 0, s - 1)) for c, s in zip(centre, mask.shape))
+    if labels[idx]:
+        return labels == labels[idx]
+    points = np.argwhere(labels > 0)
+    dist = np.sqrt((((points - centre) / np.maximum(radius_vox, 1e-6)) ** 2).sum(1))
+    nearest = int(np.argmin(dist))
+    if dist[nearest] > 1.0:
+        return None
+    return labels == labels[tuple(points[nearest])]
+
+
+def _box_around(centre: np.ndarray, half: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    lo = np.maximum(np.floor(centre - half).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + half).astype(int) + 1, np.asarray(shape))
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def _segment(
+    bundle: Bundle,
+    seg_scan: PreparedScan,
+    volume: CTVolume,
+    world_xyz: np.ndarray,
+    diameter_mm: float,
+) -> tuple[np.ndarray, str]:
+    """Mask (bool, original grid) of the nodule at `world_xyz` and how it was made (module docstring)."""
+    from lungseg.inference import predict_scan
+
+    model = bundle.models["seg"]
+    task, pre = model.task, model.preprocessing
+    cfg = task.inference
+    d = max(float(diameter_mm), 3.0)
+    c_spacing = np.asarray(seg_scan.entry["spacing"], dtype=np.float64)[::-1]  # (z, y, x)
+    o_spacing = np.asarray(volume.spacing, dtype=np.float64)[::-1]
+    centre_o = np.asarray(
+        volume.world_to_voxel(np.asarray(world_xyz, dtype=np.float64)), dtype=np.float64
+    ).reshape(3)
+    centre_c = centre_o * o_spacing / c_spacing  # same origin and direction: index scales with spacing
+    shape_c = tuple(int(v) for v in seg_scan.entry["shape"])
+    half_mm = max(0.75 * d, 8.0)
+    zc = int(np.clip(round(centre_c[0]), 0, shape_c[0] - 1))
+    span = int(np.ceil(half_mm / c_spacing[0])) + 1
+    slices = np.arange(max(zc - span, 0), min(zc + span + 1, shape_c[0]))
+    item = _glance_item(seg_scan, pre, slices)
+    use_filter = task.filter_by_mask if task.filter_by_mask is not None else bool(task.seg_supervised)
+    prediction = predict_scan(task.model, item, cfg, filter_by_mask=use_filter)
+    half_o = half_mm / o_spacing + 1
+    box = _box_around(centre_o, half_o, volume.shape)
+    if prediction.probability is not None:
+        grid = np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij")
+        coords = [g * (o / c) for g, o, c in zip(grid, o_spacing, c_spacing)]
+        prob = ndi.map_coordinates(
+            prediction.probability.astype(np.float32), coords, order=1, mode="constant"
+        )
+        local = _component_at(
+            prob >= cfg.seg_threshold, centre_o - [s.start for s in box], 0.5 * d / o_spacing
+        )
+        if local is not None:
+            mask = np.zeros(volume.shape, dtype=bool)
+            mask[box] = local
+            return mask, "glance"
+    # Fallback: the connected ≥ FALLBACK_HU region at the centre, within 1.5 diameters.
+    fb_half = 0.75 * d / o_spacing + 1
+    box = _box_around(centre_o, fb_half, volume.shape)
+    grid = np.stack(np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij"), -1)
+    inside = ((((grid - centre_o) * o_spacing) / (0.75 * d)) ** 2).sum(-1) <= 1.0
+    local = _component_at(
+        (volume.array[box] >= FALLBACK_HU) & inside, centre_o - [s.start for s in box], 0.5 * d / o_spacing
+    )
+    how = "hu-threshold"
+    if local is None:
+        local = ((((grid - centre_o) * o_spacing) / (0.5 * d)) ** 2).sum(-1) <= 1.0
+        how = "sphere"
+        if not local.any():  # a sphere smaller than a voxel: the centre voxel
+            local = np.zeros_like(local)
+            local[
+                tuple(
+                    np.clip(
+                        np.round(centre_o - [s.start for s in box]).astype(int),
+                        0,
+                        np.asarray(local.shape) - 1,
+                    )
+                )
+            ] = True
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[box] = local
+    return mask, how
+
+
+def _malignancy(bundle: Bundle, volume: CTVolume, hu: np.ndarray, centre_zyx: np.ndarray) -> float:
+    """M³Net probability of class 1 (malignant) on the nested native-resolution patches around a centre."""
+    from lungcls.data import normalize_hu
+    from lungcls.patches import crop_block, nested_crops
+
+    model = bundle.models["cls"]
+    pre, task = model.preprocessing, model.task
+    sizes = {int(k): int(v) for k, v in pre["sizes"].items()}
+    block, offset = crop_block(
+        hu, centre_zyx, (pre["context_depth"], pre["context"], pre["context"]), pre["boundary"]
+    )
+    crops = nested_crops(block, sizes, int(pre["depth"]), offset)
+    device = next(task.parameters()).device
+    patches = {
+        k: torch.from_numpy(normalize_hu(v, pre["normalization"], pre["window_hu"])[None, None].copy()).to(
+            device
+        )
+        for k, v in crops.items()
+    }
+    with torch.no_grad():
+        logits = task.model(patches).logits
+    return float(torch.softmax(logits.float(), dim=-1)[0, -1])
+
+
+@contextmanager
+def _timed(timings: dict[str, float], step: str, progress: Callable[[str], None] | None) -> Iterator[None]:
+    if progress:
+        progress(step)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[step] = timings.get(step, 0.0) + round(time.perf_counter() - start, 4)
+
+
+def analyze_volume(
+    volume: CTVolume,
+    bundle: Bundle,
+    *,
+    nodules_world_mm: np.ndarray | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Analysis:
+    """Run the bundle's models on one scan (module docstring).
+
+    Args:
+        volume: the scan as read (HU, original geometry).
+        bundle: a loaded, verified bundle.
+        nodules_world_mm: (n, 3) world (x, y, z) centres, or (n, 4) with a diameter in mm: skip detection and
+            analyse these positions (findings in the given order, ``detection_score`` None).
+        progress: called with each step's name as it starts.
+
+    Returns:
+        The ``Analysis``; ``timings_s`` has read (0 here; the caller adds it), preprocess, detect, fpr, segment,
+        measure, classify.
+    """
+    from lungcad.lungrads import baseline_category
+    from lungcad.measure import measure_nodule
+
+    timings: dict[str, float] = {"read": 0.0}
+    with _timed(timings, "preprocess", progress):
+        det_pre = bundle.models["stage1"].preprocessing
+        seg_pre = bundle.models["seg"].preprocessing
+        det_scan = prepare_scan(volume, det_pre["cache"])
+        seg_scan = (
+            det_scan if seg_pre["cache"] == det_pre["cache"] else prepare_scan(volume, seg_pre["cache"])
+        )
+        hu = clip_hu(np.asarray(volume.array))  # M³Net's native HU, as its patch cache stores them
+    if nodules_world_mm is None:
+        with _timed(timings, "preprocess", None):
+            image = claf_view(det_scan, det_pre)
+        with _timed(timings, "detect", progress):
+            cands, tensor = _detect(bundle, image)
+        with _timed(timings, "fpr", progress):
+            candidates = _fpr(bundle, det_scan, tensor, cands)
+        chosen = candidates[candidates["probability"] >= bundle.operating_threshold]
+        targets = [
+            (np.array([r.coordX, r.coordY, r.coordZ]), float(r.diameter_mm), float(r.probability))
+            for r in chosen.itertuples()
+        ]
+        source = "detected"
+    else:
+        given = np.asarray(nodules_world_mm, dtype=np.float64)
+        if given.ndim != 2 or given.shape[1] not in (3, 4):
+            raise ValueError(
+                f"nodules_world_mm must be (n, 3) or (n, 4) world mm rows, got shape {given.shape}"
+            )
+        candidates = pd.DataFrame(columns=list(RESULT_COLUMNS))
+        timings["detect"] = timings["fpr"] = 0.0
+        targets = [
+            (row[:3], float(row[3]) if given.shape[1] == 4 and row[3] > 0 else GIVEN_DIAMETER_MM, None)
+            for row in given
+        ]
+        source = "given"
+    labels = np.zeros(volume.shape, dtype=np.uint16)
+    findings: list[Finding] = []
+    timings.update(segment=0.0, measure=0.0, classify=0.0)
+    for world, diameter, score in targets:
+        voxel = np.asarray(volume.world_to_voxel(world)).reshape(3)
+        inside = np.all((voxel >= -0.5) & (voxel <= np.asarray(volume.shape) - 0.5))
+        if not inside:
+            if source == "given":
+                raise ValueError(f"nodule at world {tuple(np.round(world, 2))} mm lies outside the scan")
+            continue
+        centre_idx = tuple(int(np.clip(round(v), 0, s - 1)) for v, s in zip(voxel, volume.shape))
+        if source == "detected" and labels[centre_idx]:
+            continue  # inside a better finding's mask: the same nodule
+        with _timed(timings, "segment", progress):
+            mask, how = _segment(bundle, seg_scan, volume, world, diameter)
+            mask &= labels == 0
+            if not mask.any():
+                mask = np.zeros(volume.shape, dtype=bool)
+                mask[centre_idx] = True
+                how = "sphere"
+        with _timed(timings, "measure", progress):
+            measurements = measure_nodule(volume, mask)
+        with _timed(timings, "classify", progress):
+            centroid = np.asarray(measurements.center_voxel_xyz, dtype=np.float64)[::-1]
+            probability = _malignancy(bundle, volume, hu, centroid)
+            category = baseline_category(
+                measurements.type, measurements.mean_diameter_mm, measurements.solid_component_mm
+            )
+        index = len(findings) + 1
+        labels[mask] = index
+        findings.append(Finding(index, score, probability, measurements, category, source, how))
+    return Analysis(volume, findings, labels, candidates, timings, bundle.info())
