@@ -61,7 +61,7 @@ def inference(
 
     from bench.lungdet_bench import N_CANDIDATES, SHAPE_ZYX, phantom_volume
     from lungdet.data import fill_value
-    from lungdet.inference import detect_scan, score_candidates
+    from lungdet.inference import Stage1Inference, detect_scan, score_candidates
     from lungdet.models import build_candidate_net, build_mppn
 
     torch.manual_seed(0)
@@ -72,10 +72,11 @@ def inference(
     pad = fill_value()
 
     def two_stage() -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        cands, t1 = _timed(
-            lambda: detect_scan(net, volume, block_size=block, overlap=0.25, sw_batch_size=2, pad_value=pad,
-                                score_threshold=0.0, max_candidates=candidates or N_CANDIDATES), device,
+        settings = Stage1Inference(
+            block_size=block, overlap=0.25, sw_batch_size=2, score_threshold=0.0,
+            max_candidates=candidates or N_CANDIDATES,
         )  # fmt: skip
+        cands, t1 = _timed(lambda: detect_scan(net, volume, settings, pad_value=pad), device)
         probs, t2 = _timed(
             lambda: score_candidates(mppn, volume, cands[:, 1:4], chunk_size=64, pad_value=pad), device
         )
