@@ -7,7 +7,7 @@ matmul peak and MONAI's LUNA16 RetinaNet, all measured in the same run.
   128³ blocks, overlap 0.25, stitched 32³ outputs, threshold, NMS); stage 2: the MPPN (width 32) on 100
   candidates (the LUNA16 evaluation's cap per scan) cut from the same scan. Random weights: the work is
   the same as with trained ones.
-* Achieved GFLOP/s: FLOPs from ``lungdet.models.count_flops`` (a multiply-add = 2 FLOPs) × the number of
+* Achieved GFLOP/s: FLOPs from ``common.complexity.count_flops`` (a multiply-add = 2 FLOPs) × the number of
   blocks / candidates, divided by the measured time; the peak is the best of a few 4096² float32
   ``torch.matmul`` runs, measured right before.
 * MONAI RetinaNet: ``monai.apps.detection`` ``RetinaNetDetector`` built as in MONAI's LUNA16 detection
@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from lungdet.data import fill_value
+from common.complexity import count_flops
 from lungdet.inference import Stage1Inference, detect_scan, score_candidates
-from lungdet.models import build_candidate_net, build_mppn, count_flops
+from lungdet.models import build_candidate_net, build_mppn
+from lungdet.scan_reader import fill_value
 
 SHAPE_ZYX = (300, 350, 350)
 MONAI_ROI_XYZ = (192, 192, 80)
@@ -176,7 +177,7 @@ def run(
         t1 = time.perf_counter() - start
         hook.remove()
     blocks = sum(seen)
-    flops1 = blocks * count_flops(net, (1, 1, block_size, block_size, block_size))
+    flops1 = blocks * count_flops(net, *net.example_inputs((1, 1, *(block_size,) * 3)), meta=True).total
     results.update(
         stage1_s=t1, stage1_blocks=blocks, stage1_gflop=flops1 / 1e9, stage1_gflops=flops1 / t1 / 1e9,
         stage1_fraction_of_peak=flops1 / t1 / 1e9 / peak,
@@ -192,7 +193,7 @@ def run(
         start = time.perf_counter()
         score_candidates(mppn, volume, centres, chunk_size=32, pad_value=fill_value())
         t2 = time.perf_counter() - start
-    flops2 = candidates * count_flops(mppn, (1, 1, 32, 48, 48))
+    flops2 = candidates * count_flops(mppn, *mppn.example_inputs((1, 1, 32, 48, 48)), meta=True).total
     results.update(
         stage2_s=t2, stage2_candidates=candidates, stage2_gflop=flops2 / 1e9, stage2_gflops=flops2 / t2 / 1e9,
         stage2_fraction_of_peak=flops2 / t2 / 1e9 / peak, claf_total_s=t1 + t2,

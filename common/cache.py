@@ -20,6 +20,12 @@ modification times of its input files, the SHA-256 of its header, and the hash o
 fingerprint: they are re-derived for every scan on every build (cheap, no pixels), so an edited
 annotation CSV updates the manifest without re-resampling anything.
 
+Where a cache lives (one rule for `lungdata prepare`, every datamodule and the lungcls patch cache): a
+folder given explicitly (`--out`, `cache_dir`), else `cache/<dataset>-<8 hex of the resolved dataset
+root>` under the working directory (`default_cache_dir`; the lungcls patch cache adds its kind and block
+size: `cache/m3net-<dataset>-<hash>-<context>x<depth>`). Scans of a folder to predict on are cached beside
+it in `predict-<hash of that folder>` (`predict_cache_dir`).
+
 A scan that cannot be read raises an error naming the file (strict mode) after the scans before it are
 safely recorded; lenient mode logs it and moves on. Only one build may write a cache at a time (a lock file
 holds the builder's pid; a lock left by a killed build — its pid gone or a zombie — is taken over).
@@ -60,16 +66,48 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ALGORITHM_VERSION",
+    "CACHE_ROOT",
     "BuildReport",
     "PreprocessedCache",
     "PrepareSettings",
+    "default_cache_dir",
     "entry_geometry",
     "grid_geometry",
+    "path_digest",
+    "predict_cache_dir",
     "prepare_cache",
     "parse_shard",
     "prepare_volume",
     "shard_records",
 ]
+
+#: where caches live when no folder is named (relative to the working directory)
+CACHE_ROOT = Path("cache")
+
+
+def path_digest(path: str | Path) -> str:
+    """Eight hex digits naming a folder by its resolved path, for cache folders that must not collide."""
+    return hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:8]
+
+
+def default_cache_dir(
+    dataset: str, root: str | Path, kind: str | None = None, variant: str | None = None
+) -> Path:
+    """The cache folder of a dataset root when none is named: `cache/[<kind>-]<dataset>-<hash of root>[-<variant>]`.
+
+    `lungdata prepare` (without `--out`) and every datamodule (without `cache_dir`) call this, so the cache
+    one prepares is the cache the other finds.
+    """
+    parts = [kind, dataset, path_digest(root), variant]
+    return CACHE_ROOT / "-".join(p for p in parts if p)
+
+
+def predict_cache_dir(cache_dir: str | Path | None, predict_root: str | Path) -> Path:
+    """The cache of a folder of new scans: `predict-<hash of the folder>` beside the named cache folder (or in
+    `cache/`), found without the training dataset's root."""
+    base = Path(cache_dir).parent if cache_dir else CACHE_ROOT
+    return base / f"predict-{path_digest(predict_root)}"
+
 
 ALGORITHM_VERSION = 2
 """Bump when resampling, clipping or lung masking change in a way that changes cached arrays."""

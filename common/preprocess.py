@@ -64,9 +64,9 @@ FOV_PADDING_MAX = -2000
 """Values at or below this are padding outside the reconstructed field of view, not tissue."""
 
 GLANCE_WINDOW = (-1000.0, 400.0)
-"""Lung window of GLANCE (papers/000), HU."""
+"""Lung window of GLANCE (npj Digit. Med. 2025), HU."""
 CLAF_WINDOW = (-1200.0, 600.0)
-"""Lung window of CLAF (papers/001), HU."""
+"""Lung window of CLAF (Wang et al. 2025), HU."""
 
 LUNA16_LUNG_LABELS = (3, 4)
 """Values of the two lungs in LUNA16 `seg-lungs-LUNA16` masks (5 = trachea/airways, excluded)."""

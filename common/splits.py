@@ -13,7 +13,7 @@ Split kinds:
 * ``kfold_split`` — k patient-disjoint folds (``fold0`` … ``fold{k-1}``), optionally stratified
   (scikit-learn ``GroupKFold``; seeded stratified dealing).
 * ``luna16_subset_folds`` — the ten official LUNA16 subsets (``subset0`` … ``subset9``) as folds.
-* ``claf_sixfold`` — the six-fold cross-validation of the CLAF paper (papers/001). The paper states only
+* ``claf_sixfold`` — the six-fold cross-validation of the CLAF paper (Wang et al. 2025). The paper states only
   that six folds were used ("six subsets"), not how they were formed. We form six seeded patient-level
   folds stratified by the number of nodules per patient (0, 1, 2, ≥3), so every fold holds a similar
   share of the nodules and of nodule-free scans; this choice is recorded in the split file's metadata.
@@ -447,7 +447,7 @@ def kfold_split(
 
 
 def claf_sixfold(records: Sequence[ScanRecord], seed: int = 0) -> Split:
-    """The CLAF paper's six-fold cross-validation (papers/001, "six subsets").
+    """The CLAF paper's six-fold cross-validation (CLAF (Wang et al. 2025), "six subsets").
 
     The paper does not say how the six folds were drawn. We use seeded patient-level folds stratified by
     the nodule count per patient (0, 1, 2, ≥3) so nodules and nodule-free scans spread evenly.
@@ -459,7 +459,7 @@ def claf_sixfold(records: Sequence[ScanRecord], seed: int = 0) -> Split:
         {
             "method": "claf-6fold",
             "stratum": "nodules per patient (0, 1, 2, >=3)",
-            "note": "papers/001 gives no fold construction; seeded patient-level folds, nodule-balanced",
+            "note": "CLAF (Wang et al. 2025) gives no fold construction; seeded patient-level folds, nodule-balanced",
         }
     )
     return split

@@ -266,8 +266,8 @@ def expected_preprocessing(kind: str, data_class: str, data_args: Mapping[str, A
         cache = PrepareSettings(spacing=(spacing,) * 3).to_dict()
         cache["lung_mask"] = "computed"  # new scans come without a provided lung mask
     if kind in ("stage1", "mppn"):
-        from lungdet.data import fill_value
         from lungdet.models.mppn import MPPN_CROP_SIZES
+        from lungdet.scan_reader import fill_value
 
         window = [float(v) for v in arg("window")]
         out = {

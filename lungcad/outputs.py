@@ -7,7 +7,7 @@
 - ``results.csv``: every scored candidate in the LUNA16 results format, so `lungdata evaluate-froc` scores
   it as is;
 - for DICOM input with at least one nodule: ``seg.dcm`` (DICOM SEG) and ``sr.dcm`` (DICOM SR, TID 1500);
-- ``report.html`` when the HTML writer is installed;
+- ``report.html`` (`lungcad.html_report`);
 - ``report.json`` LAST, atomically, with the SHA-256 of every file above. A folder whose ``report.json``
   exists and whose listed files match their checksums is a finished scan (`finished_report`); anything
   else is a partial folder and is redone. That is what makes batch runs resumable.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import importlib
 import json
 import logging
 import math
@@ -38,6 +37,7 @@ import pandas as pd
 from common import atomic
 from common.cache import sha256_file as sha256
 from common.io import CTVolume, write_nifti
+from common.metrics import froc_io
 
 log = logging.getLogger(__name__)
 
@@ -152,26 +152,24 @@ def scan_id(volume: CTVolume, path: str | Path, anonymize: bool = False) -> str:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def _jsonable(value: Any) -> Any:
-    """numpy scalars/arrays and tuples → plain JSON types; NaN/inf are refused (JSON has none)."""
+def _jsonable(value: Any, where: str = "report", lenient: bool = False) -> Any:
+    """numpy scalars/arrays and tuples → plain JSON types. JSON has no NaN/inf: one in the ``bundle`` block
+    (an infinite operating threshold: no candidate qualifies) becomes null, anywhere else it is an error
+    naming the field."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {
+            str(k): _jsonable(v, f"{where}.{k}", lenient or where == "report.bundle")
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple | np.ndarray):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, f"{where}[{i}]", lenient) for i, v in enumerate(value)]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"report value {value} is not finite; the pipeline produced a NaN/inf measurement")
+        if lenient:
+            return None
+        raise ValueError(f"{where} is {value}, not a finite number; the pipeline produced an invalid value")
     return value
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lungcad")
-    except PackageNotFoundError:
-        return "0.1.0"
 
 
 def acquisition(source_datasets: Sequence[Any] | None) -> dict[str, Any]:
@@ -214,6 +212,7 @@ def build_report(
         timings_s: per-step seconds; defaults to ``analysis.timings_s``.
     """
     from lungcad import DISCLAIMER
+    from lungcad.bundle import package_version  # the one place that reads it (bundle.json has it too)
 
     volume: CTVolume = analysis.volume
     findings = list(analysis.findings)
@@ -237,7 +236,7 @@ def build_report(
     candidates = analysis.candidates
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
-        "generator": {"name": "lungcad", "version": _version()},
+        "generator": {"name": "lungcad", "version": package_version()},
         "created_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "disclaimer": DISCLAIMER,
         "scan": {
@@ -315,33 +314,21 @@ def write_nodules_csv(reports: Sequence[dict[str, Any]], path: str | Path) -> Pa
     return atomic.write_csv(path, nodules_frame(reports), float_format="%.6g")
 
 
-def _results_writer():
-    """The LUNA16 results writer: `common.metrics.froc_io` once it holds it, else `lungdet.inference`."""
-    froc_io = importlib.import_module("common.metrics.froc_io")
-    if hasattr(froc_io, "write_results_csv"):
-        return froc_io.write_results_csv
-    from lungdet.inference import write_results_csv
-
-    return write_results_csv
-
-
 def results_frame(candidates: pd.DataFrame | None, scan_id: str) -> pd.DataFrame:
     """The scored candidates with ``seriesuid`` set to the scan id, best first."""
-    from common.metrics.froc_io import RESULT_COLUMNS
-
     if candidates is None or len(candidates) == 0:
         return pd.DataFrame(
-            {c: pd.Series(dtype=object if c == "seriesuid" else float) for c in RESULT_COLUMNS}
+            {c: pd.Series(dtype=object if c == "seriesuid" else float) for c in froc_io.RESULT_COLUMNS}
         )
     frame = candidates.copy()
     frame["seriesuid"] = scan_id
     frame = frame.sort_values("probability", ascending=False, kind="stable")
-    return frame[list(RESULT_COLUMNS)].reset_index(drop=True)
+    return frame[list(froc_io.RESULT_COLUMNS)].reset_index(drop=True)
 
 
 def write_results_csv(frame: pd.DataFrame, path: str | Path) -> Path:
     """A LUNA16 results CSV (``seriesuid,coordX,coordY,coordZ,probability``) scorable as is."""
-    return Path(_results_writer()(frame, path))
+    return Path(froc_io.write_results_csv(frame, path))
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -397,18 +384,6 @@ def clear_outputs(folder: str | Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def _optional(module: str, name: str):
-    """A writer from a module that another part of lungcad provides; None while it is not installed."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as err:
-        if err.name != module:
-            raise
-        return None
-    except AttributeError:
-        return None
-
-
 def write_outputs(
     analysis: Any,
     folder: str | Path,
@@ -448,20 +423,19 @@ def write_outputs(
     if fmt == "dicom" and source_datasets and not report["nodules"]:
         log.info("no nodules: no DICOM SEG/SR (a SEG needs at least one segment, the SR references it)")
     elif fmt == "dicom" and source_datasets:
-        write_seg = _optional("lungcad.dicom_output", "write_seg")
-        write_sr = _optional("lungcad.dicom_output", "write_sr")
-        if write_seg is not None and write_sr is not None:
-            paths[DICOM_SEG] = Path(
-                write_seg(source_datasets, analysis.labels, report, folder / DICOM_SEG, anonymize=anonymize)
-            )
-            paths[DICOM_SR] = Path(
-                write_sr(source_datasets, paths[DICOM_SEG], report, folder / DICOM_SR, anonymize=anonymize)
-            )
-        else:
-            log.info("DICOM SEG/SR skipped: lungcad.dicom_output is not installed")
-    write_html = _optional("lungcad.html_report", "write_report_html")
-    if write_html is not None:
-        paths[REPORT_HTML] = Path(write_html(report, analysis.volume, analysis.labels, folder / REPORT_HTML))
+        from lungcad.dicom_output import write_seg, write_sr
+
+        paths[DICOM_SEG] = write_seg(
+            source_datasets, analysis.labels, report, folder / DICOM_SEG, anonymize=anonymize
+        )
+        paths[DICOM_SR] = write_sr(
+            source_datasets, paths[DICOM_SEG], report, folder / DICOM_SR, anonymize=anonymize
+        )
+    from lungcad.html_report import write_report_html
+
+    paths[REPORT_HTML] = Path(
+        write_report_html(report, analysis.volume, analysis.labels, folder / REPORT_HTML)
+    )
     if timings_s is not None:
         timings_s["write"] = time.perf_counter() - started  # the files before report.json
     report["timings_s"]["write"] = round(time.perf_counter() - started, 3)

@@ -130,7 +130,7 @@ def prepare_scan(volume: CTVolume, cache: dict[str, Any], uid: str = SCAN_UID) -
 
 def claf_view(scan: PreparedScan, pre: dict[str, Any]) -> np.ndarray:
     """The windowed, lung-masked float32 scan CLAF sees (``ScanReader.whole`` over the in-memory entry)."""
-    from lungdet.data import ScanReader
+    from lungdet.scan_reader import ScanReader
 
     reader = ScanReader(
         _MemoryCache(scan),  # type: ignore[arg-type]

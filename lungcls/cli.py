@@ -9,7 +9,7 @@
 
 `fit` / `validate` / `test` / `predict` are `common.lightning.LungCLI` (LightningCLI in subclass mode:
 `model.class_path` names `lungcls.task.ScaleTask`, `M3NetTask` or `PathologyTask`, `data.class_path` a
-datamodule of `lungcls.data`). `complexity` prints paper Table 7 for our models — parameters, MACs and
+datamodule of `lungcls.data` or `lungcls.pathology_data`). `complexity` prints paper Table 7 for our models — parameters, MACs and
 FLOPs per branch at the given input sizes (`lungcls.complexity`) — for every preset and token mode the
 config lists, and writes it as markdown when `--out` is given.
 """

@@ -1,8 +1,8 @@
-"""Parameters, MACs and FLOPs of M³Net per branch (paper Table 7), counted with torch's FlopCounterMode.
+"""Parameters, MACs and FLOPs of M³Net per branch (paper Table 7), counted by `common.complexity`.
 
-Convention: `torch.utils.flop_counter.FlopCounterMode` counts matrix multiplications, convolutions and
-attention products, as FLOPs = 2 × multiply-accumulates. Normalisation, activations, pooling and resizing
-are not counted (they are a small fraction here). MACs below are FLOPs / 2.
+Convention (`common.complexity`, torch's FlopCounterMode): matrix multiplications, convolutions and
+attention products count as FLOPs = 2 × multiply-accumulates. Normalisation, activations, pooling and
+resizing are not counted (they are a small fraction here). MACs below are FLOPs / 2.
 
 The paper's "20.079 GFLOPs" is a MAC count (thop's `profile`, which counts multiply-accumulates) of the
 released code's model with all three branches given a 32×32×56 patch; at the real input sizes (32/64/96
@@ -25,9 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from common.complexity import count_flops, count_parameters
 from lungcls.models.m3net import M3NET_PRESETS, TOKEN_MODES, M3Net, create_m3net
 
 __all__ = [
@@ -37,6 +36,7 @@ __all__ = [
     "ComplexityRow",
     "format_complexity_table",
     "main",
+    "m3net_complexity",
     "measure_complexity",
 ]
 
@@ -69,14 +69,6 @@ class ComplexityRow:
     flops: int
 
 
-def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _flops_under(counts: Mapping[str, Mapping[object, int]], prefix: str) -> int:
-    return int(sum(counts.get(prefix, {}).values()))
-
-
 def measure_complexity(
     model: M3Net, input_sizes: Mapping[int, Sequence[int]] | None = None, batch_size: int = 1
 ) -> list[ComplexityRow]:
@@ -100,38 +92,29 @@ def measure_complexity(
         raise ValueError(f"input sizes must be (slices, y, x) triples, got {sizes}")
     device = next(model.parameters()).device
     patches = {s: torch.zeros(batch_size, 1, *sizes[s], device=device) for s in model.scales}
-    was_training = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False, depth=None)
-    try:
-        with torch.no_grad(), counter:
-            model(patches)
-    finally:
-        model.train(was_training)
-    counts = counter.get_flop_counts()
-    root = type(model).__name__
+    counts = count_flops(model, patches)
     rows: list[ComplexityRow] = []
     for s in model.scales:
         backbone = model.branch(s).backbone
-        flops = _flops_under(counts, f"{root}.branches.{s}") // batch_size
+        flops = counts.under(f"branches.{s}") // batch_size
         kind = f"{getattr(backbone, 'name', type(backbone).__name__)} ({backbone.spatial_dims}D)"
-        rows.append(ComplexityRow(f"branch {s}", kind, sizes[s], _params(model.branch(s)), flops // 2, flops))
+        rows.append(
+            ComplexityRow(f"branch {s}", kind, sizes[s], count_parameters(model.branch(s)), flops // 2, flops)
+        )
     # ModuleDicts are never called themselves, so their children carry the counts.
-    proj_flops = sum(_flops_under(counts, f"{root}.projections.{s}") for s in model.scales) // batch_size
+    proj_flops = sum(counts.under(f"projections.{s}") for s in model.scales) // batch_size
     rows.append(
         ComplexityRow(
             "projections",
             f"W_s, b_s ({model.token_mode})",
             None,
-            _params(model.projections),
+            count_parameters(model.projections),
             proj_flops // 2,
             proj_flops,
         )
     )
-    head_flops = (
-        sum(_flops_under(counts, f"{root}.{name}") for name in ("fusion", "norm", "head")) // batch_size
-    )
-    head_params = _params(model.fusion) + _params(model.norm) + _params(model.head)
+    head_flops = sum(counts.under(name) for name in ("fusion", "norm", "head")) // batch_size
+    head_params = sum(count_parameters(m) for m in (model.fusion, model.norm, model.head))
     rows.append(
         ComplexityRow(
             "fusion + head",
@@ -142,8 +125,8 @@ def measure_complexity(
             head_flops,
         )
     )
-    total = _flops_under(counts, "Global") // batch_size
-    rows.append(ComplexityRow("total", "M3Net", None, _params(model), total // 2, total))
+    total = counts.total // batch_size
+    rows.append(ComplexityRow("total", "M3Net", None, count_parameters(model), total // 2, total))
     return rows
 
 
@@ -159,6 +142,31 @@ def format_complexity_table(rows: Sequence[ComplexityRow]) -> str:
             f"| {r.part} | {r.module} | {shape} | {r.params / 1e6:.3f} | {r.macs / 1e9:.3f} | {r.flops / 1e9:.3f} |"
         )
     return "\n".join(lines)
+
+
+def m3net_complexity(preset: str = "paper", token_mode: str = "spatial") -> dict[str, float]:
+    """Parameters and MAC/FLOP counts of an M³Net preset, built on the meta device (seconds, no memory).
+
+    A table part `{function: 'lungcls.complexity:m3net_complexity'}` (M³Net Table 7) calls it once and
+    stores the result as a run version (stage "compute"), so `--from-runs` reads it like any run.
+
+    Two input-size sets: "reference" feeds every branch the 32×32×56 patch, which is how the paper's
+    profiler produced its 20.079 "GFLOPs" (thop multiply-accumulates); "paper_sizes" feeds each branch its
+    real crop (32, 64, 96 in-plane × 56 slices). docs/lungcls.md explains the gap.
+
+    Returns:
+        `complexity/params_m` (millions), `complexity/gmacs_reference`, `complexity/gflops_reference`,
+        `complexity/gmacs_paper_sizes`, `complexity/gflops_paper_sizes` (10⁹ per sample).
+    """
+    with torch.device("meta"):
+        model = create_m3net(preset, token_mode=token_mode)
+    out: dict[str, float] = {}
+    for label, sizes in (("reference", REFERENCE_PROFILE_SIZES), ("paper_sizes", PAPER_INPUT_SIZES)):
+        total = measure_complexity(model, sizes)[-1]
+        out["complexity/params_m"] = total.params / 1e6
+        out[f"complexity/gmacs_{label}"] = total.macs / 1e9
+        out[f"complexity/gflops_{label}"] = total.flops / 1e9
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,6 @@
-"""Datamodules of lungcls: M³Net nodule patches (stage 1, stage 2, few-shot) and pathology image folders.
+"""Datamodules of M³Net: nodule patches for stage 1, stage 2 and few-shot adaptation.
+
+The pathology image folders (LDFC (Sci. Data 2024) and STPD (Jian et al., preprint 2024)) are `lungcls.pathology_data`.
 
 `NodulePatchDataModule` — every labelled nodule of a scan dataset (LIDC-IDRI by default) as nested crops
 at native spacing and native HU (`lungcls.patches`: one context block per nodule, cached as .npz, read
@@ -31,12 +33,6 @@ in-plane sizes (reduced sizes for CPU runs and tests, the crop-size study of Tab
 `FewShotPatchDataModule` — the few-shot adaptation of M³Net §4.3: `pairs` positive–negative pairs of the
 target dataset to fine-tune on, `replay_pairs` pairs of the source dataset's training part replayed
 against forgetting; every other target nodule (of patients not used for fine-tuning) is the test set.
-
-`PathologyImageDataModule` — the 2D cancer-type / pathology image folders of papers/003 (LDFC, 3 classes,
-``BMP_classification/{train,test}``) and papers/004 (spatio-temporal, 6 classes,
-``class_dataset/{train,validate}``): grey BMPs → [0, 1] → `in_chans` channels at `img_size`, flips and
-rotation for training (papers/003's augmentation). The validation part is a patient-level share of the
-training folder (patients from the file names); the published held-out folder is the test part.
 """
 
 from __future__ import annotations
@@ -51,13 +47,12 @@ import albumentations as A
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
+from common.cache import default_cache_dir
 from common.datasets.base import Nodule, ScanDataset, ScanRecord
-from common.datasets.image_folders import ImageFolderIndex, ImageSample
-from common.datasets.registry import open_dataset, resolve_root
-from common.lightning.datamodule import PartLoaderDataModule, path_digest
+from common.datasets.registry import open_dataset
+from common.lightning.datamodule import DatasetDataModule
 from common.preprocess import GLANCE_WINDOW
 from common.splits import Split, SplitItem, ratio_split
 from lungcls.patches import AIR_HU, PatchCache, PatchSettings, context_for, nested_crops
@@ -72,8 +67,6 @@ __all__ = [
     "NodulePatchDataModule",
     "NodulePatchDataset",
     "PatchAugmentation",
-    "PathologyImageDataModule",
-    "PathologyImageDataset",
     "normalize_hu",
 ]
 
@@ -221,13 +214,11 @@ class NodulePatchDataset(Dataset):
         }
 
 
-class NodulePatchDataModule(PartLoaderDataModule):
+class NodulePatchDataModule(DatasetDataModule):
     """Labelled nodules of a scan dataset as nested native-resolution crops (module docstring).
 
     Args:
         dataset: adapter name (`common.datasets.registry`), "lidc" by default.
-        root: dataset root; None takes the adapter's environment variable (LIDC_ROOT, ...).
-        cache_dir: patch cache folder; default ``cache/m3net-<dataset>-<root hash>-<block size>``.
         scales: scale keys to deliver (all three for stage 2, one for a stage-1 run).
         patch_sizes: scale key → in-plane size, where it differs from the key (reduced sizes, Table 2).
         depth: slices per crop.
@@ -241,25 +232,22 @@ class NodulePatchDataModule(PartLoaderDataModule):
         augment: augment the training part (`PatchAugmentation`).
         augmentation: `PatchAugmentation` keyword overrides (probabilities, ranges).
         split_level: "patient" (default) or "nodule" (reference-code comparison).
-        ratios: train/val/test shares.
         stratify: balance the (patient's highest) label over the parts.
-        split_file: an existing split file to use, or where to save the one made (default: in `cache_dir`).
-        seed: split seed.
         min_diameter: smallest mean reader diameter kept (mm).
         min_readers: smallest number of readers kept.
         one_scan_per_patient: keep each patient's first scan only (the M³Net reference selection).
         drop_indeterminate: drop nodules whose mean malignancy is exactly 3.
         reuse_cache: when the cache holds a nodule table, do not open the dataset again in
             `prepare_data` (fast restarts on the real LIDC; new or edited scans are then not seen).
-        predict_root: a folder of new scans (any layout `common.datasets.folder` reads) to predict on,
-            with `predict_csv`; None predicts the test part.
-        predict_csv: nodule centres to classify in those scans: ``seriesuid, coordX, coordY, coordZ``
-            world mm (the LUNA16 results format `lungdet predict` writes; extra columns are kept).
+        predict_csv: nodule centres to classify in the scans of `predict_root` (which it goes with):
+            ``seriesuid, coordX, coordY, coordZ`` world mm (the LUNA16 results format `lungdet predict`
+            writes; extra columns are kept).
         batch_size: batch size (the paper uses 32).
         eval_batch_size: batch size of val/test/predict (default `batch_size`).
-        num_workers: data-loader workers.
-        lenient: skip unreadable scans and bad annotation rows instead of stopping.
-        dataset_kwargs: extra adapter arguments (LIDC: source, database, outline, cluster_tol).
+        **kwargs: `common.lightning.datamodule.DatasetDataModule` arguments: root, cache_dir (default
+            ``cache/m3net-<dataset>-<root hash>-<block size>``, `common.cache.default_cache_dir`), split_file
+            (default: in `cache_dir`), ratios, seed, predict_root, num_workers, lenient, dataset_kwargs
+            (LIDC: source, database, outline, cluster_tol).
     """
 
     drop_last_train = True  # a last training batch of one sample breaks BatchNorm
@@ -267,8 +255,6 @@ class NodulePatchDataModule(PartLoaderDataModule):
     def __init__(
         self,
         dataset: str = "lidc",
-        root: str | None = None,
-        cache_dir: str | None = None,
         scales: Sequence[int] = PAPER_SCALES,
         patch_sizes: Mapping[int, int] | None = None,
         depth: int = PAPER_DEPTH,
@@ -280,25 +266,19 @@ class NodulePatchDataModule(PartLoaderDataModule):
         augment: bool = True,
         augmentation: dict[str, Any] | None = None,
         split_level: str = "patient",
-        ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
         stratify: bool = True,
-        split_file: str | None = None,
-        seed: int = 0,
         min_diameter: float = 0.0,
         min_readers: int = 1,
         one_scan_per_patient: bool = True,
         drop_indeterminate: bool = False,
         reuse_cache: bool = False,
-        predict_root: str | None = None,
         predict_csv: str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        lenient: bool = False,
-        dataset_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        if (predict_root is None) != (predict_csv is None):
+        super().__init__(dataset=dataset, batch_size=batch_size, **kwargs)
+        if (self.predict_root is None) != (predict_csv is None):
             raise ValueError(
                 "predict_root and predict_csv go together: a folder of scans and the nodule centres"
             )
@@ -308,9 +288,6 @@ class NodulePatchDataModule(PartLoaderDataModule):
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         if not scales:
             raise ValueError("scales is empty: give the scale keys to crop, e.g. [32, 64, 96]")
-        self.save_hyperparameters()
-        self.dataset_name = dataset
-        self.root = root
         self.scales = tuple(int(s) for s in scales)
         overrides = {int(k): int(v) for k, v in (patch_sizes or {}).items()}
         self.sizes = {s: overrides.get(s, s) for s in self.scales}
@@ -322,22 +299,15 @@ class NodulePatchDataModule(PartLoaderDataModule):
         self.augment = augment
         self.augmentation_kwargs = dict(augmentation or {})
         self.split_level = split_level
-        self.ratios = tuple(float(r) for r in ratios)
+        self.ratios = tuple(float(r) for r in self.ratios)
         self.stratify = stratify
-        self.split_file = split_file
-        self.seed = seed
         self.min_diameter = float(min_diameter)
         self.min_readers = int(min_readers)
         self.one_scan_per_patient = one_scan_per_patient
         self.drop_indeterminate = drop_indeterminate
         self.reuse_cache = reuse_cache
-        self.predict_root = predict_root
         self.predict_csv = predict_csv
-        self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.lenient = lenient
-        self.dataset_kwargs = dict(dataset_kwargs or {})
         max_shift = int(self.augmentation_kwargs.get("max_shift", 2))
         z_shift = int(self.augmentation_kwargs.get("z_shift", 2))
         auto, auto_depth = context_for(max(self.sizes.values()), self.depth, True, max_shift, z_shift)
@@ -349,26 +319,18 @@ class NodulePatchDataModule(PartLoaderDataModule):
                 f"({self.depth} × {max(self.sizes.values())}²); enlarge context / context_depth"
             )
         self.patch_settings = PatchSettings(context, context_depth, boundary)
-        self._cache_dir = cache_dir
         self.tables: dict[str, pd.DataFrame] = {}
-        self.datasets: dict[str, Dataset] = {}
 
     # ------------------------------------------------------------------------------------ locations
-    @property
-    def cache_dir(self) -> Path:
-        if self._cache_dir:
-            return Path(self._cache_dir)
-        root = resolve_root(self.dataset_name, self.root)
+    def default_cache_dir(self) -> Path:
+        """``cache/m3net-<dataset>-<root hash>-<context>x<context_depth>`` (`common.cache.default_cache_dir`)."""
         s = self.patch_settings
-        return Path("cache") / f"m3net-{self.dataset_name}-{path_digest(root)}-{s.context}x{s.context_depth}"
+        variant = f"{s.context}x{s.context_depth}"
+        return default_cache_dir(self.dataset_name, self.resolved_root, kind="m3net", variant=variant)
 
     @property
     def cache(self) -> PatchCache:
         return PatchCache(self.cache_dir)
-
-    def open_dataset(self) -> ScanDataset:
-        """The adapter over the dataset root."""
-        return open_dataset(self.dataset_name, self.root, strict=not self.lenient, **self.dataset_kwargs)
 
     # ------------------------------------------------------------------------------------ selection
     def _records(self, dataset: ScanDataset) -> list[ScanRecord]:
@@ -395,8 +357,7 @@ class NodulePatchDataModule(PartLoaderDataModule):
         """Crop and cache the nodule patches (skipped for nodules already cached)."""
         if self.predict_csv:
             self.predict_cache.build(self._predict_records(), self.patch_settings, strict=not self.lenient)
-            state = getattr(getattr(self, "trainer", None), "state", None)
-            if state is not None and str(getattr(state.fn, "value", state.fn)) == "predict":
+            if self.predicting_new_scans():
                 return  # new scans: the training data are not needed
         if self.reuse_cache and self.cache.exists():
             return
@@ -662,196 +623,3 @@ class FewShotPatchDataModule(NodulePatchDataModule):
         if part == "train" and not self.tables["replay"].empty:
             return pd.concat([self.tables["train"], self.tables["replay"]], ignore_index=True)
         return super().table(part)
-
-
-# ------------------------------------------------------------------------------------------ pathology
-class PathologyImageDataset(Dataset):
-    """2D class-folder images → `(in_chans, img_size, img_size)` float tensors in [0, 1] (or normalised).
-
-    Args:
-        samples: the images with their labels.
-        img_size: output size (square).
-        in_chans: output channels (a grey image is repeated; 3 for ImageNet-shaped models).
-        augment: flips and rotation (papers/003: horizontal, vertical flips and rotation).
-        mean / std: per-channel normalisation after scaling to [0, 1].
-    """
-
-    def __init__(
-        self,
-        samples: Sequence[ImageSample],
-        img_size: int = 224,
-        in_chans: int = 3,
-        augment: bool = False,
-        mean: float = 0.5,
-        std: float = 0.5,
-    ) -> None:
-        self.samples = list(samples)
-        self.img_size = int(img_size)
-        self.in_chans = int(in_chans)
-        self.mean = float(mean)
-        self.std = float(std)
-        steps = [A.Resize(self.img_size, self.img_size)]
-        if augment:
-            steps += [
-                A.HorizontalFlip(p=0.5),
-                A.VerticalFlip(p=0.5),
-                A.Affine(rotate=(-180, 180), border_mode=0, fill=0, p=0.5),
-            ]
-        self.transform = A.Compose(steps)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def image(self, index: int) -> np.ndarray:
-        """The image as float32 in [0, 1], grey `(H, W)` (colour images are averaged to grey)."""
-        path = self.samples[index].path
-        try:
-            with Image.open(path) as img:
-                pixels = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-        except OSError as err:
-            raise ValueError(f"{path}: cannot read the image ({err}); replace or remove the file") from err
-        return pixels
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        self.transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-        pixels = self.transform(image=self.image(index))["image"]
-        tensor = (torch.from_numpy(np.ascontiguousarray(pixels)) - self.mean) / self.std
-        return {
-            "image": tensor.unsqueeze(0).expand(self.in_chans, -1, -1).contiguous(),
-            "label": torch.tensor(self.samples[index].label, dtype=torch.long),
-            "index": torch.tensor(index, dtype=torch.long),
-        }
-
-
-class PathologyImageDataModule(PartLoaderDataModule):
-    """The LDFC / spatio-temporal classification image folders (module docstring).
-
-    Args:
-        dataset: "ldfc" (3 classes) or "spatiotemporal" (6 classes), or any adapter with a
-            `classification()` index.
-        root: dataset root (None: LDFC_ROOT / STPD_ROOT).
-        train_part: the training folder ("train").
-        test_part: the held-out folder (LDFC "test", spatio-temporal "validate"); None picks the
-            adapter's non-training part.
-        val_fraction: patient-level share of the training folder used for validation; 0 validates on
-            the test part (the papers have no separate validation set).
-        predict_root: a folder of images to predict (recursively; any label); None predicts the test part.
-        img_size: network input size.
-        in_chans: input channels.
-        augment: flips and rotation on the training part.
-        seed: validation-split seed.
-        batch_size / eval_batch_size / num_workers: loaders.
-        lenient: an empty class folder is a warning, not an error.
-        dataset_kwargs: extra adapter arguments.
-    """
-
-    drop_last_train = True  # a last training batch of one sample breaks BatchNorm
-
-    def __init__(
-        self,
-        dataset: str = "ldfc",
-        root: str | None = None,
-        train_part: str = "train",
-        test_part: str | None = None,
-        val_fraction: float = 0.15,
-        predict_root: str | None = None,
-        img_size: int = 224,
-        in_chans: int = 3,
-        augment: bool = True,
-        seed: int = 0,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        lenient: bool = False,
-        dataset_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.save_hyperparameters()
-        self.dataset_name = dataset
-        self.root = root
-        self.train_part = train_part
-        self.test_part = test_part
-        self.val_fraction = float(val_fraction)
-        self.predict_root = predict_root
-        self.img_size = img_size
-        self.in_chans = in_chans
-        self.augment = augment
-        self.seed = seed
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.lenient = lenient
-        self.dataset_kwargs = dict(dataset_kwargs or {})
-        self.samples: dict[str, list[ImageSample]] = {}
-        self.datasets: dict[str, PathologyImageDataset] = {}
-        self.class_names: list[str] = []
-
-    def index(self) -> ImageFolderIndex:
-        """The adapter's classification image index."""
-        adapter = open_dataset(self.dataset_name, self.root, strict=not self.lenient, **self.dataset_kwargs)
-        if not hasattr(adapter, "classification"):
-            raise ValueError(f"dataset {self.dataset_name!r} has no classification image folders")
-        return adapter.classification()
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def _val_split(self, train: list[ImageSample]) -> tuple[list[ImageSample], list[ImageSample]]:
-        items = [SplitItem(str(s.path), s.patient_id or f"image:{s.path.name}", s.label) for s in train]
-        split = ratio_split(
-            items, {"train": 1.0 - self.val_fraction, "val": self.val_fraction}, seed=self.seed, stratify=True
-        )
-        val = set(split.uids("val"))
-        return [s for s in train if str(s.path) not in val], [s for s in train if str(s.path) in val]
-
-    def setup(self, stage: str | None = None) -> None:
-        if not self.samples:
-            index = self.index()
-            self.class_names = [index.class_descriptions.get(c, c) for c in index.classes]
-            if self.train_part not in index.parts:
-                raise ValueError(f"{index.root} has no {self.train_part!r} folder; parts are {index.parts}")
-            test_part = self.test_part or next((p for p in index.parts if p != self.train_part), None)
-            if test_part is None or test_part not in index.parts:
-                raise ValueError(
-                    f"{index.root} has no held-out folder {test_part!r}; parts are {index.parts}"
-                )
-            train = index.part(self.train_part)
-            test = index.part(test_part)
-            if self.val_fraction > 0:
-                train, val = self._val_split(train)
-            else:
-                val = test
-            self.samples = {"train": train, "val": val, "test": test}
-            if self.predict_root:
-                root = Path(self.predict_root)
-                files = sorted(
-                    p for p in root.rglob("*") if p.suffix.lower() in (".bmp", ".png", ".jpg", ".jpeg")
-                )
-                if not files:
-                    raise FileNotFoundError(f"no images (.bmp, .png, .jpg) under predict_root {root}")
-                self.samples["predict"] = [ImageSample(p, 0, "", "predict") for p in files]
-            else:
-                self.samples["predict"] = test
-            log.info("pathology images: %s", {k: len(v) for k, v in self.samples.items()})
-        self.setup_parts(stage, self._dataset_for)
-
-    def _dataset_for(self, part: str) -> PathologyImageDataset:
-        if not self.samples[part]:
-            raise ValueError(f"the {part} part of {self.dataset_name} has no images")
-        return PathologyImageDataset(
-            self.samples[part], self.img_size, self.in_chans, augment=self.augment and part == "train"
-        )
-
-    def table(self, part: str) -> pd.DataFrame:
-        """Images of a part: file, label, class folder, patient id."""
-        return pd.DataFrame(
-            {
-                "file": [str(s.path) for s in self.samples[part]],
-                "label": [s.label for s in self.samples[part]],
-                "class_folder": [s.class_name for s in self.samples[part]],
-                "patient_id": [s.patient_id or "" for s in self.samples[part]],
-            }
-        )

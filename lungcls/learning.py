@@ -272,7 +272,7 @@ def train_pathology(data_root: Path, work: Path, epochs: int = PATHOLOGY_EPOCHS)
     """The timm classifier on the LDFC folders; held-out labels, probabilities and patients."""
     from lightning.pytorch import seed_everything
 
-    from lungcls.data import PathologyImageDataModule
+    from lungcls.pathology_data import PathologyImageDataModule
     from lungcls.task import PathologyTask
 
     seed_everything(0)

@@ -1,4 +1,4 @@
-"""M³Net objectives (papers/002 §3.2–3.3): cross-scale alignment, attention penalty, stage-2 total.
+"""M³Net objectives (Li et al., preprint 2025 §3.2–3.3): cross-scale alignment, attention penalty, stage-2 total.
 
 The terms, exactly as the paper writes them (Z_s ∈ R^{B×D} is the pooled latent of scale s):
 

@@ -1,6 +1,6 @@
 """Nodule patches at native resolution for M³Net: crop geometry and the per-nodule patch cache.
 
-M³Net (papers/002 §4.3) reads every nodule as nested crops of the *original* scan: native voxel spacing
+M³Net (Li et al., preprint 2025 §4.3) reads every nodule as nested crops of the *original* scan: native voxel spacing
 (no resampling), native HU (rescale slope/intercept applied, nothing else), centred on the nodule centroid
 averaged over the readers, "with boundary control". The shared preprocessed cache (`common.cache`) holds
 scans resampled to 1 mm, so it cannot serve these patches. Instead each scan is read once through its

@@ -1,15 +1,8 @@
 """Datamodules of the CLAF pipeline: stage-1 training crops and whole scans, stage-2 candidate crops.
 
 Both stages read the preprocessed cache (`common.cache`: 1 mm int16 HU + uint8 lung mask per scan) and see
-the scan the same way (``ScanReader``):
-
-* HU are windowed with ``CLAF_WINDOW`` ([−1200, 600] HU) to [0, 1];
-* voxels outside the lung mask, dilated by ``lung_margin`` voxels (a cube of side 2·margin+1, i.e. the
-  Chebyshev distance, computed by separable max-pooling), are set to the window value of ``outside_hu``
-  (default 0 HU → 0.667, soft tissue: the chest wall keeps its brightness, so a juxta-pleural nodule
-  still sits on a wall, but the wall, mediastinum and body lose every texture that could fire the
-  detector — grt123 and DeepLung fill with the same tissue value);
-* everything outside the scan is the same constant, so padded crops look like masked tissue.
+the scan the same way (``lungdet.scan_reader.ScanReader``: CLAF window, lung mask dilated by ``lung_margin``,
+``outside_hu`` outside the lungs and outside the scan).
 
 Stage 1 (``CandidateDataModule``):
 
@@ -28,9 +21,9 @@ Stage 1 (``CandidateDataModule``):
 Stage 2 (``FPRDataModule``):
 
 * candidates come from stage-1 results CSVs (``candidates_csv``, LUNA16 results format) and/or the
-  dataset's own candidate list (``dataset_candidates``: LUNA16 ``candidates_V2.csv``); label 1 when the
-  candidate lies within the radius of an annotated nodule (the LUNA16 hit rule), and candidates on
-  excluded findings are dropped from training and from AUC/accuracy (the FROC ignores them too);
+  dataset's own candidate list (``dataset_candidates``: LUNA16 ``candidates_V2.csv``), labelled by
+  ``lungdet.candidates.candidate_table`` (the LUNA16 hit rule; candidates on excluded findings are dropped
+  from training and from AUC/accuracy, the FROC ignores them too);
 * train: ``samples_per_epoch`` crops per epoch, exactly 1 true : ``negatives_per_positive`` false, with
   random shifts (± ``max_shift`` voxels), flips and 90° in-plane rotations; the crop is the MPPN's
   32×48×48 large crop (``crop_candidates`` convention), the MPPN cuts the medium and small ones;
@@ -45,25 +38,29 @@ what ran before; resuming from an epoch-end checkpoint replays exactly the same 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common.cache import PreprocessedCache, entry_geometry, prepare_cache
-from common.datasets.registry import open_dataset
-from common.lightning.datamodule import CacheDataModule, path_digest
-from common.metrics.froc import UNKNOWN_DIAMETER_MM
-from common.metrics.froc_io import read_results
+from common.cache import PreprocessedCache
+from common.lightning.datamodule import CacheDataModule
 from common.preprocess import CLAF_WINDOW
+from lungdet.candidates import CANDIDATE_COLUMNS, candidate_table
 from lungdet.models.mppn import MPPN_CROP_SIZES
+from lungdet.scan_reader import (
+    DEFAULT_LUNG_MARGIN,
+    DEFAULT_OUTSIDE_HU,
+    ScanReader,
+    fill_value,
+    finding_array,
+    finding_rows,
+    sized_diameters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,187 +71,9 @@ __all__ = [
     "FPRCropDataset",
     "FPRDataModule",
     "ScanDataset",
-    "ScanReader",
-    "candidate_table",
     "collate_crops",
     "collate_scans",
-    "dilate_mask",
-    "fill_value",
-    "finding_array",
-    "label_candidates",
 ]
-
-DEFAULT_OUTSIDE_HU = 0.0
-DEFAULT_LUNG_MARGIN = 5
-_SCAN_LRU = 32
-
-
-def fill_value(
-    window: Sequence[float] = CLAF_WINDOW,
-    mask_outside_lung: bool = True,
-    outside_hu: float = DEFAULT_OUTSIDE_HU,
-) -> float:
-    """Windowed value of every voxel outside the lungs (when masking) and outside the scan."""
-    lo, hi = (float(v) for v in window)
-    hu = outside_hu if mask_outside_lung else -1000.0
-    return float(np.clip((hu - lo) / (hi - lo), 0.0, 1.0))
-
-
-DEFAULT_FILL = fill_value()
-"""Fill value of the default preprocessing (0 HU in the CLAF window = 0.667)."""
-
-
-# ------------------------------------------------------------------------------------------ helpers
-
-
-def _findings(entry: dict[str, Any], key: str) -> np.ndarray:
-    """(n, 7) float64: world x, y, z, voxel z, y, x, diameter (−1 kept) of a manifest finding list."""
-    rows = [(*f["world_xyz"], *f["voxel_zyx"], f["diameter_mm"]) for f in entry.get(key, [])]
-    return np.asarray(rows, dtype=np.float64).reshape(-1, 7)
-
-
-def finding_array(entry: dict[str, Any], key: str, space: str = "world") -> np.ndarray:
-    """(n, 4) float64 centre + diameter (−1 kept) of a manifest finding list ("nodules", "excluded").
-
-    Args:
-        entry: a cache manifest entry.
-        key: which finding list.
-        space: "world" for x, y, z mm (what `label_candidates` and the FROC rule take), "voxel" for the
-            cached grid's z, y, x (what crops and figures take).
-    """
-    if space not in ("world", "voxel"):
-        raise ValueError(f"space must be 'world' or 'voxel', got {space!r}")
-    columns = [0, 1, 2, 6] if space == "world" else [3, 4, 5, 6]
-    return _findings(entry, key)[:, columns]
-
-
-def _sized(diameters: np.ndarray) -> np.ndarray:
-    """Diameters with unknown sizes (≤ 0, LUNA16's −1) replaced by the evaluation's 10 mm."""
-    return np.where(diameters > 0, diameters, UNKNOWN_DIAMETER_MM)
-
-
-def dilate_mask(mask: np.ndarray, margin: int) -> np.ndarray:
-    """Dilate a (D, H, W) 0/1 mask by ``margin`` voxels with a cube (three separable 1D max filters)."""
-    out = np.asarray(mask).astype(np.uint8, copy=False)
-    if margin > 0:
-        for axis in range(3):
-            out = ndimage.maximum_filter1d(out, 2 * margin + 1, axis=axis, mode="constant", cval=0)
-    return out.astype(bool)
-
-
-def _read_padded(array: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float) -> np.ndarray:
-    """``array[start : start + size]`` with ``fill`` wherever the box leaves the array."""
-    out = np.full(tuple(size), fill, dtype=array.dtype)
-    src, dst = [], []
-    for a in range(3):
-        lo, hi = max(start[a], 0), min(start[a] + size[a], array.shape[a])
-        if lo >= hi:
-            return out
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - start[a], hi - start[a]))
-    out[tuple(dst)] = array[tuple(src)]
-    return out
-
-
-class ScanReader:
-    """Windowed, lung-masked views of cached scans (see the module docstring for the rules).
-
-    Arrays are memory-mapped and kept for the last few scans, so data-loader workers read only the voxels a
-    crop needs.
-
-    Args:
-        cache: the preprocessed cache.
-        window: HU window mapped to [0, 1].
-        mask_outside_lung: replace voxels outside the dilated lung mask by ``outside_hu``.
-        outside_hu: HU written outside the lungs and outside the scan.
-        lung_margin: lung-mask dilation in voxels (mm at 1 mm spacing).
-    """
-
-    def __init__(
-        self,
-        cache: PreprocessedCache,
-        window: Sequence[float] = CLAF_WINDOW,
-        mask_outside_lung: bool = True,
-        outside_hu: float = DEFAULT_OUTSIDE_HU,
-        lung_margin: int = DEFAULT_LUNG_MARGIN,
-    ) -> None:
-        lo, hi = (float(v) for v in window)
-        if hi <= lo:
-            raise ValueError(f"window {tuple(window)}: the upper bound must exceed the lower one")
-        self.cache = cache
-        self.window = (lo, hi)
-        self.mask_outside_lung = mask_outside_lung
-        self.outside_hu = float(outside_hu)
-        self.lung_margin = int(lung_margin)
-        self.entries = cache.entries
-        self._arrays: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._lung_boxes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_arrays"] = OrderedDict()  # memory maps are reopened in each worker
-        return state
-
-    @property
-    def fill_value(self) -> float:
-        """Windowed value of everything outside the lungs and the scan."""
-        return fill_value(self.window, self.mask_outside_lung, self.outside_hu)
-
-    def to_unit(self, hu: float | np.ndarray) -> Any:
-        lo, hi = self.window
-        return np.clip((np.asarray(hu, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0)
-
-    def entry(self, uid: str) -> dict[str, Any]:
-        if uid not in self.entries:
-            raise KeyError(
-                f"scan {uid!r} is not in the cache {self.cache.root}; run `lungdata prepare` first"
-            )
-        return self.entries[uid]
-
-    def arrays(self, uid: str) -> tuple[np.ndarray, np.ndarray]:
-        """Memory-mapped (image HU, lung mask) of a scan."""
-        if uid in self._arrays:
-            self._arrays.move_to_end(uid)
-            return self._arrays[uid]
-        image, mask, _ = self.cache.load(uid, mmap=True)
-        self._arrays[uid] = (image, mask)
-        while len(self._arrays) > _SCAN_LRU:
-            self._arrays.popitem(last=False)
-        return image, mask
-
-    def shape(self, uid: str) -> tuple[int, int, int]:
-        return tuple(int(n) for n in self.entry(uid)["shape"])  # type: ignore[return-value]
-
-    def lung_box(self, uid: str) -> tuple[np.ndarray, np.ndarray]:
-        """(first, last) voxel (z, y, x) of the lung mask; the whole scan when the mask is empty."""
-        if uid not in self._lung_boxes:
-            _, mask = self.arrays(uid)
-            boxes = []
-            for axis in range(3):
-                other = tuple(a for a in range(3) if a != axis)
-                hit = np.flatnonzero(np.asarray(mask).any(axis=other))
-                boxes.append((hit[0], hit[-1]) if hit.size else (0, mask.shape[axis] - 1))
-            self._lung_boxes[uid] = (np.array([b[0] for b in boxes]), np.array([b[1] for b in boxes]))
-        return self._lung_boxes[uid]
-
-    def region(self, uid: str, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
-        """The prepared (windowed, masked) float32 box ``start … start + size`` of a scan, padded outside."""
-        image, mask = self.arrays(uid)
-        start = [int(v) for v in start]
-        size = [int(v) for v in size]
-        hu = _read_padded(image, start, size, -1000).astype(np.float32)
-        if self.mask_outside_lung:
-            m = self.lung_margin
-            grown = _read_padded(mask, [s - m for s in start], [n + 2 * m for n in size], 0)
-            inside = dilate_mask(grown, m)
-            inside = inside[m : m + size[0], m : m + size[1], m : m + size[2]] if m > 0 else inside
-            hu = np.where(inside, hu, np.float32(self.outside_hu))
-        return self.to_unit(hu)
-
-    def whole(self, uid: str) -> np.ndarray:
-        """The whole prepared scan, float32 (Z, Y, X)."""
-        return self.region(uid, (0, 0, 0), self.shape(uid))
-
 
 # ------------------------------------------------------------------------------------------ samplers
 
@@ -364,8 +183,8 @@ class CandidateCropDataset(Dataset):
         self.flip = flip
         self.scale_range = (lo, hi)
         self.seed = int(seed)
-        self.nodules = {u: _findings(reader.entry(u), "nodules") for u in self.uids}
-        self.excluded = {u: _findings(reader.entry(u), "excluded") for u in self.uids}
+        self.nodules = {u: finding_rows(reader.entry(u), "nodules") for u in self.uids}
+        self.excluded = {u: finding_rows(reader.entry(u), "excluded") for u in self.uids}
         self.nodule_index = [(u, j) for u in self.uids for j in range(len(self.nodules[u]))]
 
     def __len__(self) -> int:
@@ -422,7 +241,7 @@ class CandidateCropDataset(Dataset):
 
         def boxes(rows: np.ndarray) -> np.ndarray:
             centres = (rows[:, 3:6] - origin) * scale
-            diam = _sized(rows[:, 6:7]) * scale
+            diam = sized_diameters(rows[:, 6:7]) * scale
             return np.concatenate([centres, diam], axis=1)
 
         nod, ign = boxes(self.nodules[uid]), boxes(self.excluded[uid])
@@ -486,7 +305,7 @@ class ScanDataset(Dataset):
         if self.candidates is not None:
             frame = self.candidates.get(uid)
             if frame is None:
-                frame = pd.DataFrame(columns=_TABLE_COLUMNS)
+                frame = pd.DataFrame(columns=CANDIDATE_COLUMNS)
             item["candidates"] = torch.as_tensor(frame[["vz", "vy", "vx"]].to_numpy(np.float64)).reshape(
                 -1, 3
             )
@@ -499,89 +318,6 @@ class ScanDataset(Dataset):
         return item
 
     collate_fn = staticmethod(collate_scans)
-
-
-# --------------------------------------------------------------------------------- stage-2 candidates
-
-_TABLE_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "vz", "vy", "vx", "stage1", "label", "ignore"]
-
-
-def label_candidates(
-    world_xyz: np.ndarray, nodules: np.ndarray, excluded: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """LUNA16 hit rule per candidate: label 1 inside a nodule's sphere; ``ignore`` on excluded findings only.
-
-    Args:
-        world_xyz: (K, 3) candidate positions, world mm.
-        nodules: (n, 4) world x, y, z + diameter of the annotated nodules.
-        excluded: (m, 4) excluded findings (diameter ≤ 0 → 10 mm).
-
-    Returns:
-        ``labels`` (K,) int64 and ``ignore`` (K,) bool.
-    """
-
-    def hits(findings: np.ndarray) -> np.ndarray:
-        if findings.size == 0 or world_xyz.size == 0:
-            return np.zeros(world_xyz.shape[0], dtype=bool)
-        dist = np.linalg.norm(world_xyz[:, None, :] - findings[None, :, :3], axis=-1)
-        return (dist < _sized(findings[:, 3])[None, :] / 2.0).any(axis=1)
-
-    positive = hits(nodules)
-    return positive.astype(np.int64), hits(excluded) & ~positive
-
-
-def candidate_table(
-    reader: ScanReader,
-    uids: Sequence[str],
-    csv_paths: Sequence[str | Path] = (),
-    dataset_candidates: pd.DataFrame | None = None,
-) -> pd.DataFrame:
-    """Candidates of the given scans from stage-1 results CSVs and/or a dataset candidate list, labelled.
-
-    Args:
-        reader: prepared-scan reader (geometry and annotations of the cached scans).
-        uids: scans to keep (rows of other scans are dropped).
-        csv_paths: LUNA16 results CSVs (seriesuid, coordX, coordY, coordZ, probability); the probability
-            becomes the ``stage1`` score.
-        dataset_candidates: a frame with seriesuid, coordX, coordY, coordZ (e.g. ``LUNA16Dataset.candidates()``);
-            its ``stage1`` score is NaN.
-
-    Returns:
-        Columns seriesuid, coordX, coordY, coordZ (world mm), vz, vy, vx (voxels of the cached grid), stage1,
-        label, ignore. Candidates outside their scan's volume are dropped (counted in the log).
-    """
-    wanted = set(uids)
-    frames = []
-    for path in csv_paths:
-        frame = read_results(path)
-        frames.append(frame.rename(columns={"probability": "stage1"}))
-    if dataset_candidates is not None:
-        frames.append(dataset_candidates.assign(stage1=np.nan))
-    if not frames:
-        return pd.DataFrame(columns=_TABLE_COLUMNS)
-    table = pd.concat(
-        [f[["seriesuid", "coordX", "coordY", "coordZ", "stage1"]] for f in frames], ignore_index=True
-    )
-    table = table[table["seriesuid"].isin(wanted)].reset_index(drop=True)
-    parts = []
-    dropped = 0
-    for uid, frame in table.groupby("seriesuid", sort=True):
-        entry = reader.entry(str(uid))
-        geo = entry_geometry(entry)
-        world = frame[["coordX", "coordY", "coordZ"]].to_numpy(np.float64)
-        vox = geo.world_to_voxel(world).reshape(-1, 3)
-        inside = np.array([geo.contains(v) for v in vox], dtype=bool)
-        dropped += int((~inside).sum())
-        labels, ignore = label_candidates(
-            world, finding_array(entry, "nodules"), finding_array(entry, "excluded")
-        )
-        frame = frame.assign(vz=vox[:, 0], vy=vox[:, 1], vx=vox[:, 2], label=labels, ignore=ignore)
-        parts.append(frame[inside])
-    if dropped:
-        log.warning("%d candidate(s) lie outside their scan's volume and were dropped", dropped)
-    if not parts:
-        return pd.DataFrame(columns=_TABLE_COLUMNS)
-    return pd.concat(parts, ignore_index=True)[_TABLE_COLUMNS]
 
 
 class FPRCropDataset(Dataset):
@@ -679,8 +415,8 @@ class FPRCropDataset(Dataset):
 
 
 class _LungdetDataModule(CacheDataModule):
-    """What both stages share: the prepared-scan reader, folder prediction without a training root,
-    deterministic epoch samplers, and choosing which parts ``predict`` covers."""
+    """What both stages share: the prepared-scan reader, deterministic epoch samplers, and choosing which
+    parts ``predict`` covers (folder prediction without a training root is ``CacheDataModule``'s)."""
 
     def __init__(
         self,
@@ -719,48 +455,14 @@ class _LungdetDataModule(CacheDataModule):
     def reader(self, cache: PreprocessedCache) -> ScanReader:
         return ScanReader(cache, self.window, self.mask_outside_lung, self.outside_hu, self.lung_margin)
 
-    # Predicting on a folder of new scans must not need the training dataset (a hospital has no LUNA16).
-    @property
-    def predict_cache_dir(self) -> Path:
-        """The base class's folder (`predict-<digest of predict_root>` beside the cache), found without
-        resolving the training root."""
-        base = Path(self._cache_dir).parent if self._cache_dir else Path("cache")
-        return base / f"predict-{path_digest(self.predict_root)}"
-
-    def _predicting_folder(self) -> bool:
-        trainer = getattr(self, "trainer", None)
-        fn = getattr(getattr(trainer, "state", None), "fn", None)
-        return bool(self.predict_root) and fn is not None and str(fn.value) == "predict"
-
-    def prepare_data(self) -> None:
-        if self._predicting_folder():
-            folder = open_dataset("folder", self.predict_root)
-            prepare_cache(folder.records, self.predict_cache_dir, self.settings, strict=not self.lenient)
-            return
-        super().prepare_data()
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage == "predict" and self.predict_root:
-            if "predict" not in self.datasets:
-                cache = PreprocessedCache(self.predict_cache_dir)
-                self.datasets["predict"] = self.build_dataset("predict", cache.uids, cache)
-            return
-        super().setup(stage)
-
     def _predict_uids(self, uids: list[str]) -> list[str]:
         if self.predict_root:
             return uids
         return [u for part in self.predict_parts for u in self.uids.get(part, [])]
 
     def _epoch_loader(self, part: str) -> DataLoader:
-        dataset = self.datasets[part]
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochSampler(len(dataset), seed=self.seed),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=getattr(dataset, "collate_fn", None),
+        return self._loader(
+            part, shuffle=False, sampler=EpochSampler(len(self.datasets[part]), seed=self.seed)
         )
 
     def _scan_loader(self, part: str) -> DataLoader:

@@ -114,9 +114,10 @@ def _figures(
     import torch
 
     from common.cache import PreprocessedCache, entry_geometry
-    from lungdet.data import ScanReader, finding_array, label_candidates
+    from lungdet.candidates import label_candidates
     from lungdet.figures import save_candidate_overlay
     from lungdet.gradcam import gradcam_for_candidate, save_gradcam_png
+    from lungdet.scan_reader import ScanReader, finding_array
     from lungdet.task import CandidateTask
 
     reader = ScanReader(PreprocessedCache(cache_dir))

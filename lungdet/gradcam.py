@@ -1,4 +1,4 @@
-"""Grad-CAM of the CLAF stage-1 network (papers/001, Fig. 8), written as PNG figures.
+"""Grad-CAM of the CLAF stage-1 network (CLAF (Wang et al. 2025), Fig. 8), written as PNG figures.
 
 The candidate net has no class scores, so the score explained is the **objectness logit of one candidate**:
 a crop (default 64³) is cut around the candidate from the prepared scan, the net runs on it with the
@@ -195,7 +195,7 @@ def save_gradcam_png(
 def main(argv: list[str] | None = None) -> list[Path]:
     """Grad-CAM PNGs of the top stage-1 candidates of one cached scan."""
     from common.cache import PreprocessedCache
-    from lungdet.data import ScanReader
+    from lungdet.scan_reader import ScanReader
     from lungdet.task import CandidateTask
 
     parser = argparse.ArgumentParser(description=main.__doc__)

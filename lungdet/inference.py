@@ -2,7 +2,7 @@
 
 Stage 1 (``detect_scan``), run as ``Stage1Inference`` says (one frozen object holds every run-time choice
 of the sliding window and the candidate selection; the anchor sizes and the output stride are the network's
-own, ``net.anchor_sizes`` and ``net.stride``, never assumed here): the prepared 1 mm scan (windowed, lung-masked; ``lungdet.data.ScanReader``) is
+own, ``net.anchor_sizes`` and ``net.stride``, never assumed here): the prepared 1 mm scan (windowed, lung-masked; ``lungdet.scan_reader.ScanReader``) is
 padded at its far end to a multiple of the network stride and to at least one block, then MONAI's
 ``sliding_window_inference`` runs the candidate net over overlapping ``block_size``³ blocks (paper: 128³).
 Each block's output (D/4, H/4, W/4, A, 5) is flattened to A·5 channels on the 4×-coarser grid, which MONAI
@@ -22,26 +22,23 @@ applied, so flipped scans come out right.
 Stage 2 (``score_candidates``): 32×48×48 crops around each candidate (``crop_candidates``, padded with the
 reader's fill value), MPPN probability, in chunks. ``fuse_scores`` optionally blends in the stage-1 score.
 
-``write_results_csv`` writes the LUNA16 results format (seriesuid, coordX, coordY, coordZ, probability)
-that ``lungdata evaluate-froc`` and the official script read.
+The LUNA16 results CSV (seriesuid, coordX, coordY, coordZ, probability) that ``lungdata evaluate-froc`` and
+the official script read is written by ``common.metrics.froc_io.write_results_csv``.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
-from common import atomic
 from common.cache import entry_geometry
 from common.metrics.froc_io import RESULT_COLUMNS
 from lungdet.anchors import anchor_grid
@@ -55,11 +52,9 @@ __all__ = [
     "candidates_to_world",
     "detect_scan",
     "fuse_scores",
-    "results_frame",
     "score_candidates",
     "stitched_prediction",
     "suppress_near_duplicates",
-    "write_results_csv",
 ]
 
 
@@ -335,28 +330,3 @@ def fuse_scores(mppn_prob: Tensor, stage1_prob: Tensor | None, stage1_weight: fl
     s1 = stage1_prob.to(mppn_prob)
     fused = (1.0 - stage1_weight) * mppn_prob + stage1_weight * s1
     return torch.where(torch.isnan(s1), mppn_prob, fused)
-
-
-def results_frame(rows: Iterable[tuple[str, float, float, float, float]]) -> pd.DataFrame:
-    """A LUNA16 results table from (seriesuid, x, y, z, probability) rows."""
-    frame = pd.DataFrame(list(rows), columns=list(RESULT_COLUMNS))
-    return frame.astype({"coordX": float, "coordY": float, "coordZ": float, "probability": float})
-
-
-def write_results_csv(
-    rows: Iterable[tuple[str, float, float, float, float]] | pd.DataFrame, path: str | Path
-) -> Path:
-    """Write a LUNA16 results CSV atomically (`common.atomic`).
-
-    Args:
-        rows: (seriesuid, coordX, coordY, coordZ, probability) rows, or a frame with those columns.
-        path: output file (folders are created).
-
-    Returns:
-        The written path.
-    """
-    frame = rows if isinstance(rows, pd.DataFrame) else results_frame(rows)
-    missing = [c for c in RESULT_COLUMNS if c not in frame.columns]
-    if missing:
-        raise ValueError(f"results need columns {RESULT_COLUMNS}; missing {missing}")
-    return atomic.write_csv(path, frame[list(RESULT_COLUMNS)], float_format="%.6f")

@@ -52,19 +52,20 @@ from common.lightning.task import BaseTask
 from common.metrics.detection import sensitivity_at_fp_rate
 from common.metrics.figures import plot_froc
 from common.metrics.froc import FROCResult
+from common.metrics.froc_io import write_results_csv
 from common.metrics.froc_torch import LUNA16FROC, scan_key_from_uid
 from lungdet.anchors import DEFAULT_ANCHOR_SIZES, anchor_grid, assign_targets_batch
-from lungdet.data import DEFAULT_FILL, label_candidates
+from lungdet.candidates import label_candidates
 from lungdet.inference import (
     Stage1Inference,
     candidates_to_world,
     detect_scan,
     fuse_scores,
     score_candidates,
-    write_results_csv,
 )
 from lungdet.losses import DetectionLoss
 from lungdet.models import build_candidate_net, build_mppn, coordinate_maps
+from lungdet.scan_reader import DEFAULT_FILL
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 The paper ("Computational complexity and efficiency") gives no absolute parameter or FLOP counts; it gives
 per-component cost formulas and two claims. This module measures our model and sets it against both:
 
-* **Measured**: ``torch.utils.flop_counter.FlopCounterMode`` over one forward pass (FLOPs = 2 × multiply–
-  accumulates, the counter's convention), parameters by module prefix. Components: Stem, GCT, MRGAM, plain
+* **Measured**: ``common.complexity.count_flops`` (torch's ``FlopCounterMode``) over one forward pass
+  (FLOPs = 2 × multiply–accumulates, the counter's convention), parameters by module prefix. Components: Stem, GCT, MRGAM, plain
   conv streams, CSCF, PRD (decoder), heads.
 * **Paper formulas** evaluated at our configuration: grouped atrous mixer ``N · 2hw·k²C²/g`` (params
   ``N · k²C²/g``) plus the SE gate ``2C²/r``; attention ``4nd² + 2n·n_kv·d`` plus MLP ``2nd²`` per block;
@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from common.complexity import count_flops, count_parameters
 from lungseg.models.cscf import ConsensusFusion
 from lungseg.models.gct import GCTStage
 from lungseg.models.glance import GlanceNet, build_glance
@@ -151,25 +150,6 @@ def _leaf_prefixes(model: GlanceNet) -> dict[str, str]:
     return prefixes
 
 
-def _count_flops(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]:
-    """Run one forward pass under ``FlopCounterMode``; return total FLOPs and FLOPs per module path."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
-    root = type(model).__name__
-    per_module = {}
-    for key, ops in counter.get_flop_counts().items():
-        if key == root:
-            per_module[""] = sum(ops.values())
-        elif key.startswith(root + "."):
-            per_module[key[len(root) + 1 :]] = sum(ops.values())
-    return counter.get_total_flops(), per_module
-
-
 def _paper_estimates(model: GlanceNet, image_size: int) -> dict[str, tuple[int, int]]:
     """Evaluate the paper's cost formulas at our configuration; returns ``{component: (params, flops)}``."""
     est: dict[str, list[int]] = {}
@@ -246,7 +226,8 @@ def measure_complexity(
         reference_variant: Its name.
     """
     x = torch.zeros(1, model.in_channels, image_size, image_size)
-    total_flops, per_module = _count_flops(model, x)
+    counted = count_flops(model, x)
+    total_flops, per_module = counted.total, counted.by_module
 
     params = dict.fromkeys(COMPONENTS, 0)
     for name, p in model.named_parameters():
@@ -282,14 +263,15 @@ def measure_complexity(
         image_size=image_size,
         components=components,
         stages=stages,
-        total_params=sum(p.numel() for p in model.parameters()),
+        total_params=count_parameters(model),
         total_flops=total_flops,
         encoder_flops=encoder_flops,
     )
     if unattributed:
         result.notes.append(f"{unattributed / 1e9:.3f} GFLOPs outside the listed components.")
     if reference is not None:
-        ref_total, ref_modules = _count_flops(reference, x)
+        ref_counted = count_flops(reference, x)
+        ref_total, ref_modules = ref_counted.total, ref_counted.by_module
         result.reference_variant = reference_variant or type(reference).__name__
         result.reference_flops = ref_total
         result.reference_encoder_flops = ref_modules.get("encoder", 0)

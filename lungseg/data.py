@@ -299,6 +299,8 @@ class GlanceDataModule(CacheDataModule):
     """The GLANCE datamodule over the common cache (arguments of ``CacheDataModule`` plus the ones below).
 
     Args:
+        dataset, split, batch_size: as in ``CacheDataModule``, with GLANCE's defaults (LIDC-IDRI, a seeded
+            patient-level ratio split, 8 slices per batch).
         image_size: working size S of the square slices (paper 512; multiple of 32).
         window_hu: lung window (paper [−1000, 400] HU).
         lung_crop: crop every slice of a scan to the scan's lung bounding box before resizing.
@@ -319,25 +321,15 @@ class GlanceDataModule(CacheDataModule):
             (``2k + 1`` in all; linked to the task's ``context_slices``). 0 — the paper's single slice — by
             default.
         context_step: cache slices between two context channels (at 1 mm: the context reaches ±k·step mm).
+        **kwargs: the other ``CacheDataModule`` / ``DatasetDataModule`` arguments (root, cache_dir, spacing,
+            split_file, fold, ratios, seed, predict_root, num_workers, lenient, dataset_kwargs).
     """
 
     def __init__(
         self,
         dataset: str = "lidc",
-        root: str | None = None,
-        cache_dir: str | None = None,
-        spacing: float = 1.0,
         split: str = "ratio",
-        split_file: str | None = None,
-        fold: int = 0,
-        ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
-        seed: int = 0,
-        predict_root: str | None = None,
         batch_size: int = 8,
-        num_workers: int = 0,
-        lenient: bool = False,
-        dataset_kwargs: dict[str, Any] | None = None,
-        columns: dict[str, str] | None = None,
         image_size: int = 512,
         window_hu: tuple[float, float] = GLANCE_WINDOW,
         lung_crop: bool = False,
@@ -360,24 +352,9 @@ class GlanceDataModule(CacheDataModule):
         eval_batch_size: int = 1,
         context_slices: int = 0,
         context_step: int = 1,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            dataset=dataset,
-            root=root,
-            cache_dir=cache_dir,
-            spacing=spacing,
-            split=split,
-            split_file=split_file,
-            fold=fold,
-            ratios=ratios,
-            seed=seed,
-            predict_root=predict_root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            lenient=lenient,
-            dataset_kwargs=dataset_kwargs,
-            columns=columns,
-        )
+        super().__init__(dataset=dataset, split=split, batch_size=batch_size, **kwargs)
         if image_size % 32 or image_size < 32:
             raise ValueError(
                 f"image_size must be a positive multiple of 32 (GLANCE's stride), got {image_size}"
@@ -426,9 +403,10 @@ class GlanceDataModule(CacheDataModule):
         return NoduleMaskStore(cache or PreprocessedCache(self.cache_dir), self.consensus_level)
 
     def prepare_data(self) -> None:
-        """Build the cache (base class), then the nodule masks on its grid for datasets that have them."""
+        """Build the cache (base class), then the nodule masks on its grid for datasets that have them
+        (not while predicting on a folder of new scans: they have no annotations)."""
         super().prepare_data()
-        if self.has_masks:
+        if self.has_masks and not self.predicting_new_scans():
             self.mask_store().build(self.open_dataset(), self.dataset_name, strict=not self.lenient)
 
     def _views(self, uids: Sequence[str], cache: PreprocessedCache, with_masks: bool) -> list[ScanView]:
@@ -471,11 +449,4 @@ class GlanceDataModule(CacheDataModule):
             replacement=True,
             generator=generator,
         )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
-        )
+        return self._loader("train", shuffle=False, sampler=sampler)

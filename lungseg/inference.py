@@ -28,8 +28,9 @@ connected component of the thresholded probability map in a slice is a detection
 probability, equivalent diameter). Models without a segmentation head (``detection_only``) skip 3, take
 sizes from the heatmap and write no mask.
 
-CSV output (:func:`write_results_csv`) is the LUNA16 results format ``seriesuid, coordX, coordY, coordZ,
-probability`` plus ``diameter_mm`` (extra columns are ignored by ``lungdata evaluate-froc``);
+CSV output (:func:`candidate_rows` written by ``common.metrics.froc_io.write_results_csv`` with
+``RESULT_FORMAT``) is the LUNA16 results format ``seriesuid, coordX, coordY, coordZ, probability`` plus
+``diameter_mm`` (extra columns are ignored by ``lungdata evaluate-froc``);
 :func:`write_reference_csvs` writes the matching ``annotations.csv``, ``annotations_excluded.csv`` and
 ``seriesuids.csv`` from the cache manifest, so a prediction folder can be scored directly.
 """
@@ -37,7 +38,7 @@ probability`` plus ``diameter_mm`` (extra columns are ignored by ``lungdata eval
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,15 +49,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import atomic
-from common.datasets.tables import ANNOTATION_COLUMNS
 from common.io import CTVolume, write_mhd, write_nifti
-from common.metrics.froc_io import RESULT_COLUMNS
+from common.metrics.froc_io import EVALUATION_FILES, write_annotations_csv, write_seriesuids
 from common.preprocess import resample_array
 from lungseg.slices import SquareBox, paste_back
 
 __all__ = [
+    "ANNOTATION_FORMAT",
+    "CSV_LINE_END",
+    "RESULT_EXTRA_COLUMNS",
+    "RESULT_FORMAT",
     "Candidates",
+    "candidate_rows",
     "InferenceConfig",
     "ScanPrediction",
     "SliceDetections",
@@ -66,12 +70,20 @@ __all__ = [
     "save_mask",
     "voxel_to_world",
     "write_reference_csvs",
-    "write_results_csv",
 ]
 
-#: LUNA16 results columns plus the candidate's diameter (the official evaluation ignores extra columns).
-RESULT_HEADER = (*RESULT_COLUMNS, "diameter_mm")
-ANNOTATION_HEADER = ANNOTATION_COLUMNS
+#: How GLANCE writes the LUNA16 CSVs (``common.metrics.froc_io`` writers): the results carry the candidate's
+#: diameter as an extra column (the official evaluation ignores it); lines end in CRLF as the csv module writes.
+RESULT_EXTRA_COLUMNS = ("diameter_mm",)
+RESULT_FORMAT = {
+    "coordX": "%.4f",
+    "coordY": "%.4f",
+    "coordZ": "%.4f",
+    "probability": "%.6f",
+    "diameter_mm": "%.3f",
+}
+ANNOTATION_FORMAT = {"coordX": "%.4f", "coordY": "%.4f", "coordZ": "%.4f", "diameter_mm": "%.3f"}
+CSV_LINE_END = "\r\n"
 HALF_MAX_SIGMAS = math.sqrt(2.0 * math.log(2.0))  # a Gaussian falls to half its peak at 1.1774 σ
 
 
@@ -457,14 +469,12 @@ def save_mask(mask: np.ndarray, item: dict[str, Any], path: str | Path, grid: st
     return write_nifti(volume, path)
 
 
-def write_results_csv(predictions: Iterable[tuple[str, Candidates]], path: str | Path) -> Path:
-    """LUNA16 results CSV (plus ``diameter_mm``) for ``(uid, candidates)`` pairs."""
-    rows = (
-        [uid, f"{x:.4f}", f"{y:.4f}", f"{z:.4f}", f"{p:.6f}", f"{d:.3f}"]
-        for uid, cands in predictions
-        for (x, y, z), p, d in zip(cands.world_xyz, cands.probability, cands.diameter_mm)
-    )
-    return atomic.write_text(path, atomic.csv_text(RESULT_HEADER, rows, lineterminator="\r\n"))
+def candidate_rows(predictions: Iterable[tuple[str, Candidates]]) -> Iterator[tuple[Any, ...]]:
+    """``(seriesuid, x, y, z, probability, diameter_mm)`` rows of ``(uid, candidates)`` pairs, for
+    ``common.metrics.froc_io.write_results_csv`` with ``RESULT_FORMAT``."""
+    for uid, cands in predictions:
+        for (x, y, z), p, d in zip(cands.world_xyz, cands.probability, cands.diameter_mm):
+            yield uid, x, y, z, p, d
 
 
 def write_reference_csvs(items: Iterable[dict[str, Any]], folder: str | Path) -> dict[str, Path]:
@@ -475,18 +485,14 @@ def write_reference_csvs(items: Iterable[dict[str, Any]], folder: str | Path) ->
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "annotations": folder / "annotations.csv",
-        "excluded": folder / "annotations_excluded.csv",
-        "seriesuids": folder / "seriesuids.csv",
-    }
+    paths = {key: folder / EVALUATION_FILES[key] for key in ("annotations", "excluded", "seriesuids")}
     items = list(items)
     for key, field_name in (("annotations", "nodules"), ("excluded", "excluded")):
         rows = (
-            [item["uid"], f"{x:.4f}", f"{y:.4f}", f"{z:.4f}", f"{d:.3f}"]
+            [item["uid"], x, y, z, d]
             for item in items
             for x, y, z, d in np.asarray(item[field_name], dtype=np.float64).reshape(-1, 4)
         )
-        atomic.write_text(paths[key], atomic.csv_text(ANNOTATION_HEADER, rows, lineterminator="\r\n"))
-    atomic.write_text(paths["seriesuids"], "".join(f"{item['uid']}\n" for item in items))
+        write_annotations_csv(rows, paths[key], float_format=ANNOTATION_FORMAT, lineterminator=CSV_LINE_END)
+    write_seriesuids((item["uid"] for item in items), paths["seriesuids"])
     return paths

@@ -48,16 +48,20 @@ import torch
 from torchmetrics import MetricCollection
 
 from common.lightning.task import BaseTask
+from common.metrics.froc_io import write_results_csv
 from common.metrics.froc_torch import LUNA16FROC, scan_key_from_uid
 from common.metrics.segmentation import SegmentationScores
 from common.metrics.unique_samples import sample_key
 from lungseg.inference import (
+    CSV_LINE_END,
+    RESULT_EXTRA_COLUMNS,
+    RESULT_FORMAT,
     InferenceConfig,
     ScanPrediction,
+    candidate_rows,
     predict_scan,
     save_mask,
     write_reference_csvs,
-    write_results_csv,
 )
 from lungseg.losses import GlanceLoss
 from lungseg.models import build_glance, get_variant
@@ -411,6 +415,12 @@ class GlanceTask(BaseTask):
         unique = [(u, c) for u, c in predicted if not (u in seen or seen.add(u))]
         seen = set()
         refs = [r for r in references if not (r["uid"] in seen or seen.add(r["uid"]))]
-        write_results_csv(unique, out / "results.csv")
+        write_results_csv(
+            candidate_rows(unique),
+            out / "results.csv",
+            extra_columns=RESULT_EXTRA_COLUMNS,
+            float_format=RESULT_FORMAT,
+            lineterminator=CSV_LINE_END,
+        )
         write_reference_csvs(refs, out / "reference")
         log.info("GLANCE predictions for %d scans written to %s", len(unique), out)

@@ -1,10 +1,15 @@
-"""`lungdata prepare <dataset> --root R --out O [--spacing 1] [--lenient] [--workers N] [--shard I/N]
+"""`lungdata prepare <dataset> [--root R] [--out O] [--spacing 1] [--lenient] [--workers N] [--shard I/N]
 [--dicom-tolerance MM]`.
 
 Builds the preprocessed cache (`common.cache`): every scan of the dataset resampled to `--spacing` mm with
 a cubic B-spline, clipped to [−1024, 3071] HU and stored as int16 with its lung mask, plus `manifest.json`.
 Re-running skips every scan whose inputs and settings are unchanged, so an interrupted run (Ctrl-C, a
 killed job) is finished by simply running the same command again.
+
+Without `--out` the cache goes where every datamodule looks for it when its `cache_dir` is not set
+(`common.cache.default_cache_dir`: `cache/<dataset>-<hash of the root>` under the working directory), so
+`lungdata prepare luna16` followed by `lungdet fit --config configs/claf_luna16.yaml` in the same folder
+reuses it. With `--out`, give the datamodule the same folder (`--data.init_args.cache_dir`).
 
 `--workers N` prepares N scans at a time in processes on this machine; `--shard I/N` prepares only shard I
 of N (every N-th scan by uid), so N jobs — a SLURM array, several machines sharing the cache folder — fill
@@ -23,7 +28,7 @@ import logging
 import sys
 from pathlib import Path
 
-from common.cache import PrepareSettings, PreprocessedCache, parse_shard
+from common.cache import PrepareSettings, PreprocessedCache, default_cache_dir, parse_shard
 from common.datasets.registry import DATASETS, open_dataset, resolve_root
 from common.io import DICOM_POSITION_TOLERANCE_MM, read_volume
 
@@ -40,7 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--root", type=Path, default=None, help="dataset root (default: its environment variable)"
     )
-    parser.add_argument("--out", type=Path, required=True, help="cache folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="cache folder (default: cache/<dataset>-<hash of the root>, where the datamodules look)",
+    )
     parser.add_argument(
         "--spacing",
         type=float,
@@ -112,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     read_fn = None  # common.io.read_volume with the default DICOM rule
     if args.dicom_tolerance is not None:
         read_fn = functools.partial(read_volume, dicom_tolerance_mm=args.dicom_tolerance)
-    cache = PreprocessedCache(args.out)
+    cache = PreprocessedCache(args.out or default_cache_dir(args.dataset, root))
     report = cache.build(records, settings, read_fn=read_fn, workers=args.workers, strict=strict, shard=shard)
     where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     print(f"lungdata prepare {args.dataset}{where}: {report.summary()}; manifest {cache.manifest_path}")

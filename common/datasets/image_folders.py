@@ -1,6 +1,6 @@
 """2D image datasets of the two pathology papers: class folders and VOC-style detection sets.
 
-The LDFC (papers/003) and spatio-temporal (papers/004) releases ship their classification data as
+The LDFC (Sci. Data 2024) and spatio-temporal (STPD, Jian et al., preprint 2024) releases ship their classification data as
 ``<part>/<class>/<image>.bmp`` folders and their 2D detection data as Pascal-VOC trees (images,
 ``Annotations/*.xml``, ``ImageSets`` lists). These indexes only list files and parse annotations; the
 pathology classifier and the COCO-style AP metric read pixels themselves.

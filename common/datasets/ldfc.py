@@ -1,4 +1,4 @@
-"""LDFC: the lung-nodule dataset with histopathology-based cancer type annotation (papers/003).
+"""LDFC: the lung-nodule dataset with histopathology-based cancer type annotation (LDFC, Sci. Data 2024).
 
 Published layout (Zenodo 8422229, version 1; see the paper's "Data Records"):
 

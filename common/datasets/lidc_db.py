@@ -186,7 +186,7 @@ class ClusteredNodule:
 def malignancy_label(mean_malignancy: float) -> int:
     """Benign (0) / malignant (1) label from the readers' mean malignancy rating, as in M³Net.
 
-    The M³Net paper (papers/002, data section) averages the 1–5 malignancy scores of all readers of a
+    The M³Net paper (Li et al., preprint 2025, data section) averages the 1–5 malignancy scores of all readers of a
     nodule and calls it malignant when the mean is strictly above 3 and benign when it is ≤ 3; it
     states that no nodule is discarded for an indeterminate score. A mean of exactly 3 (the
     "indeterminate" rating) is therefore benign — unlike the common LIDC protocol that drops those

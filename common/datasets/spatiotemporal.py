@@ -1,4 +1,4 @@
-"""The cross spatio-temporal pathology-based lung nodule dataset (papers/004; "STPD" here).
+"""The cross spatio-temporal pathology-based lung nodule dataset (STPD (Jian et al., preprint 2024); "STPD" here).
 
 Published layout (Zenodo 8354947 part A, 8357533 part B; see the paper's "Data Records"):
 

@@ -3,6 +3,10 @@
 `prepare_data()` builds or updates the cache for the configured dataset (only on local rank 0; an unchanged
 cache is a no-op), `setup()` resolves the split into train / val / test / predict uids. Subclasses implement
 `build_dataset(part, uids)`; everything about where data lives and which scans go where is decided here, once.
+Where a cache lives follows `common.cache.default_cache_dir`, the rule `lungdata prepare` follows too.
+
+Predicting on a folder of new scans (`predict_root`) never needs the training dataset: in `lungdet predict` /
+`lungseg predict` only that folder is cached and read (a hospital has no LUNA16).
 
 Splits: `split_file` (a file written by `lungdata split` or by an earlier run) wins; otherwise `split`
 chooses how one is made and it is saved beside the cache so every later run sees the same scans:
@@ -10,24 +14,31 @@ chooses how one is made and it is saved beside the cache so every later run sees
 - "claf_sixfold": the CLAF paper's six folds (seeded), same rotation;
 - "ratio": patient-level train/val/test by `ratios` (seeded).
 
-`PartLoaderDataModule` holds the per-part datasets and the loader hooks; datamodules that do not read this
-cache (the lungcls patch and image-folder modules) derive from it directly, so every package builds its
+`PartLoaderDataModule` holds the per-part datasets and the loader hooks (a part may bring its own sampler);
+`DatasetDataModule` adds the dataset adapter, its cache folder, the split file and the predict folder — the
+parameters every dataset-backed datamodule shares (`CacheDataModule` here, the lungcls nodule-patch modules);
+the lungcls image-folder module derives from `PartLoaderDataModule` directly. So every package builds its
 parts and loaders in one place.
 """
 
 from __future__ import annotations
 
 import abc
-import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from common.cache import PrepareSettings, PreprocessedCache, prepare_cache
+from common.cache import (
+    PrepareSettings,
+    PreprocessedCache,
+    default_cache_dir,
+    predict_cache_dir,
+    prepare_cache,
+)
 from common.datasets.registry import open_dataset, resolve_root
 from common.splits import Split, claf_sixfold, items_from_records, luna16_subset_folds, ratio_split
 
@@ -37,11 +48,6 @@ SPLIT_KINDS = ("luna16_subsets", "claf_sixfold", "ratio")
 PARTS = ("train", "val", "test")
 #: the parts each Lightning stage needs (any other stage: all of `PARTS`)
 STAGE_PARTS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-
-
-def path_digest(path: str | Path) -> str:
-    """Eight hex digits naming a folder by its resolved path, for cache folders that must not collide."""
-    return hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:8]
 
 
 class PartLoaderDataModule(LightningDataModule):
@@ -75,14 +81,25 @@ class PartLoaderDataModule(LightningDataModule):
             return self.batch_size
         return self.eval_batch_size
 
-    def _loader(self, part: str, shuffle: bool, batch_size: int | None = None, collate_fn=None) -> DataLoader:
-        """A loader over one part; `collate_fn` defaults to the dataset's own `collate_fn`, if it has one."""
+    def _loader(
+        self,
+        part: str,
+        shuffle: bool,
+        batch_size: int | None = None,
+        collate_fn=None,
+        sampler: Sampler | None = None,
+    ) -> DataLoader:
+        """A loader over one part; `collate_fn` defaults to the dataset's own `collate_fn`, if it has one.
+
+        `sampler` replaces shuffling (give `shuffle=False`): an epoch-seeded or weighted draw of the part.
+        """
         dataset = self.datasets[part]
         batch_size = batch_size or self.part_batch_size(part)
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_fn or getattr(dataset, "collate_fn", None),
@@ -102,20 +119,18 @@ class PartLoaderDataModule(LightningDataModule):
         return self._loader("predict", shuffle=False)
 
 
-class CacheDataModule(PartLoaderDataModule, abc.ABC):
-    """Dataset → preprocessed cache → split → per-part datasets.
+class DatasetDataModule(PartLoaderDataModule):
+    """A dataset adapter, where its cache lives, the split file and the folder to predict on.
 
     Args:
         dataset: adapter name (`common.datasets.registry.DATASETS`), e.g. "luna16".
         root: dataset root; None takes the adapter's environment variable (LUNA16_ROOT, ...).
-        cache_dir: cache folder; None → `cache/<dataset>-<hash of root>` under the working directory.
-        spacing: resampling target in mm (isotropic).
-        split: how to make the split when `split_file` is absent (see module docstring).
+        cache_dir: cache folder; None → `common.cache.default_cache_dir` (`cache/<dataset>-<hash of root>`
+            under the working directory, where `lungdata prepare` without `--out` writes it).
         split_file: an existing split file, or where to save the one made (default: in `cache_dir`).
-        fold: test fold index for k-fold splits.
-        ratios: train/val/test ratios for `split="ratio"`.
+        ratios: train/val/test ratios of a seeded split.
         seed: split seed.
-        predict_root: a folder of scans to predict on (any layout `common.datasets.folder` reads); None
+        predict_root: a folder of new scans to predict on (any layout `common.datasets.folder` reads); None
             predicts the test part.
         batch_size: batch size.
         num_workers: data-loader workers.
@@ -130,10 +145,7 @@ class CacheDataModule(PartLoaderDataModule, abc.ABC):
         dataset: str = "luna16",
         root: str | None = None,
         cache_dir: str | None = None,
-        spacing: float = 1.0,
-        split: str = "luna16_subsets",
         split_file: str | None = None,
-        fold: int = 0,
         ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
         seed: int = 0,
         predict_root: str | None = None,
@@ -144,15 +156,10 @@ class CacheDataModule(PartLoaderDataModule, abc.ABC):
         columns: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
-        if split not in SPLIT_KINDS:
-            raise ValueError(f"split={split!r}: choose one of {SPLIT_KINDS} or give split_file")
         self.save_hyperparameters()
         self.dataset_name = dataset
         self.root = root
-        self.spacing = float(spacing)
-        self.split_kind = split
         self.split_file = split_file
-        self.fold = fold
         self.ratios = tuple(ratios)
         self.seed = seed
         self.predict_root = predict_root
@@ -163,7 +170,6 @@ class CacheDataModule(PartLoaderDataModule, abc.ABC):
         if columns:
             self.dataset_kwargs["columns"] = dict(columns)
         self._cache_dir = cache_dir
-        self.uids: dict[str, list[str]] = {}
         self.datasets: dict[str, Dataset] = {}
 
     # ------------------------------------------------------------------ locations
@@ -173,31 +179,75 @@ class CacheDataModule(PartLoaderDataModule, abc.ABC):
 
     @property
     def cache_dir(self) -> Path:
-        if self._cache_dir:
-            return Path(self._cache_dir)
-        return Path("cache") / f"{self.dataset_name}-{path_digest(self.resolved_root)}"
+        """The configured `cache_dir`, else `default_cache_dir()`."""
+        return Path(self._cache_dir) if self._cache_dir else self.default_cache_dir()
+
+    def default_cache_dir(self) -> Path:
+        """Where the cache lives when no `cache_dir` is given (`common.cache.default_cache_dir`)."""
+        return default_cache_dir(self.dataset_name, self.resolved_root)
 
     @property
     def predict_cache_dir(self) -> Path:
-        return self.cache_dir.parent / f"predict-{path_digest(self.predict_root)}"
-
-    @property
-    def settings(self) -> PrepareSettings:
-        return PrepareSettings(spacing=(self.spacing,) * 3)
+        """The cache of `predict_root` (`common.cache.predict_cache_dir`), found without the training root."""
+        return predict_cache_dir(self._cache_dir, self.predict_root)
 
     def open_dataset(self):
         """The adapter over the dataset root (records, candidates, ...)."""
         return open_dataset(self.dataset_name, self.root, strict=not self.lenient, **self.dataset_kwargs)
 
+    def predicting_new_scans(self) -> bool:
+        """True while a trainer runs `predict` with a `predict_root`: only that folder is needed."""
+        trainer = getattr(self, "trainer", None)
+        fn = getattr(getattr(trainer, "state", None), "fn", None)
+        return bool(self.predict_root) and fn is not None and str(getattr(fn, "value", fn)) == "predict"
+
+
+class CacheDataModule(DatasetDataModule, abc.ABC):
+    """Dataset → preprocessed cache → split → per-part datasets.
+
+    Args:
+        spacing: resampling target in mm (isotropic).
+        split: how to make the split when `split_file` is absent (see module docstring).
+        fold: test fold index for k-fold splits.
+        **kwargs: `DatasetDataModule` arguments (dataset, root, cache_dir, split_file, ratios, seed,
+            predict_root, batch_size, num_workers, lenient, dataset_kwargs).
+    """
+
+    def __init__(
+        self,
+        spacing: float = 1.0,
+        split: str = "luna16_subsets",
+        fold: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        if split not in SPLIT_KINDS:
+            raise ValueError(f"split={split!r}: choose one of {SPLIT_KINDS} or give split_file")
+        super().__init__(**kwargs)
+        self.spacing = float(spacing)
+        self.split_kind = split
+        self.fold = fold
+        self.uids: dict[str, list[str]] = {}
+
+    @property
+    def settings(self) -> PrepareSettings:
+        return PrepareSettings(spacing=(self.spacing,) * 3)
+
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
-        records = self.open_dataset().records
-        prepare_cache(records, self.cache_dir, self.settings, strict=not self.lenient)
+        """Cache the dataset (and `predict_root`); while predicting on `predict_root`, that folder only."""
+        if not self.predicting_new_scans():
+            records = self.open_dataset().records
+            prepare_cache(records, self.cache_dir, self.settings, strict=not self.lenient)
         if self.predict_root:
             folder = open_dataset("folder", self.predict_root)
             prepare_cache(folder.records, self.predict_cache_dir, self.settings, strict=not self.lenient)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.predict_root:  # new scans: no split, no training cache
+            if "predict" not in self.datasets:
+                cache = PreprocessedCache(self.predict_cache_dir)
+                self.datasets["predict"] = self.build_dataset("predict", cache.uids, cache)
+            return
         self.cache = PreprocessedCache(self.cache_dir)
         if not self.uids:
             self.uids = self._resolve_split()
@@ -205,9 +255,6 @@ class CacheDataModule(PartLoaderDataModule, abc.ABC):
         self.setup_parts(stage, self._dataset_for)
 
     def _dataset_for(self, part: str) -> Dataset:
-        if part == "predict" and self.predict_root:
-            cache = PreprocessedCache(self.predict_cache_dir)
-            return self.build_dataset("predict", cache.uids, cache)
         uids = self.uids["test" if part == "predict" else part]
         if not uids:
             raise ValueError(

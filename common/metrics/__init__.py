@@ -65,7 +65,14 @@ _EXPORTS = {
         "paired_bootstrap_patients",
         "patient_draws",
     ),
-    "froc_io": ("FROCInputError", "evaluate_froc_files", "load_froc_inputs"),
+    "froc_io": (
+        "FROCInputError",
+        "evaluate_froc_files",
+        "load_froc_inputs",
+        "write_annotations_csv",
+        "write_results_csv",
+        "write_seriesuids",
+    ),
     "froc_torch": ("LUNA16FROC", "scan_key_from_uid"),
     "unique_samples": ("UniqueSampleMean", "UniqueSampleMetric", "first_per_key", "sample_key"),
     "segmentation": (

@@ -1,6 +1,6 @@
 """Classification metrics as M³Net §4.2 defines them, plus QWK, for binary and multiclass tasks.
 
-With C classes, N_c test samples of class c and class weight w_c = N_c / N (papers/002, §4.2):
+With C classes, N_c test samples of class c and class weight w_c = N_c / N (M³Net (Li et al., preprint 2025), §4.2):
 
 - ACC = correct / N. (The paper's eq. 19, Σ(TP_c+TN_c) / Σ(TP_c+TN_c+FP_c+FN_c), equals this for two
   classes; for C > 2 it would be the mean one-vs-rest accuracy, which nobody reports, so ACC is
@@ -16,7 +16,7 @@ With C classes, N_c test samples of class c and class weight w_c = N_c / N (pape
   them against scikit-learn).
   In the binary case both classes enter with their weights, as the formula says (ROC-AUC then
   equals the usual binary AUC; PR-AUC does not equal the positive-class AP).
-- QWK: Cohen's kappa with quadratic weights (papers/003, 004).
+- QWK: Cohen's kappa with quadratic weights (LDFC (Sci. Data 2024) and STPD (Jian et al., preprint 2024)).
 
 Predictions are the arg-max class. Mean ± std "across samples" (M³Net §4.3) is a bootstrap over
 test samples: :func:`bootstrap_classification_scores`.

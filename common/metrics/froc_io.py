@@ -1,4 +1,4 @@
-"""Read and check the four inputs of the official LUNA16 evaluation.
+"""Read, check and write the four inputs of the official LUNA16 evaluation.
 
 Layouts (as distributed with LUNA16 and read by ``noduleCADEvaluationLUNA16.py``):
 
@@ -20,17 +20,24 @@ still counts as a nodule to find; both keep the official numbers, but each is wa
 count and the first rows, so a wrong series list or a mixed-up annotation file does not go unnoticed.
 Annotations with no nodule in the listed scans (a header-only file) leave sensitivity undefined: a
 warning, and ``null`` in the JSON output, never ``NaN``.
+
+Writing (:func:`write_results_csv`, :func:`write_annotations_csv`, :func:`write_seriesuids`) lives here too,
+beside the reader, so every package writes these files one way (atomically); callers choose the number
+format, which keeps each package's files byte-identical to what it wrote before.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from common import atomic
 from common.datasets.tables import ANNOTATION_COLUMNS, WorldColumns, csv_line
 from common.metrics.froc import (
     BOOTSTRAP_GRID,
@@ -45,6 +52,13 @@ log = logging.getLogger(__name__)
 
 #: Header of a LUNA16 CAD result CSV (the submission format the official evaluation script reads).
 RESULT_COLUMNS: tuple[str, ...] = (*WorldColumns().centre(), "probability")
+#: The evaluation files of one folder by role, named as distributed with LUNA16.
+EVALUATION_FILES = {
+    "annotations": "annotations.csv",
+    "excluded": "annotations_excluded.csv",
+    "seriesuids": "seriesuids.csv",
+    "results": "results.csv",
+}
 _MAX_LISTED = 5
 
 
@@ -372,3 +386,81 @@ def evaluate_froc_files(
     )
     result.extra["annotations_outside_list"] = inputs.annotations_outside_list
     return result
+
+
+# ------------------------------------------------------------------------------------------------ writing
+#: how numbers are written: one printf format for every float column, a column → format mapping (other
+#: columns as pandas writes them), or None (shortest round-trip form, which every reader parses exactly).
+FloatFormat = str | Mapping[str, str] | None
+
+
+def results_frame(rows: Iterable[Sequence[Any]], extra_columns: Sequence[str] = ()) -> pd.DataFrame:
+    """A LUNA16 results table from (seriesuid, x, y, z, probability, *extra) rows, numbers as floats."""
+    columns = [*RESULT_COLUMNS, *extra_columns]
+    frame = pd.DataFrame(list(rows), columns=columns)
+    return frame.astype(dict.fromkeys(columns[1:], float))
+
+
+def _write_table(
+    frame: pd.DataFrame,
+    columns: Sequence[str],
+    path: str | Path,
+    float_format: FloatFormat,
+    lineterminator: str,
+    what: str,
+) -> Path:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{what} need columns {tuple(columns)}; missing {missing}")
+    frame = frame[list(columns)]
+    if isinstance(float_format, Mapping):
+        frame = frame.assign(**{c: [fmt % v for v in frame[c]] for c, fmt in float_format.items()})
+        float_format = None
+    return atomic.write_csv(path, frame, float_format=float_format, lineterminator=lineterminator)
+
+
+def write_results_csv(
+    results: pd.DataFrame | Iterable[Sequence[Any]],
+    path: str | Path,
+    *,
+    extra_columns: Sequence[str] = (),
+    float_format: FloatFormat = "%.6f",
+    lineterminator: str = "\n",
+) -> Path:
+    """Write a LUNA16 results CSV atomically (folders are created).
+
+    Args:
+        results: a frame with ``seriesuid, coordX, coordY, coordZ, probability`` (+ ``extra_columns``), or
+            rows in that order.
+        path: output file.
+        extra_columns: columns written after the five official ones (the evaluation ignores them).
+        float_format: see :data:`FloatFormat`.
+        lineterminator: ``"\n"``, or ``"\r\n"`` as Python's csv module writes by default.
+
+    Returns:
+        The written path.
+    """
+    frame = results if isinstance(results, pd.DataFrame) else results_frame(results, extra_columns)
+    columns = [*RESULT_COLUMNS, *extra_columns]
+    return _write_table(frame, columns, path, float_format, lineterminator, "results")
+
+
+def write_annotations_csv(
+    annotations: pd.DataFrame | Iterable[Sequence[Any]],
+    path: str | Path,
+    *,
+    float_format: FloatFormat = None,
+    lineterminator: str = "\n",
+) -> Path:
+    """Write ``annotations.csv`` / ``annotations_excluded.csv`` (seriesuid, coordX, coordY, coordZ, diameter_mm)."""
+    frame = (
+        annotations
+        if isinstance(annotations, pd.DataFrame)
+        else pd.DataFrame(list(annotations), columns=list(ANNOTATION_COLUMNS))
+    )
+    return _write_table(frame, ANNOTATION_COLUMNS, path, float_format, lineterminator, "annotations")
+
+
+def write_seriesuids(uids: Iterable[str], path: str | Path) -> Path:
+    """Write ``seriesuids.csv``: one series UID per line, no header (as distributed with LUNA16)."""
+    return atomic.write_text(path, "".join(f"{uid}\n" for uid in uids))

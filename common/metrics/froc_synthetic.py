@@ -19,7 +19,13 @@ import numpy as np
 import pandas as pd
 
 from common.datasets.tables import ANNOTATION_COLUMNS
-from common.metrics.froc_io import RESULT_COLUMNS
+from common.metrics.froc_io import (
+    EVALUATION_FILES,
+    RESULT_COLUMNS,
+    write_annotations_csv,
+    write_results_csv,
+    write_seriesuids,
+)
 
 
 @dataclass(frozen=True)
@@ -78,17 +84,11 @@ class SyntheticFROCCase:
         Floats are written in shortest round-trip form, so every reader parses the same numbers.
         """
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = {
-            "annotations": folder / "annotations.csv",
-            "excluded": folder / "annotations_excluded.csv",
-            "seriesuids": folder / "seriesuids.csv",
-            "results": folder / "results.csv",
-        }
-        self.annotations.to_csv(paths["annotations"], index=False)
-        self.excluded.to_csv(paths["excluded"], index=False)
-        paths["seriesuids"].write_text("".join(f"{uid}\n" for uid in self.seriesuids))
-        self.results.to_csv(paths["results"], index=False)
+        paths = {key: folder / name for key, name in EVALUATION_FILES.items()}
+        write_annotations_csv(self.annotations, paths["annotations"], float_format=None)
+        write_annotations_csv(self.excluded, paths["excluded"], float_format=None)
+        write_seriesuids(self.seriesuids, paths["seriesuids"])
+        write_results_csv(self.results, paths["results"], float_format=None)
         return paths
 
 

@@ -1,4 +1,4 @@
-"""A synthetic LDFC tree (papers/003) in the layout of the Zenodo release.
+"""A synthetic LDFC tree (Sci. Data 2024) in the layout of the Zenodo release.
 
 ```
 OUT/

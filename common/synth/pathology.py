@@ -38,7 +38,7 @@ from common.synth.nodules import BankNodule, NoduleTemplate, ShapeBank, nodule_a
 from common.synth.phantom import PhantomGeometry, build_anatomy, draw_geometry, finish_scan
 from common.synth.scan import LOCATIONS, MAX_DIAMETER_MM, _Placer, default_bank
 
-#: LDFC classification window (papers/003 clips HU to [−1200, 600]).
+#: LDFC classification window (LDFC (Sci. Data 2024) clips HU to [−1200, 600]).
 BMP_WINDOW_HU = (-1200.0, 600.0)
 MIN_READERS = 2
 SLOTS_PER_PATIENT = 16

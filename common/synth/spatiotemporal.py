@@ -1,4 +1,4 @@
-"""A synthetic cross spatio-temporal pathology tree (papers/004) in the layout of the release.
+"""A synthetic cross spatio-temporal pathology tree (STPD, Jian et al., preprint 2024) in the layout of the release.
 
 ```
 OUT/

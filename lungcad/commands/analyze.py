@@ -3,7 +3,8 @@
 INPUT is one scan — a DICOM series folder, an ``.mhd`` (with its ``.raw``/``.zraw``) or a ``.nii``/``.nii.gz`` —
 or a batch folder of them. A folder that directly holds DICOM files (``*.dcm`` or files with the ``DICM``
 preamble) is ONE DICOM scan; any other folder is a batch: every ``.mhd``/``.nii``/``.nii.gz`` file under it
-and every sub-folder that directly holds DICOM files is one scan (hidden entries and OUT itself are skipped).
+and every sub-folder that directly holds DICOM files is one scan (hidden entries, ``DICOMDIR`` indexes and OUT
+itself are skipped).
 
 Each scan goes read → the bundle's pipeline (`lungcad.pipeline.analyze_volume`) → files in
 ``OUT/<scan id>/`` (`lungcad.outputs`), every step timed, logged and shown on a progress bar. ``report.json``
@@ -77,6 +78,19 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="name scans by a hash of the series UID and strip the patient module from DICOM SEG/SR",
     )
     parser.add_argument("--overwrite", action="store_true", help="redo scans whose outputs are finished")
+    parser.add_argument(
+        "--runtime",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="run the networks in PyTorch (default) or their ONNX export on onnxruntime CPU (lungcad export)",
+    )
+    parser.add_argument(
+        "--onnx",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder written by `lungcad export` (default: BUNDLE/onnx); only with --runtime onnxruntime",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -85,8 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def is_dicom_file(path: Path) -> bool:
-    """A ``.dcm`` file or one with the DICOM preamble (``DICM`` at byte 128)."""
-    if not path.is_file() or path.name.startswith("."):
+    """A ``.dcm`` file or one with the DICOM preamble (``DICM`` at byte 128); a DICOMDIR index is not a slice
+    (a CD export's root holds one beside the series folders: that root is a batch)."""
+    if not path.is_file() or path.name.startswith(".") or path.name.upper() == "DICOMDIR":
         return False
     if path.suffix.lower() == ".dcm":
         return True
@@ -184,10 +199,9 @@ def _stub(series_uid: str | None) -> CTVolume:
 def read_scan(
     path: Path, series_uid: str | None = None, tolerance_mm: float | None = None
 ) -> tuple[CTVolume, list[Any] | None]:
-    """The scan and, for DICOM, its source datasets (the DICOM SEG/SR reference them).
+    """The scan and, for DICOM, its source headers in z order (the DICOM SEG/SR reference them).
 
-    DICOM goes through `lungcad.dicom_input.read_dicom_ct` (series chosen by rule, refusals) when installed,
-    else `common.io.read_volume`.
+    DICOM goes through `lungcad.dicom_input.read_dicom_ct`: the CT series chosen by rule, the refusals.
     """
     fmt = outputs.scan_format(path)
     if fmt != "dicom":
@@ -196,11 +210,10 @@ def read_scan(
                 f"{path}: --series-uid picks a series in a DICOM folder; drop it for {fmt} input"
             )
         return read_volume(path), None
-    read_dicom_ct = outputs._optional("lungcad.dicom_input", "read_dicom_ct")
-    if read_dicom_ct is not None:
-        volume, datasets = read_dicom_ct(path, series_uid, tolerance_mm=tolerance_mm)
-        return volume, list(datasets)
-    return read_volume(path, series_uid), None
+    from lungcad.dicom_input import read_dicom_ct
+
+    volume, datasets = read_dicom_ct(path, series_uid, tolerance_mm=tolerance_mm)
+    return volume, list(datasets)
 
 
 # ---------------------------------------------------------------------------------------- given nodules
@@ -325,6 +338,15 @@ class Analyzer:
             raise FileNotFoundError(
                 f"{args.bundle}: bundle folder not found; write one with `lungcad bundle`"
             )
+        runtime = getattr(args, "runtime", "torch")
+        onnx_dir = getattr(args, "onnx", None)
+        if onnx_dir is not None and runtime != "onnxruntime":
+            raise ValueError(f"--onnx {onnx_dir} is only used with --runtime onnxruntime")
+        if runtime == "onnxruntime":
+            from lungcad.commands.export import DEFAULT_SUBFOLDER
+            from lungcad.runtime import read_export
+
+            read_export(onnx_dir or args.bundle / DEFAULT_SUBFOLDER)  # missing export: fail before any scan
         self.given = GivenNodules.read(args.nodules) if args.nodules is not None else None
         self.bundle_sha = _bundle_sha(args.bundle)
         self.parameters: dict[str, Any] = {
@@ -333,6 +355,7 @@ class Analyzer:
             "series_uid_requested": args.series_uid,
             "dicom_tolerance_mm": args.dicom_tolerance,
             "anonymize": bool(args.anonymize),
+            "runtime": getattr(args, "runtime", "torch"),
         }
         self._bundle = None
         self.done: dict[str, Path] = {}
@@ -345,6 +368,11 @@ class Analyzer:
 
             start = time.perf_counter()
             self._bundle = Bundle.load(self.args.bundle)
+            if getattr(self.args, "runtime", "torch") == "onnxruntime":
+                from lungcad.commands.export import DEFAULT_SUBFOLDER
+                from lungcad.runtime import use_exported_models
+
+                use_exported_models(self._bundle, self.args.onnx or self.args.bundle / DEFAULT_SUBFOLDER)
             log.info("bundle loaded in %.1f s", time.perf_counter() - start)
         return self._bundle
 

@@ -64,9 +64,9 @@ CSV_COLUMNS = (
 
 
 def _version() -> str:
-    from lungcad.outputs import _version as version
+    from lungcad.bundle import package_version
 
-    return version()
+    return package_version()
 
 
 def methods() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""lungcls networks: M³Net (papers/002) and the 2D pathology classifier zoo (papers/003, 004).
+"""lungcls networks: M³Net (Li et al., preprint 2025) and the 2D pathology classifier zoo (LDFC (Sci. Data 2024) and STPD (Jian et al., preprint 2024)).
 
 Inputs follow docs/architecture.md: a nodule's nested patches are float tensors `(B, 1, Z, Y, X)` with
 Z = 56 slices and Y = X = 32, 64, 96 for the micro, meso and macro scales, passed to M³Net as a mapping
@@ -48,7 +48,6 @@ from lungcls.models.backbones import (
     ResNet3DBackbone,
     ScaleBackbone,
     Timm2DBackbone,
-    count_parameters,
     create_backbone,
 )
 from lungcls.models.fusion import (
@@ -93,7 +92,6 @@ __all__ = [
     "ScaleClassifier",
     "ScaleOutput",
     "Timm2DBackbone",
-    "count_parameters",
     "create_backbone",
     "create_m3net",
     "create_scale_classifier",

@@ -43,7 +43,6 @@ __all__ = [
     "ResNet3DBackbone",
     "ScaleBackbone",
     "Timm2DBackbone",
-    "count_parameters",
     "create_backbone",
 ]
 
@@ -287,8 +286,3 @@ def create_backbone(name: str, **kwargs: Any) -> ScaleBackbone:
     if bad:
         raise TypeError(f"backbone {name!r} is a timm 2D model; {sorted(bad)} apply to resnet3d<depth> only")
     return Timm2DBackbone(name, **kwargs)
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (optionally only those with `requires_grad`)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

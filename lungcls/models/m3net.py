@@ -1,4 +1,4 @@
-"""M³Net (papers/002): stage-1 single-scale classifiers and the stage-2 fused network.
+"""M³Net (Li et al., preprint 2025): stage-1 single-scale classifiers and the stage-2 fused network.
 
 Stage 1 (eq. 3): each scale s ∈ {32, 64, 96} trains `ScaleClassifier` = backbone B_s + head Φ_s alone with
 cross-entropy. Stage 2 (eqs. 4, 10, 14–18): `M3Net` holds the three stage-1 classifiers as branches
@@ -42,7 +42,8 @@ from typing import Any, Literal
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lungcls.models.backbones import BackboneFeatures, ScaleBackbone, count_parameters, create_backbone
+from common.complexity import count_parameters
+from lungcls.models.backbones import BackboneFeatures, ScaleBackbone, create_backbone
 from lungcls.models.fusion import HierarchicalFusion
 
 __all__ = [

@@ -1,6 +1,6 @@
 """2D pathology / cancer-type classifiers: the timm model zoo the two pathology-dataset papers benchmark.
 
-papers/003 (LDFC: benign / adenocarcinoma / squamous) and papers/004 (six pathology classes) score a set of
+LDFC (Sci. Data 2024) (LDFC: benign / adenocarcinoma / squamous) and STPD (Jian et al., preprint 2024) (six pathology classes) score a set of
 standard ImageNet architectures on 2D nodule images by ACC and QWK. The papers name architecture
 families, not variants; `PATHOLOGY_ZOO` fixes one timm model per family (the common reference depth of
 each family), and any timm model name is accepted as well:

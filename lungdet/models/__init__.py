@@ -1,8 +1,8 @@
-"""CLAF networks (papers/001): the stage-1 candidate 3D U-Net and the stage-2 MPPN.
+"""CLAF networks (Wang et al. 2025): the stage-1 candidate 3D U-Net and the stage-2 MPPN.
 
 Public API (everything a task, datamodule, inference script or bench needs)::
 
-    from lungdet.models import build_candidate_net, build_mppn, coordinate_maps, count_flops
+    from lungdet.models import build_candidate_net, build_mppn, coordinate_maps
 
     # Stage 1 — variants "unet" | "unet_cbam" | "ascrm" (Table 9); width 16 ≈ the paper's 1.77 M params.
     net = build_candidate_net("ascrm", width=16)
@@ -23,7 +23,8 @@ Public API (everything a task, datamodule, inference script or bench needs)::
     crops = crop_candidates(volume, cands[:, 1:4])                         # (K, 1, 32, 48, 48)
     p_nodule = mppn.nodule_probability(mppn(crops))                        # medium/small cut inside
 
-    count_flops(net, (1, 1, 128, 128, 128))                                # FLOPs on the meta device
+    from common.complexity import count_flops, count_parameters           # shared by the three packages
+    count_flops(net, *net.example_inputs((1, 1, 128, 128, 128)), meta=True).total  # FLOPs, meta device
     build_model("claf_ascrm", width=8)                                     # registry: list_models()
 
 Coordinate channels: the paper concatenates voxel-wise coordinate maps in the downsampling path. For a
@@ -45,7 +46,6 @@ from lungdet.models.blocks import (
     coordinate_maps,
 )
 from lungdet.models.candidate_net import CANDIDATE_VARIANTS, CandidateNet, build_candidate_net
-from lungdet.models.flops import count_flops, count_parameters
 from lungdet.models.mppn import (
     MPPN,
     MPPN_CROP_SIZES,
@@ -74,8 +74,6 @@ __all__ = [
     "build_mppn",
     "centre_crop",
     "coordinate_maps",
-    "count_flops",
-    "count_parameters",
     "crop_candidates",
     "list_models",
     "register_model",

@@ -1,6 +1,6 @@
 """3D building blocks of the CLAF networks: conv units, CBAM, residual and ASCRM blocks, coordinate maps.
 
-The CLAF paper (papers/001) describes its blocks in words; the equations did not survive in our copy, so
+The CLAF paper (Wang et al. 2025) describes its blocks in words; the equations did not survive in our copy, so
 the concrete wiring below is our reading of the text, written down in docs/lungdet.md:
 
 * ``CBAM3d`` — CBAM (Woo et al. 2018) lifted to 3D: channel attention from a shared MLP over global

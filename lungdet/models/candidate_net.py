@@ -145,7 +145,8 @@ class CandidateNet(nn.Module):
     def example_inputs(self, input_shape: Sequence[int]) -> tuple[Tensor, ...]:
         """Zero inputs of a (B, C, D, H, W) shape, with whole-scan coordinates when the net needs them.
 
-        Used by ``count_flops`` and tracing tools, which only know the image shape.
+        Used by FLOP counting (``common.complexity.count_flops``) and tracing tools, which only know the
+        image shape.
         """
         x = torch.zeros(*input_shape)
         if not self.use_coords:

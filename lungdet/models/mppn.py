@@ -160,7 +160,7 @@ class MPPN(nn.Module):
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(feat, num_classes))
 
     def example_inputs(self, input_shape: Sequence[int]) -> tuple[Tensor, ...]:
-        """Zero large-scale crops of a (B, C, D, H, W) shape (``count_flops`` calls this)."""
+        """Zero large-scale crops of a (B, C, D, H, W) shape (for ``common.complexity.count_flops``)."""
         return (torch.zeros(*input_shape),)
 
     def split_scales(self, large: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -266,7 +266,7 @@ class MPPNEnsemble(nn.Module):
         self.num_classes = members[0].num_classes
 
     def example_inputs(self, input_shape: Sequence[int]) -> tuple[Tensor, ...]:
-        """Zero large-scale crops of a (B, C, D, H, W) shape (``count_flops`` calls this)."""
+        """Zero large-scale crops of a (B, C, D, H, W) shape (for ``common.complexity.count_flops``)."""
         return self.members[0].example_inputs(input_shape)
 
     def forward(self, large: Tensor, medium: Tensor | None = None, small: Tensor | None = None) -> Tensor:

@@ -1,4 +1,4 @@
-"""GLANCE networks for 2D nodule segmentation + centre-heatmap detection (papers/000).
+"""GLANCE networks for 2D nodule segmentation + centre-heatmap detection (GLANCE, npj Digit. Med. 2025).
 
 Public API (everything a task, datamodule or CLI needs)::
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-from common.lightning.datamodule import PartLoaderDataModule, path_digest
+from common.cache import path_digest
+from common.lightning.datamodule import PartLoaderDataModule
 
 
 class _Parts(PartLoaderDataModule):

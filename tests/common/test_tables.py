@@ -42,6 +42,7 @@ from common.experiments.tables import (
     render_csv,
     render_markdown,
 )
+from common.experiments.tables import run as tables_run
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = sorted(p.stem for p in (REPO / "configs" / "tables").glob("*.yaml"))
@@ -365,7 +366,7 @@ def test_execute_plan_fits_once_then_evaluates_the_chosen_checkpoint(tmp_path, m
             Path(out).write_text("seriesuid\n")
         fake_run(root, name, stage, {"test/recall": 0.9}, ckpts=["best.ckpt"] if stage == "fit" else ())
 
-    monkeypatch.setattr(tables_module, "launch", fake_launch)
+    monkeypatch.setattr(tables_run, "launch", fake_launch)
     monkeypatch.setattr(launch_module, "launch", fake_launch)
     spec = load_table("claf_table9")
     plans = [p for p in missing_plans(spec, tmp_path, ["ascrm_mppn"]) if p.fold == 0]
@@ -514,8 +515,8 @@ def test_a_failed_run_does_not_stop_the_table(tmp_path, monkeypatch):
             raise RuntimeError("command failed with exit status 1")
         fake_run(tmp_path, name, argv[3], {"test/acc": 0.7}, ckpts=["best.ckpt"] if argv[3] == "fit" else ())
 
-    monkeypatch.setattr(tables_module, "launch", failing_launch)
-    monkeypatch.setattr(tables_module, "check_plans_data", lambda *a, **k: None)
+    monkeypatch.setattr(tables_run, "launch", failing_launch)
+    monkeypatch.setattr(tables_run, "check_plans_data", lambda *a, **k: None)
     path = write_table(tmp_path, BASIC.replace("configs/x.yaml", "configs/m3net_lidc.yaml"))
     result, failures = tables_module.render_table(path, tmp_path, echo=lambda _: None)
     assert len(failures) == 1 and "row 'a'" in failures[0]

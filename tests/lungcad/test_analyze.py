@@ -169,8 +169,13 @@ def test_report_json_is_stable_and_refuses_nan(phantom, tmp_path):
     analysis.candidates = None
     assert outputs.build_report(analysis, "x", "mhd")["summary"]["n_candidates"] == 0
     analysis.findings[0].malignancy_probability = float("nan")
-    with pytest.raises(ValueError, match="not finite"):
+    with pytest.raises(ValueError, match="malignancy_probability is nan, not a finite number"):
         outputs.build_report(analysis, "x", "mhd")
+    analysis.findings[0].malignancy_probability = 0.5
+    analysis.bundle_info["operating_threshold"] = float("inf")  # a bundle whose detector never fires
+    report = outputs.build_report(analysis, "x", "mhd")
+    assert report["bundle"]["operating_threshold"] is None
+    validate({**report, "files": {}})
 
 
 def test_no_nodules_gives_valid_empty_outputs(phantom, tmp_path):
@@ -557,6 +562,7 @@ def test_find_inputs_tells_a_dicom_folder_from_a_batch(small_volume, tmp_path):
     write_dicom_series(small_volume, series)
     assert analyze_cmd.find_inputs(series) == ([series], False)
     batch = _tree(tmp_path, small_volume)
+    (batch / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")  # a CD export's index: the root stays a batch
     found, is_batch = analyze_cmd.find_inputs(batch)
     assert is_batch and [p.relative_to(batch).as_posix() for p in found] == [
         "a/scan_mhd.mhd", "b/patient/series", "scan_nii.nii.gz"
@@ -614,9 +620,11 @@ def test_end_to_end_detection_on_a_dicom_series(bundle_dir, e2e_phantom, tmp_pat
     assert len(pd.read_csv(folder / "results.csv")) == report["summary"]["n_candidates"]
     assert ("seg.dcm" in report["files"]) == bool(report["nodules"])
     assert_no_identifiers(out)
-    before = _files(out)
+    before = _files(folder)
+    # the parent folder is a batch holding this series: found finished from its headers, skipped
     assert main(["analyze", str(tmp_path / "in"), "--bundle", str(bundle_dir), "--out", str(out)]) == 0
-    assert _files(out) == before
+    assert _files(folder) == before
+    assert (out / "results.csv").read_bytes() == (folder / "results.csv").read_bytes()
 
 
 @pytest.mark.parametrize("name, fmt", [("oblique", "dicom"), ("flipped", "mhd"), ("left-handed", "nifti")])
@@ -678,3 +686,14 @@ def test_given_nodule_lands_where_it_is_in_any_geometry(bundle_dir, e2e_phantom,
             source_sop_instance_uids=[ds.SOPInstanceUID for ds in datasets], combine_segments=True
         )
         np.testing.assert_array_equal(back, labels)
+
+
+def test_demo_writes_its_held_out_scan_as_one_dicom_series(tmp_path):
+    from lungcad.demo import write_held_out_dicom
+    from lungcad.dicom_input import read_dicom_ct
+
+    folder, uid = write_held_out_dicom(tmp_path / "dicom", seed=0, index=20)
+    assert analyze_cmd.find_inputs(folder) == ([folder], False)
+    volume, datasets = read_dicom_ct(folder)
+    assert volume.series_uid == uid and len(datasets) == volume.shape[0]
+    assert datasets[0].FrameOfReferenceUID and datasets[0].PatientName == "Synthetic^Phantom"

@@ -10,7 +10,7 @@ from common.datasets.registry import open_dataset
 from common.io import CTVolume, read_volume
 from lungcad.bundle import Bundle
 from lungcad.pipeline import Analysis, analyze_volume, claf_view, prepare_scan
-from lungdet.data import ScanReader
+from lungdet.scan_reader import ScanReader
 
 #: A solid 8 mm nodule at this continuous voxel (z, y, x) of the phantom (not on a voxel centre).
 NODULE_ZYX = (24.3, 40.6, 37.4)

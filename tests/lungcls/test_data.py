@@ -14,10 +14,10 @@ from lungcls.data import (
     FewShotPatchDataModule,
     NodulePatchDataModule,
     PatchAugmentation,
-    PathologyImageDataModule,
     normalize_hu,
 )
 from lungcls.patches import AIR_HU, PatchCache, PatchSettings, context_for, crop_block, nested_crops
+from lungcls.pathology_data import PathologyImageDataModule
 
 SIZES = {32: 8, 64: 12, 96: 16}
 DEPTH = 8

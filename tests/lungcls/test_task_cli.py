@@ -241,7 +241,7 @@ def test_pathology_fit_test_predict_from_cli(ldfc_tree, tmp_path):
         "init_args": {"model_name": "test_resnet", "num_classes": 3, "img_size": 32, "n_bootstrap": 10},
     }
     data = {
-        "class_path": "lungcls.data.PathologyImageDataModule",
+        "class_path": "lungcls.pathology_data.PathologyImageDataModule",
         "init_args": {
             "dataset": "ldfc",
             "root": str(ldfc_tree),

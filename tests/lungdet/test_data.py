@@ -11,6 +11,7 @@ from scipy import ndimage
 
 from common.datasets.luna16 import LUNA16Dataset
 from common.preprocess import CLAF_WINDOW
+from lungdet.candidates import candidate_table
 from lungdet.data import (
     CandidateCropDataset,
     CandidateDataModule,
@@ -18,12 +19,9 @@ from lungdet.data import (
     FPRCropDataset,
     FPRDataModule,
     ScanDataset,
-    ScanReader,
-    candidate_table,
-    dilate_mask,
-    fill_value,
 )
 from lungdet.models import coordinate_maps, crop_candidates
+from lungdet.scan_reader import ScanReader, dilate_mask, fill_value
 
 
 @pytest.fixture(scope="module")

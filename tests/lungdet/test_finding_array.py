@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lungdet.data import finding_array, label_candidates
+from lungdet.candidates import label_candidates
+from lungdet.scan_reader import finding_array
 
 ENTRY = {
     "nodules": [

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.metrics.froc_io import evaluate_froc_files, read_results
-from lungdet.data import ScanReader, fill_value
+from common.metrics.froc_io import evaluate_froc_files, read_results, write_results_csv
 from lungdet.inference import (
     MIRRORINGS,
     Stage1Inference,
@@ -21,9 +20,9 @@ from lungdet.inference import (
     fuse_scores,
     score_candidates,
     stitched_prediction,
-    write_results_csv,
 )
 from lungdet.models import build_candidate_net, build_mppn, coordinate_maps, crop_candidates
+from lungdet.scan_reader import ScanReader, fill_value
 from lungdet.task import CandidateTask
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from common.complexity import count_flops, count_parameters
 from lungdet.models import (
     CANDIDATE_VARIANTS,
     MPPN,
@@ -21,14 +22,12 @@ from lungdet.models import (
     build_mppn,
     centre_crop,
     coordinate_maps,
-    count_flops,
-    count_parameters,
     crop_candidates,
     list_models,
     resample_centre,
 )
 
-PAPER_STAGE1_PARAMS = 1.77e6  # papers/001, "Our first-stage detector contains 1.77 M parameters"
+PAPER_STAGE1_PARAMS = 1.77e6  # CLAF (Wang et al. 2025), "Our first-stage detector contains 1.77 M parameters"
 
 
 def small_inputs(batch: int = 1, side: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +149,7 @@ def test_blocks_keep_shape_and_attend():
 
 
 def test_mppn_has_more_parameters_than_stage_one():
-    # papers/001 Table 1 text: the FP-reduction network "has more parameters" than the 1.77 M detector
+    # CLAF (Wang et al. 2025) Table 1 text: the FP-reduction network "has more parameters" than the 1.77 M detector
     assert count_parameters(build_mppn()) > PAPER_STAGE1_PARAMS
 
 
@@ -252,19 +251,23 @@ def test_crop_candidates_centres_and_pads():
 # -------------------------------------------------------------------------------- flops and registry
 
 
+def _flops(net: nn.Module, shape: tuple[int, ...], meta: bool = True):
+    return count_flops(net, *net.example_inputs(shape), meta=meta)
+
+
 def test_count_flops_hand_case_and_meta_equals_real():
     conv = nn.Conv3d(1, 2, 3, padding=1, bias=False)
-    assert count_flops(conv, (1, 1, 4, 4, 4)) == 2 * 64 * 27 * 2
+    assert count_flops(conv, torch.zeros(1, 1, 4, 4, 4), meta=True).total == 2 * 64 * 27 * 2
     net = build_candidate_net("ascrm", width=4)
-    real = count_flops(net, (1, 1, 32, 32, 32), device="cpu")
-    assert real == count_flops(net, (1, 1, 32, 32, 32)) > 0
-    total, parts = count_flops(net, (1, 1, 32, 32, 32), by_module=True)
-    assert sum(parts.values()) == total and {"stem", "encoder", "head"} <= set(parts)
+    real = _flops(net, (1, 1, 32, 32, 32), meta=False)
+    assert real.total == _flops(net, (1, 1, 32, 32, 32)).total > 0
+    parts = real.top_level()
+    assert sum(parts.values()) == real.total and {"stem", "encoder", "head"} <= set(parts)
     # convolutions scale with the voxel count: 128³ costs 8× a 64³ block
-    full = count_flops(build_candidate_net(), (1, 1, 128, 128, 128))
-    half = count_flops(build_candidate_net(), (1, 1, 64, 64, 64))
+    full = _flops(build_candidate_net(), (1, 1, 128, 128, 128)).total
+    half = _flops(build_candidate_net(), (1, 1, 64, 64, 64)).total
     assert full / half == pytest.approx(8.0, rel=0.01)
-    assert count_flops(build_mppn(width=2), (2, 1, 32, 48, 48)) > 0
+    assert _flops(build_mppn(width=2), (2, 1, 32, 48, 48)).total > 0
 
 
 def test_registry():

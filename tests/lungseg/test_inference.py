@@ -15,11 +15,15 @@ import torch
 from torch import nn
 
 from common.io import CTVolume, read_volume
-from common.metrics.froc_io import evaluate_froc_files
+from common.metrics.froc_io import evaluate_froc_files, write_results_csv
 from lungseg.inference import (
+    CSV_LINE_END,
+    RESULT_EXTRA_COLUMNS,
+    RESULT_FORMAT,
     SLICE_FLIPS,
     InferenceConfig,
     SliceDetections,
+    candidate_rows,
     find_peaks,
     merge_detections,
     predict_scan,
@@ -27,7 +31,6 @@ from lungseg.inference import (
     slice_probabilities,
     voxel_to_world,
     write_reference_csvs,
-    write_results_csv,
 )
 from lungseg.losses import gaussian_center_heatmap
 
@@ -168,7 +171,13 @@ def test_outputs_are_scored_by_the_luna16_evaluation(tmp_path) -> None:
     seg, heat = _scan_outputs()
     item = _item()
     unfiltered = predict_scan(ReplayModel(seg, heat), item, InferenceConfig(), filter_by_mask=False)
-    results = write_results_csv([(item["uid"], unfiltered.candidates)], tmp_path / "results.csv")
+    results = write_results_csv(
+        candidate_rows([(item["uid"], unfiltered.candidates)]),
+        tmp_path / "results.csv",
+        extra_columns=RESULT_EXTRA_COLUMNS,
+        float_format=RESULT_FORMAT,
+        lineterminator=CSV_LINE_END,
+    )
     refs = write_reference_csvs([item], tmp_path / "reference")
     assert results.read_text().splitlines()[0] == "seriesuid,coordX,coordY,coordZ,probability,diameter_mm"
     result = evaluate_froc_files(

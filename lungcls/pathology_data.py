@@ -1,0 +1,223 @@
+"""Datamodule of the 2D pathology image folders (cancer type, pathology class).
+
+`PathologyImageDataModule` — the 2D cancer-type / pathology image folders of LDFC (Sci. Data 2024) (LDFC, 3 classes,
+``BMP_classification/{train,test}``) and STPD (Jian et al., preprint 2024) (spatio-temporal, 6 classes,
+``class_dataset/{train,validate}``): grey BMPs → [0, 1] → `in_chans` channels at `img_size`, flips and
+rotation for training (LDFC's (Sci. Data 2024) augmentation). The validation part is a patient-level share of the
+training folder (patients from the file names); the published held-out folder is the test part.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from common.datasets.image_folders import ImageFolderIndex, ImageSample
+from common.datasets.registry import open_dataset
+from common.lightning.datamodule import PartLoaderDataModule
+from common.splits import SplitItem, ratio_split
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PathologyImageDataModule", "PathologyImageDataset"]
+
+
+class PathologyImageDataset(Dataset):
+    """2D class-folder images → `(in_chans, img_size, img_size)` float tensors in [0, 1] (or normalised).
+
+    Args:
+        samples: the images with their labels.
+        img_size: output size (square).
+        in_chans: output channels (a grey image is repeated; 3 for ImageNet-shaped models).
+        augment: flips and rotation (LDFC (Sci. Data 2024): horizontal, vertical flips and rotation).
+        mean / std: per-channel normalisation after scaling to [0, 1].
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[ImageSample],
+        img_size: int = 224,
+        in_chans: int = 3,
+        augment: bool = False,
+        mean: float = 0.5,
+        std: float = 0.5,
+    ) -> None:
+        self.samples = list(samples)
+        self.img_size = int(img_size)
+        self.in_chans = int(in_chans)
+        self.mean = float(mean)
+        self.std = float(std)
+        steps = [A.Resize(self.img_size, self.img_size)]
+        if augment:
+            steps += [
+                A.HorizontalFlip(p=0.5),
+                A.VerticalFlip(p=0.5),
+                A.Affine(rotate=(-180, 180), border_mode=0, fill=0, p=0.5),
+            ]
+        self.transform = A.Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def image(self, index: int) -> np.ndarray:
+        """The image as float32 in [0, 1], grey `(H, W)` (colour images are averaged to grey)."""
+        path = self.samples[index].path
+        try:
+            with Image.open(path) as img:
+                pixels = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+        except OSError as err:
+            raise ValueError(f"{path}: cannot read the image ({err}); replace or remove the file") from err
+        return pixels
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        self.transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+        pixels = self.transform(image=self.image(index))["image"]
+        tensor = (torch.from_numpy(np.ascontiguousarray(pixels)) - self.mean) / self.std
+        return {
+            "image": tensor.unsqueeze(0).expand(self.in_chans, -1, -1).contiguous(),
+            "label": torch.tensor(self.samples[index].label, dtype=torch.long),
+            "index": torch.tensor(index, dtype=torch.long),
+        }
+
+
+class PathologyImageDataModule(PartLoaderDataModule):
+    """The LDFC / spatio-temporal classification image folders (module docstring).
+
+    Args:
+        dataset: "ldfc" (3 classes) or "spatiotemporal" (6 classes), or any adapter with a
+            `classification()` index.
+        root: dataset root (None: LDFC_ROOT / STPD_ROOT).
+        train_part: the training folder ("train").
+        test_part: the held-out folder (LDFC "test", spatio-temporal "validate"); None picks the
+            adapter's non-training part.
+        val_fraction: patient-level share of the training folder used for validation; 0 validates on
+            the test part (the papers have no separate validation set).
+        predict_root: a folder of images to predict (recursively; any label); None predicts the test part.
+        img_size: network input size.
+        in_chans: input channels.
+        augment: flips and rotation on the training part.
+        seed: validation-split seed.
+        batch_size / eval_batch_size / num_workers: loaders.
+        lenient: an empty class folder is a warning, not an error.
+        dataset_kwargs: extra adapter arguments.
+    """
+
+    drop_last_train = True  # a last training batch of one sample breaks BatchNorm
+
+    def __init__(
+        self,
+        dataset: str = "ldfc",
+        root: str | None = None,
+        train_part: str = "train",
+        test_part: str | None = None,
+        val_fraction: float = 0.15,
+        predict_root: str | None = None,
+        img_size: int = 224,
+        in_chans: int = 3,
+        augment: bool = True,
+        seed: int = 0,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        lenient: bool = False,
+        dataset_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.dataset_name = dataset
+        self.root = root
+        self.train_part = train_part
+        self.test_part = test_part
+        self.val_fraction = float(val_fraction)
+        self.predict_root = predict_root
+        self.img_size = img_size
+        self.in_chans = in_chans
+        self.augment = augment
+        self.seed = seed
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.lenient = lenient
+        self.dataset_kwargs = dict(dataset_kwargs or {})
+        self.samples: dict[str, list[ImageSample]] = {}
+        self.datasets: dict[str, PathologyImageDataset] = {}
+        self.class_names: list[str] = []
+
+    def index(self) -> ImageFolderIndex:
+        """The adapter's classification image index."""
+        adapter = open_dataset(self.dataset_name, self.root, strict=not self.lenient, **self.dataset_kwargs)
+        if not hasattr(adapter, "classification"):
+            raise ValueError(f"dataset {self.dataset_name!r} has no classification image folders")
+        return adapter.classification()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def _val_split(self, train: list[ImageSample]) -> tuple[list[ImageSample], list[ImageSample]]:
+        items = [SplitItem(str(s.path), s.patient_id or f"image:{s.path.name}", s.label) for s in train]
+        split = ratio_split(
+            items, {"train": 1.0 - self.val_fraction, "val": self.val_fraction}, seed=self.seed, stratify=True
+        )
+        val = set(split.uids("val"))
+        return [s for s in train if str(s.path) not in val], [s for s in train if str(s.path) in val]
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.samples:
+            index = self.index()
+            self.class_names = [index.class_descriptions.get(c, c) for c in index.classes]
+            if self.train_part not in index.parts:
+                raise ValueError(f"{index.root} has no {self.train_part!r} folder; parts are {index.parts}")
+            test_part = self.test_part or next((p for p in index.parts if p != self.train_part), None)
+            if test_part is None or test_part not in index.parts:
+                raise ValueError(
+                    f"{index.root} has no held-out folder {test_part!r}; parts are {index.parts}"
+                )
+            train = index.part(self.train_part)
+            test = index.part(test_part)
+            if self.val_fraction > 0:
+                train, val = self._val_split(train)
+            else:
+                val = test
+            self.samples = {"train": train, "val": val, "test": test}
+            if self.predict_root:
+                root = Path(self.predict_root)
+                files = sorted(
+                    p for p in root.rglob("*") if p.suffix.lower() in (".bmp", ".png", ".jpg", ".jpeg")
+                )
+                if not files:
+                    raise FileNotFoundError(f"no images (.bmp, .png, .jpg) under predict_root {root}")
+                self.samples["predict"] = [ImageSample(p, 0, "", "predict") for p in files]
+            else:
+                self.samples["predict"] = test
+            log.info("pathology images: %s", {k: len(v) for k, v in self.samples.items()})
+        self.setup_parts(stage, self._dataset_for)
+
+    def _dataset_for(self, part: str) -> PathologyImageDataset:
+        if not self.samples[part]:
+            raise ValueError(f"the {part} part of {self.dataset_name} has no images")
+        return PathologyImageDataset(
+            self.samples[part], self.img_size, self.in_chans, augment=self.augment and part == "train"
+        )
+
+    def table(self, part: str) -> pd.DataFrame:
+        """Images of a part: file, label, class folder, patient id."""
+        return pd.DataFrame(
+            {
+                "file": [str(s.path) for s in self.samples[part]],
+                "label": [s.label for s in self.samples[part]],
+                "class_folder": [s.class_name for s in self.samples[part]],
+                "patient_id": [s.patient_id or "" for s in self.samples[part]],
+            }
+        )
