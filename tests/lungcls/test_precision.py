@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lungcls.data import PathologyImageDataModule
+from lungcls.pathology_data import PathologyImageDataModule
 from lungcls.task import M3NetTask, PathologyTask
 from tests.lungcls.test_data import DEPTH, small_datamodule
 from tests.precision_check import fit_steps
