@@ -12,7 +12,7 @@ export PYTHONUTF8 := 1
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo reproduce-table3 learning-report test test-slow lint format bench clean-venv
+.PHONY: help install demo reproduce-table3 learning-report test test-slow lint format bench bench-gpu clean-venv
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ format: $(STAMP) ## apply ruff fixes and formatting
 
 bench: $(STAMP) ## run every benchmark; prints ratios and writes bench/results.md
 	$(PY) -m bench.run
+
+bench-gpu: $(STAMP) ## on a CUDA machine: inference + training fp32 vs bf16 -> bench/results_gpu.md (~8 min)
+	PYTHON=$(PY) bash bench/gpu.sh
 
 clean-venv: ## remove the virtual environment
 	rm -rf $(VENV)

@@ -24,6 +24,8 @@ BENCHMARKS = (
     "bench.lungdet_bench",
     "bench.followup_bench",
     "bench.analyze_bench",
+    "bench.prepare_bench",
+    "bench.train_bench",
 )
 
 
@@ -31,6 +33,17 @@ def _format_value(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Benchmark results",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}; "
-        f"run {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+        f"Machine: {platform.machine()}, {cpu_model()}, {os.cpu_count()} CPU cores, Python "
+        f"{platform.python_version()}; run {time.strftime('%Y-%m-%d %H:%M:%S')}; load average at the start "
+        f"{os.getloadavg()[0]:.1f} (above the core count, other jobs shared the cores: compare ratios only).",
         "",
     ]
     failed = 0

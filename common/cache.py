@@ -29,11 +29,19 @@ it in `predict-<hash of that folder>` (`predict_cache_dir`).
 A scan that cannot be read raises an error naming the file (strict mode) after the scans before it are
 safely recorded; lenient mode logs it and moves on. Only one build may write a cache at a time (a lock file
 holds the builder's pid; a lock left by a killed build — its pid gone or a zombie — is taken over).
+
+At scale, `build(..., shard=(i, n))` builds only every n-th scan (by sorted uid) so that n processes — a
+SLURM array, several machines — fill one shared cache: each scan belongs to exactly one shard, whose lock
+is `.lock-shard-<i>-of-<n>`, and every manifest update (sharded or not) is a read-modify-write of
+`manifest.json` under an advisory `flock` of `manifest.lock`, so concurrent shards merge their entries
+instead of overwriting each other's. The manifest holds no timings or host names: the cache a set of
+shards writes is byte-identical to the one a single process writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -68,7 +76,9 @@ __all__ = [
     "path_digest",
     "predict_cache_dir",
     "prepare_cache",
+    "parse_shard",
     "prepare_volume",
+    "shard_records",
 ]
 
 #: where caches live when no folder is named (relative to the working directory)
@@ -102,6 +112,7 @@ def predict_cache_dir(cache_dir: str | Path | None, predict_root: str | Path) ->
 ALGORITHM_VERSION = 2
 """Bump when resampling, clipping or lung masking change in a way that changes cached arrays."""
 MANIFEST_NAME = "manifest.json"
+MANIFEST_LOCK = "manifest.lock"
 IMAGE_DIR = "images"
 MASK_DIR = "lung_masks"
 FORMAT = "lungcad-preprocessed-cache"
@@ -306,6 +317,13 @@ def _check_uid(uid: str) -> None:
         raise ValueError(f"scan uid {uid!r} cannot name a cache file; uids must be plain names")
 
 
+SCAN_BLAS_THREADS = 1
+"""BLAS threads of one scan's resampling. Fixed, because float32 matrix products round differently with
+another thread count (±1 HU on a few hundred voxels of a scan): with it fixed, a scan's bytes do not depend
+on `workers`, shards or the machine's core count, and `prepare_volume` (`lungcad analyze`) gives the very
+bytes the cache holds. Parallelism comes from `workers` (one scan per process)."""
+
+
 def clipped_hu(volume: ct_io.CTVolume) -> ct_io.CTVolume:
     """The scan as int16 HU with scanner padding mapped to air (``preprocess.clip_hu``): the cache's input."""
     hu = preprocess.clip_hu(volume.array)
@@ -316,7 +334,12 @@ def clipped_hu(volume: ct_io.CTVolume) -> ct_io.CTVolume:
 
 def resample_hu(volume: ct_io.CTVolume, settings: PrepareSettings) -> ct_io.CTVolume:
     """A `clipped_hu` scan on the cache grid: the array a cache entry's ``image`` file holds."""
-    resampled = preprocess.resample_isotropic(volume, settings.spacing, order=settings.order, dtype=np.int16)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=SCAN_BLAS_THREADS):
+        resampled = preprocess.resample_isotropic(
+            volume, settings.spacing, order=settings.order, dtype=np.int16
+        )
     # The cubic B-spline overshoots at sharp edges (air/FOV border, bone): clip again to the HU range.
     return resampled.with_array(preprocess.clip_hu(resampled.array))
 
@@ -396,15 +419,9 @@ def preprocess_scan(
     entry["header_sha256"] = fingerprint["header_sha256"]
     entry["settings"] = settings.to_dict()
     entry["settings_sha256"] = fingerprint["settings_sha256"]
-    entry["seconds"] = round(time.perf_counter() - started, 3)
+    # Timing is logged, not stored: the manifest must not depend on which process built the scan or how fast.
+    log.debug("%s preprocessed in %.1f s", record.uid, time.perf_counter() - started)
     return entry
-
-
-def _worker_init(threads: int) -> None:
-    """Give each worker process its share of the cores for BLAS (the resampling matrix products)."""
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=threads)
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -490,8 +507,8 @@ class PreprocessedCache:
     # ------------------------------------------------------------------------------------------ build
 
     @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        lock = self.root / ".lock"
+    def _lock(self, name: str = ".lock") -> Iterator[None]:
+        lock = self.root / name
         for _ in range(2):
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -515,10 +532,39 @@ class PreprocessedCache:
         finally:
             lock.unlink(missing_ok=True)
 
-    def _remove_stale_temporaries(self) -> None:
-        for folder in (self.root, self.root / IMAGE_DIR, self.root / MASK_DIR):
-            for tmp in folder.glob(f".*{atomic.TMP_MARKER}*"):
-                tmp.unlink(missing_ok=True)
+    def _remove_stale_temporaries(self, uids: Iterable[str] | None = None) -> None:
+        """Delete temporary files of killed writers: all of them, or (a shard) only those of `uids`."""
+        if uids is None:
+            patterns = [f".*{atomic.TMP_MARKER}*"]
+            folders = (self.root, self.root / IMAGE_DIR, self.root / MASK_DIR)
+        else:  # other shards may be writing their own scans right now
+            patterns = [f".{uid}.npy.*{atomic.TMP_MARKER}*" for uid in uids]
+            folders = (self.root / IMAGE_DIR, self.root / MASK_DIR)
+        for folder in folders:
+            for pattern in patterns:
+                for tmp in folder.glob(pattern):
+                    tmp.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _manifest_lock(self) -> Iterator[None]:
+        """Exclusive advisory lock around a read-modify-write of the manifest (between shards and machines).
+
+        `flock` is released by the kernel when its holder dies, so a killed shard never leaves it stale; on
+        NFS (v4, or v3 with lockd), Lustre (mounted with `flock`) and GPFS it holds across machines.
+        """
+        with open(self.root / MANIFEST_LOCK, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _merge_into_manifest(self, entries: dict[str, dict[str, Any]]) -> None:
+        """Add or replace `entries` in the manifest on disk, keeping every other builder's entries."""
+        with self._manifest_lock():
+            manifest = self._read_manifest()
+            manifest["scans"].update(entries)
+            atomic.write_json(self.manifest_path, manifest, fsync=True)
 
     def _files_intact(self, entry: dict[str, Any]) -> bool:
         for key in ("image", "lung_mask"):
@@ -540,6 +586,7 @@ class PreprocessedCache:
         read_fn: ReadFn | None = None,
         workers: int = 1,
         strict: bool = True,
+        shard: tuple[int, int] | None = None,
     ) -> BuildReport:
         """Preprocess every record not already cached with the same inputs and settings.
 
@@ -547,8 +594,10 @@ class PreprocessedCache:
             records: the scans (e.g. `LUNA16Dataset(root).records`).
             settings: preprocessing settings; default 1 mm cubic B-spline with provided-or-computed masks.
             read_fn: volume reader `(path, series_uid=...) -> CTVolume`; default `common.io.read_volume`.
-            workers: scans processed in parallel (processes); each gets cores / workers BLAS threads.
+            workers: scans processed in parallel (processes), one BLAS thread each (`SCAN_BLAS_THREADS`).
             strict: a bad scan stops the build with its error (default); lenient logs it and continues.
+            shard: (i, n): build only shard i of n (`shard_records`); n such builds, in any order or at the
+                same time, on one machine or several sharing the folder, give the cache one build gives.
 
         Returns:
             What was built, skipped and (lenient) failed. The manifest on disk already holds every success.
@@ -563,16 +612,18 @@ class PreprocessedCache:
             )
         for uid in uids:
             _check_uid(uid)
+        if shard is not None:
+            records = shard_records(records, *shard)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / IMAGE_DIR).mkdir(exist_ok=True)
         (self.root / MASK_DIR).mkdir(exist_ok=True)
         report = BuildReport()
-        with self._lock():
-            self._remove_stale_temporaries()
-            manifest = self._read_manifest()
-            scans = manifest["scans"]
+        lock_name = ".lock" if shard is None else f".lock-shard-{shard[0]}-of-{shard[1]}"
+        with self._lock(lock_name):
+            self._remove_stale_temporaries(None if shard is None else [r.uid for r in records])
+            scans = self._read_manifest()["scans"]
             todo: list[tuple[ScanRecord, dict[str, Any]]] = []
-            changed = False
+            changed: dict[str, dict[str, Any]] = {}
             for record in records:
                 fingerprint = input_fingerprint(record, settings)
                 entry = scans.get(record.uid)
@@ -584,24 +635,22 @@ class PreprocessedCache:
                     refreshed = _annotations(record, entry, strict)
                     refreshed["patient_id"], refreshed["fold"] = record.patient_id, record.fold
                     if any(entry.get(k) != v for k, v in refreshed.items()):
-                        entry.update(refreshed)
-                        changed = True
+                        changed[record.uid] = {**entry, **refreshed}
                     report.skipped.append(record.uid)
                 else:
                     todo.append((record, fingerprint))
             if changed:
-                atomic.write_json(self.manifest_path, manifest, fsync=True)
+                self._merge_into_manifest(changed)
             if report.skipped:
                 log.info("%d scan(s) already cached with the same inputs and settings", len(report.skipped))
 
             def done(entry: dict[str, Any]) -> None:
-                scans[entry["uid"]] = entry
-                atomic.write_json(self.manifest_path, manifest, fsync=True)
+                self._merge_into_manifest({entry["uid"]: entry})
                 report.built.append(entry["uid"])
                 log.info(
-                    "[%d/%d] %s: %s -> %s in %.1f s",
+                    "[%d/%d] %s: %s -> %s",
                     len(report.built) + len(report.failed), len(todo), entry["uid"],
-                    "x".join(map(str, entry["original_shape"])), "x".join(map(str, entry["shape"])), entry["seconds"],
+                    "x".join(map(str, entry["original_shape"])), "x".join(map(str, entry["shape"])),
                 )  # fmt: skip
 
             def failed(record: ScanRecord, err: Exception) -> None:
@@ -625,8 +674,7 @@ class PreprocessedCache:
         return report
 
     def _build_parallel(self, todo, settings, read_fn, workers, strict, done, failed) -> None:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
             pending = {
                 pool.submit(
                     preprocess_scan, record, settings, self.root, fingerprint, read_fn, strict
@@ -668,6 +716,29 @@ def _alive(pid: int) -> bool:
         return True  # no /proc (macOS): trust os.kill
     state = stat.rsplit(")", 1)[-1].split()[:1]
     return state not in (["Z"], ["X"], ["x"])
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """ "I/N" (0 ≤ I < N) as (I, N); the form `--shard` takes, e.g. `$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {text!r}: give I/N with 0 <= I < N, e.g. --shard 0/4 (SLURM: array 0-3)")
+    return index, count
+
+
+def shard_records(records: Iterable[ScanRecord], index: int, count: int) -> list[ScanRecord]:
+    """Shard `index` of `count`: every `count`-th record in sorted-uid order, starting at `index`.
+
+    Sorting makes the split independent of the order the dataset lists its scans in, so every shard —
+    on any machine — agrees on who owns which scan; neighbours in uid order go to different shards.
+    """
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: the index must lie in [0, {count})")
+    ordered = sorted(records, key=lambda r: r.uid)
+    return ordered[index::count]
 
 
 def prepare_cache(

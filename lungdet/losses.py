@@ -175,6 +175,9 @@ class DetectionLoss(nn.Module):
                 f"DetectionLoss shapes disagree: prediction {tuple(prediction.shape)} (…, 5), labels "
                 f"{tuple(labels.shape)}, deltas {tuple(deltas.shape)} (…, 4)"
             )
+        # Under bf16-mixed the network hands over bf16; the focal sums over ~10⁵ anchors and the regression
+        # targets would lose digits in bf16, so the loss runs in fp32 (exact upcast, no cost worth noting).
+        prediction = prediction.float()
         batch = prediction.shape[0]
         logits = prediction[..., 0].reshape(-1)
         flat_labels = labels.reshape(-1)

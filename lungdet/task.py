@@ -519,6 +519,7 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
         _reseed_for_batch(self.current_epoch, batch_idx)
 
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        logits = logits.float()  # bf16-mixed: the loss in fp32
         if logits.ndim == 3:  # (B, K, C) of an ensemble: the mean of the members' losses
             k = logits.shape[1]
             return self._loss(logits.flatten(0, 1), labels.repeat_interleave(k))

@@ -189,6 +189,12 @@ class GlanceLoss(nn.Module):
         """Compute the total loss and its logged terms (see class docstring)."""
         terms: dict[str, torch.Tensor] = {}
         total: torch.Tensor | None = None
+        # Under bf16-mixed the heads hand over bf16; Dice and focal sums over whole slices (and the Gaussian
+        # targets, cast to the prediction's dtype) lose digits in bf16, so the loss runs in fp32.
+        outputs = {
+            key: (value.float() if torch.is_tensor(value) else [a.float() for a in value] if value else value)
+            for key, value in outputs.items()
+        }
 
         def add(value: torch.Tensor) -> None:
             nonlocal total

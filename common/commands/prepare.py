@@ -1,4 +1,5 @@
-"""`lungdata prepare <dataset> [--root R] [--out O] [--spacing 1] [--lenient] [--workers N] [--dicom-tolerance MM]`.
+"""`lungdata prepare <dataset> [--root R] [--out O] [--spacing 1] [--lenient] [--workers N] [--shard I/N]
+[--dicom-tolerance MM]`.
 
 Builds the preprocessed cache (`common.cache`): every scan of the dataset resampled to `--spacing` mm with
 a cubic B-spline, clipped to [−1024, 3071] HU and stored as int16 with its lung mask, plus `manifest.json`.
@@ -9,6 +10,11 @@ Without `--out` the cache goes where every datamodule looks for it when its `cac
 (`common.cache.default_cache_dir`: `cache/<dataset>-<hash of the root>` under the working directory), so
 `lungdata prepare luna16` followed by `lungdet fit --config configs/claf_luna16.yaml` in the same folder
 reuses it. With `--out`, give the datamodule the same folder (`--data.init_args.cache_dir`).
+
+`--workers N` prepares N scans at a time in processes on this machine; `--shard I/N` prepares only shard I
+of N (every N-th scan by uid), so N jobs — a SLURM array, several machines sharing the cache folder — fill
+one cache together, each scan written by exactly one of them (docs/scale.md). Both give the same bytes as
+one plain run.
 
 Datasets come from `common.datasets.registry.DATASETS`: name → "module:Class" of a `ScanDataset` whose
 constructor takes `(root, strict=...)`; its root defaults to the class's `env_var` environment variable.
@@ -22,7 +28,7 @@ import logging
 import sys
 from pathlib import Path
 
-from common.cache import PrepareSettings, PreprocessedCache, default_cache_dir
+from common.cache import PrepareSettings, PreprocessedCache, default_cache_dir, parse_shard
 from common.datasets.registry import DATASETS, open_dataset, resolve_root
 from common.io import DICOM_POSITION_TOLERANCE_MM, read_volume
 
@@ -68,7 +74,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="ROLE=NAME",
         help="annotation column names where your copy differs, e.g. --columns x=coordX_mm diameter=d",
     )
-    parser.add_argument("--workers", type=int, default=1, help="scans processed in parallel")
+    parser.add_argument("--workers", type=int, default=1, help="scans processed in parallel (processes)")
+    parser.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="prepare only shard I of N (0-based) of the scans, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT",
+    )
     parser.add_argument(
         "--dicom-tolerance",
         type=float,
@@ -86,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     if len(args.spacing) not in (1, 3):
         raise ValueError(f"--spacing takes one value or three (x y z), got {args.spacing}")
     spacing = tuple(args.spacing * 3) if len(args.spacing) == 1 else tuple(args.spacing)
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: give at least 1")
+    shard = parse_shard(args.shard) if args.shard else None
     settings = PrepareSettings(spacing=spacing, order=args.order, lung_mask=args.lung_mask)
     strict = not args.lenient
     kwargs = {}
@@ -109,8 +123,12 @@ def run(args: argparse.Namespace) -> int:
     if args.dicom_tolerance is not None:
         read_fn = functools.partial(read_volume, dicom_tolerance_mm=args.dicom_tolerance)
     cache = PreprocessedCache(args.out or default_cache_dir(args.dataset, root))
-    report = cache.build(records, settings, read_fn=read_fn, workers=args.workers, strict=strict)
-    print(f"lungdata prepare {args.dataset}: {report.summary()}; manifest {cache.manifest_path}")
+    report = cache.build(records, settings, read_fn=read_fn, workers=args.workers, strict=strict, shard=shard)
+    where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
+    print(f"lungdata prepare {args.dataset}{where}: {report.summary()}; manifest {cache.manifest_path}")
+    if shard:
+        cached = len(set(cache.uids) & {r.uid for r in records})
+        print(f"  {cached} of {len(records)} scans of the dataset are in the cache so far")
     for uid, reason in report.failed.items():
         print(f"  failed {uid}: {reason}")
     return 0
