@@ -591,6 +591,14 @@ def write_bundle(
         tmp.replace(out / file_name)
         files[file_name] = sha256_file(out / file_name)
         entries[kind] = _model_entry(kind, source, ckpt, file_name, files[file_name])
+    # The two-stage system is what `lungdet test` of the MPPN run scores: its stage1_inference overrides (e.g.
+    # max_candidates 32) apply to the chained stage-1 model, so the bundle keeps them too (no drift).
+    stage1_overrides = resolved["mppn"].model_args.get("stage1_inference") or {}
+    if stage1_overrides:
+        from lungdet.inference import Stage1Inference
+
+        Stage1Inference().updated(stage1_overrides)  # unknown names refused with the run's own message
+        entries["stage1"]["runtime"].update(_jsonable(dict(stage1_overrides)))
     if entries["stage1"]["preprocessing"]["cache"] != entries["mppn"]["preprocessing"]["cache"] or any(
         entries["stage1"]["preprocessing"][k] != entries["mppn"]["preprocessing"][k]
         for k in ("window_hu", "mask_outside_lung", "outside_hu", "lung_margin")

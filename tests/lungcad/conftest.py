@@ -141,7 +141,14 @@ def build_tiny_bundle(tmp: Path) -> dict[str, Path]:
 
     candidates = _candidates_csv(cache, tmp / "candidates.csv")
     mppn = {
-        "model": {"init_args": {"width": 2, "chunk_size": 16, "stage1_weight": 0.5}},
+        "model": {
+            "init_args": {
+                "width": 2,
+                "chunk_size": 16,
+                "stage1_weight": 0.5,
+                "stage1_inference": {"max_candidates": 40},
+            }
+        },
         "data": {
             "init_args": {
                 **data,
