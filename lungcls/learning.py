@@ -10,17 +10,21 @@ Scored: ROC-AUC (and accuracy) of M³Net and of each single scale on the held-ou
 patients, and the paired differences M³Net − each scale; "best single scale" is the scale with the highest
 held-out AUC, the comparison hardest for M³Net. Check: M³Net ROC-AUC lower bound ≥ 0.70.
 
-Pathology (``--model pathology``). Recipe of the former slow check: a timm ``resnet10t`` (no pretrained
-weights) on the synthetic LDFC 3-class folders at the phantoms' 160 × 160 matrix, 30 epochs, AdamW 1e-3;
-160 phantom patients (twice the former 80, so the published-style test folder has about twice the images).
-Scored: QWK and accuracy with intervals over patients. Check: QWK lower bound > 0.
+Pathology (``--model pathology``). A timm ``resnet10t`` (no pretrained weights) on the synthetic LDFC
+3-class folders, each image cut to a 32 × 32 square around its annotated nodule (``crop``; the voxel table
+gives the centre) and resized to 64, flips and rotations, 15 epochs, AdamW 1e-3; 160 phantom patients (128
+train / 32 test, 96 test images). The former recipe fed the whole 160 × 160 slice, where the 4–22 px nodule
+is lost, and scored QWK −0.14 (docs/journal/2026-11-21-session2.md; attempts in
+docs/journal/2026-12-07-pathology.md). Scored: QWK and accuracy with intervals over patients. Check: QWK
+lower bound > 0.
 
 Time (estimate): M³Net training steps of 16 crops cost 0.09 / 0.31 / 0.61 CPU-s at the 32 / 64 / 96 scales
 (measured 2026-12-07, one thread, loaded machine): ≈ 2 CPU-min for stage 1 and ≈ 1–2 for stage 2 on ≈ 175
 training nodules; medium phantoms 2.4 CPU-s each (≈ 6 min for 140) plus the patch cache and the per-batch
 augmentation, which dominate. The former check (both parts) took 29.5 min on 2 cores shared with two other
-training jobs. Estimate ≈ 15–20 min for M³Net and ≈ 5 min for pathology on an idle 2-core machine; not yet
-measured end to end.
+training jobs. Estimate ≈ 15–20 min for M³Net on an idle 2-core machine, not yet measured end to end.
+Pathology: 160 small phantoms 2.4 min, the crop recipe's fit + test 2.4 min (one thread, 2026-12-07, machine
+lightly loaded; resnet10t steps of 16 crops at 64² cost 0.42 CPU-s): ≈ 5 min.
 
 ``python -m lungcls.learning --model m3net|pathology [--out DIR] [--docs docs]``.
 """
@@ -53,9 +57,12 @@ MIN_TEST_NODULES = 150
 
 PATHOLOGY_SCANS = 160
 PATHOLOGY_SEED = 2
-PATHOLOGY_EPOCHS = 30
+PATHOLOGY_EPOCHS = 15
 PATHOLOGY_MODEL = "resnet10t"
-PATHOLOGY_IMG = 160
+#: nodule-centred crop (pixels of the 160 × 160 slice, ≈ 25 mm; the largest nodules are ≈ 22 px) → network size
+PATHOLOGY_CROP = 32
+PATHOLOGY_IMG = 64
+PATHOLOGY_JITTER = 0
 
 
 def _trainer(root: Path, epochs: int):
@@ -268,18 +275,32 @@ def run_m3net(out: str | Path, docs: str | Path | None = "docs", n_bootstrap: in
     return scored
 
 
-def train_pathology(data_root: Path, work: Path, epochs: int = PATHOLOGY_EPOCHS) -> dict[str, Any]:
-    """The timm classifier on the LDFC folders; held-out labels, probabilities and patients."""
+def train_pathology(
+    data_root: Path,
+    work: Path,
+    epochs: int = PATHOLOGY_EPOCHS,
+    crop: int | None = PATHOLOGY_CROP,
+    img_size: int = PATHOLOGY_IMG,
+    jitter: int = PATHOLOGY_JITTER,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The timm classifier on nodule-centred crops of the LDFC folders; held-out labels, probabilities, patients."""
     from lightning.pytorch import seed_everything
 
     from lungcls.pathology_data import PathologyImageDataModule
     from lungcls.task import PathologyTask
 
-    seed_everything(0)
+    seed_everything(seed)
     datamodule = PathologyImageDataModule(
-        dataset="ldfc", root=str(data_root), img_size=PATHOLOGY_IMG, batch_size=16, val_fraction=0.0
+        dataset="ldfc",
+        root=str(data_root),
+        img_size=img_size,
+        crop=crop,
+        crop_jitter=jitter,
+        batch_size=16,
+        val_fraction=0.0,
     )
-    task = PathologyTask(model_name=PATHOLOGY_MODEL, num_classes=3, img_size=PATHOLOGY_IMG, lr=1e-3)
+    task = PathologyTask(model_name=PATHOLOGY_MODEL, num_classes=3, img_size=img_size, lr=1e-3)
     trainer = _trainer(work, epochs)
     trainer.fit(task, datamodule=datamodule)
     datamodule.setup("test")
@@ -339,7 +360,8 @@ def run_pathology(
             recipe={
                 "data": f"{PATHOLOGY_SCANS} synthetic LDFC patients (published-style train/test folders)",
                 "model": f"timm {PATHOLOGY_MODEL}, no pretrained weights",
-                "image_size": PATHOLOGY_IMG,
+                "crop": f"{PATHOLOGY_CROP} × {PATHOLOGY_CROP} px around the annotated nodule centre "
+                f"(jitter {PATHOLOGY_JITTER} px), resized to {PATHOLOGY_IMG}",
                 "epochs": PATHOLOGY_EPOCHS,
                 "optimizer": "AdamW lr 1e-3, batch 16",
                 "bootstrap": f"{n_bootstrap} resamples of patients",

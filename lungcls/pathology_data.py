@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from common.datasets.base import ScanDataset
 from common.datasets.image_folders import ImageFolderIndex, ImageSample
 from common.datasets.registry import open_dataset
 from common.lightning.datamodule import PartLoaderDataModule
@@ -40,6 +41,10 @@ class PathologyImageDataset(Dataset):
         in_chans: output channels (a grey image is repeated; 3 for ImageNet-shaped models).
         augment: flips and rotation (LDFC (Sci. Data 2024): horizontal, vertical flips and rotation).
         mean / std: per-channel normalisation after scaling to [0, 1].
+        centres: in-plane nodule centre (row, column) per sample, None where unknown (image centre).
+        crop: side in pixels of a square crop around the centre, taken before resizing (None: whole image;
+            outside the image counts as black).
+        jitter: training-time random shift of the crop centre, up to this many pixels per axis.
     """
 
     def __init__(
@@ -50,8 +55,16 @@ class PathologyImageDataset(Dataset):
         augment: bool = False,
         mean: float = 0.5,
         std: float = 0.5,
+        centres: Sequence[tuple[float, float] | None] | None = None,
+        crop: int | None = None,
+        jitter: int = 0,
     ) -> None:
         self.samples = list(samples)
+        self.centres = list(centres) if centres is not None else [None] * len(self.samples)
+        if len(self.centres) != len(self.samples):
+            raise ValueError(f"{len(self.centres)} crop centres for {len(self.samples)} images")
+        self.crop = int(crop) if crop else None
+        self.jitter = int(jitter) if augment else 0
         self.img_size = int(img_size)
         self.in_chans = int(in_chans)
         self.mean = float(mean)
@@ -78,9 +91,26 @@ class PathologyImageDataset(Dataset):
             raise ValueError(f"{path}: cannot read the image ({err}); replace or remove the file") from err
         return pixels
 
+    def cropped(self, index: int) -> np.ndarray:
+        """The image, or its `crop` × `crop` square around the sample's centre (shifted by the jitter)."""
+        pixels = self.image(index)
+        if self.crop is None:
+            return pixels
+        h, w = pixels.shape
+        centre = self.centres[index] or ((h - 1) / 2.0, (w - 1) / 2.0)
+        shift = torch.randint(-self.jitter, self.jitter + 1, (2,)).tolist() if self.jitter else (0, 0)
+        top = int(round(centre[0] - (self.crop - 1) / 2.0)) + shift[0]
+        left = int(round(centre[1] - (self.crop - 1) / 2.0)) + shift[1]
+        out = np.zeros((self.crop, self.crop), dtype=np.float32)
+        y0, x0 = max(top, 0), max(left, 0)
+        y1, x1 = min(top + self.crop, h), min(left + self.crop, w)
+        if y1 > y0 and x1 > x0:
+            out[y0 - top : y1 - top, x0 - left : x1 - left] = pixels[y0:y1, x0:x1]
+        return out
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         self.transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-        pixels = self.transform(image=self.image(index))["image"]
+        pixels = self.transform(image=self.cropped(index))["image"]
         tensor = (torch.from_numpy(np.ascontiguousarray(pixels)) - self.mean) / self.std
         return {
             "image": tensor.unsqueeze(0).expand(self.in_chans, -1, -1).contiguous(),
@@ -105,6 +135,9 @@ class PathologyImageDataModule(PartLoaderDataModule):
         img_size: network input size.
         in_chans: input channels.
         augment: flips and rotation on the training part.
+        crop: side in pixels of a nodule-centred square crop taken before resizing (None: the whole image);
+            the centres come from the adapter's `image_centres` (LDFC: its voxel annotation table).
+        crop_jitter: training-time random shift of the crop centre, pixels per axis.
         seed: validation-split seed.
         batch_size / eval_batch_size / num_workers: loaders.
         lenient: an empty class folder is a warning, not an error.
@@ -124,6 +157,8 @@ class PathologyImageDataModule(PartLoaderDataModule):
         img_size: int = 224,
         in_chans: int = 3,
         augment: bool = True,
+        crop: int | None = None,
+        crop_jitter: int = 0,
         seed: int = 0,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -144,6 +179,8 @@ class PathologyImageDataModule(PartLoaderDataModule):
         self.img_size = img_size
         self.in_chans = in_chans
         self.augment = augment
+        self.crop = crop
+        self.crop_jitter = crop_jitter
         self.seed = seed
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -153,13 +190,32 @@ class PathologyImageDataModule(PartLoaderDataModule):
         self.samples: dict[str, list[ImageSample]] = {}
         self.datasets: dict[str, PathologyImageDataset] = {}
         self.class_names: list[str] = []
+        self.centres: dict[Path, tuple[float, float] | None] = {}
+
+    def adapter(self) -> ScanDataset:
+        return open_dataset(self.dataset_name, self.root, strict=not self.lenient, **self.dataset_kwargs)
 
     def index(self) -> ImageFolderIndex:
         """The adapter's classification image index."""
-        adapter = open_dataset(self.dataset_name, self.root, strict=not self.lenient, **self.dataset_kwargs)
+        adapter = self.adapter()
         if not hasattr(adapter, "classification"):
             raise ValueError(f"dataset {self.dataset_name!r} has no classification image folders")
         return adapter.classification()
+
+    def _crop_centres(self, samples: Sequence[ImageSample]) -> dict[Path, tuple[float, float] | None]:
+        adapter = self.adapter()
+        if not hasattr(adapter, "image_centres"):
+            raise ValueError(
+                f"dataset {self.dataset_name!r} gives no nodule positions for its images; set crop: null"
+            )
+        paths = [s.path for s in samples]
+        centres = dict(zip(paths, adapter.image_centres(paths)))
+        missing = sum(c is None for c in centres.values())
+        if missing:
+            log.warning(
+                "%d of %d images have no annotated nodule; cropped at the image centre", missing, len(paths)
+            )
+        return centres
 
     @property
     def num_classes(self) -> int:
@@ -201,14 +257,23 @@ class PathologyImageDataModule(PartLoaderDataModule):
                 self.samples["predict"] = [ImageSample(p, 0, "", "predict") for p in files]
             else:
                 self.samples["predict"] = test
+            if self.crop:
+                self.centres = self._crop_centres([s for part in self.samples.values() for s in part])
             log.info("pathology images: %s", {k: len(v) for k, v in self.samples.items()})
         self.setup_parts(stage, self._dataset_for)
 
     def _dataset_for(self, part: str) -> PathologyImageDataset:
         if not self.samples[part]:
             raise ValueError(f"the {part} part of {self.dataset_name} has no images")
+        samples = self.samples[part]
         return PathologyImageDataset(
-            self.samples[part], self.img_size, self.in_chans, augment=self.augment and part == "train"
+            samples,
+            self.img_size,
+            self.in_chans,
+            augment=self.augment and part == "train",
+            centres=[self.centres.get(s.path) for s in samples] if self.crop else None,
+            crop=self.crop,
+            jitter=self.crop_jitter,
         )
 
     def table(self, part: str) -> pd.DataFrame:

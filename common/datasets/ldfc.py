@@ -26,7 +26,8 @@ when a label column exists; :meth:`LDFCDataset.classification` (an :class:`Image
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,8 @@ CLASS_NAMES = {"0": "benign", "1": "adenocarcinoma", "2": "squamous cell carcino
 # File names of the BMP sets carry no documented patient field; images we generate are named
 # "<scan>_<slice>.bmp", and a real copy with the same habit gets patient ids for free.
 DEFAULT_IMAGE_PATIENT_PATTERN = r"^(?P<patient>\d+)_"
+# "<scan>_<slice>[_<k>]": the scan number, the axial slice and (our stand-in) the nodule's row in that scan.
+IMAGE_NAME_PATTERN = re.compile(r"^(?P<scan>[^_]+)_(?P<slice>\d+)(?:_(?P<k>\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -361,6 +364,37 @@ class LDFCDataset(ScanDataset):
             patient_pattern=self.image_patient_pattern,
             strict=self.strict,
         )
+
+    def image_centres(self, paths: Sequence[Path]) -> list[tuple[float, float] | None]:
+        """In-plane nodule centre (row, column pixels) of each classification image, None where unknown.
+
+        Why: the nodule is a few pixels of a whole slice, so a classifier needs a crop around it. The image
+        name ``<scan>_<slice>[_<k>]`` names the scan and slice; the nodule is the voxel-table row ``k`` of
+        that scan when its box holds the slice, else the row whose box holds the slice with the nearest
+        centre. Centres are in the stored voxel frame of the scan, the frame of the BMP slices.
+        """
+        by_uid = {r.uid: r for r in self.records}
+        out: list[tuple[float, float] | None] = []
+        for path in paths:
+            match = IMAGE_NAME_PATTERN.match(Path(path).stem)
+            record = by_uid.get(match["scan"]) if match else None
+            if record is None:
+                out.append(None)
+                continue
+            z = int(match["slice"])
+            rows = [n for n in record.nodules if "bbox_zyx" in n.extras]
+            holding = [n for n in rows if n.extras["bbox_zyx"][0][0] <= z <= n.extras["bbox_zyx"][1][0]]
+            k = int(match["k"]) if match["k"] is not None else None
+            if k is not None and k < len(rows) and rows[k] in holding:
+                chosen = rows[k]
+            elif holding:
+                chosen = min(holding, key=lambda n: abs(n.extras["voxel_zyx"][0] - z))
+            else:
+                out.append(None)
+                continue
+            _, y, x = chosen.extras["voxel_zyx"]
+            out.append((float(y), float(x)))
+        return out
 
     def detection_2d(self, folder: str = "BMP_2D") -> VOCDetectionIndex:
         """The VOC-style 2D detection set (Image/, Annotations/, ImageSets/{train,test}.txt)."""

@@ -238,3 +238,25 @@ def test_pathology_images_patient_level_validation_and_tensors(ldfc_tree, tmp_pa
     pred = PathologyImageDataModule(root=str(ldfc_tree), img_size=32, predict_root=str(folder))
     pred.setup("predict")
     assert len(pred.datasets["predict"]) == 1
+
+
+def test_pathology_crop_is_centred_on_the_annotated_nodule(ldfc_tree):
+    import json
+
+    manifest = json.loads((ldfc_tree / "synth_manifest.json").read_text())
+    centres = {
+        (s["uid"], k): tuple(n["voxel_zyx"][1:])
+        for s in manifest["scans"]
+        for k, n in enumerate(s["nodules"])
+    }
+    dm = PathologyImageDataModule(root=str(ldfc_tree), img_size=16, val_fraction=0.0, crop=8, batch_size=4)
+    dm.setup("fit")
+    for sample in dm.samples["train"] + dm.samples["test"]:
+        scan, _z, k = sample.path.stem.split("_")
+        # the voxel table stores the box centre, within a voxel of the mask centroid the manifest gives
+        assert np.allclose(dm.centres[sample.path], centres[(scan, int(k))], atol=1.5)
+    ds = dm.datasets["train"]
+    crop = ds.cropped(0)
+    y, x = (round(v) for v in dm.centres[ds.samples[0].path])
+    assert crop.shape == (8, 8) and np.array_equal(crop[3:5, 3:5], ds.image(0)[y - 1 : y + 1, x - 1 : x + 1])
+    assert tuple(next(iter(dm.train_dataloader()))["image"].shape) == (4, 3, 16, 16)
