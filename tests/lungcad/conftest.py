@@ -146,7 +146,7 @@ def build_tiny_bundle(tmp: Path) -> dict[str, Path]:
                 "width": 2,
                 "chunk_size": 16,
                 "stage1_weight": 0.5,
-                "stage1_inference": {"max_candidates": 40},
+                "stage1_inference": {"max_candidates": 3},
             }
         },
         "data": {

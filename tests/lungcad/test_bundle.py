@@ -40,7 +40,7 @@ def test_bundle_json_follows_its_schema_and_describes_every_model(tiny_bundle, t
     stage1 = manifest["models"]["stage1"]
     assert stage1["preprocessing"]["window_hu"] == [-1200.0, 600.0] and stage1["runtime"]["block_size"] == 64
     # the MPPN run's stage1_inference overrides travel with the chained stage 1 (what `lungdet test` scores)
-    assert stage1["runtime"]["max_candidates"] == 40
+    assert stage1["runtime"]["max_candidates"] == 3  # the stage-1 run said 4
     assert manifest["models"]["seg"]["preprocessing"]["image_size"] == 64
     assert manifest["models"]["cls"]["preprocessing"]["sizes"] == {"32": 8, "64": 12, "96": 16}
     detection = manifest["detection"]
