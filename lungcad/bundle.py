@@ -76,38 +76,24 @@ MODEL_KINDS: dict[str, str] = {
     "seg": "lungseg.task.GlanceTask",
     "cls": "lungcls.task.M3NetTask",
 }
-#: Run-time (non-hyperparameter) task arguments kept from each run's config, per model.
-RUNTIME_KEYS: dict[str, tuple[str, ...]] = {
-    "stage1": (
-        "block_size",
-        "overlap",
-        "sw_batch_size",
-        "blend_mode",
-        "score_threshold",
-        "nms_iou",
-        "merge_factor",
-        "max_candidates",
-        "pre_nms_top_k",
-    ),
-    "mppn": ("stage1_weight", "chunk_size", "mirror_tta"),
-    "seg": (
-        "peak_threshold",
-        "nms_kernel",
-        "nms_radius_mm",
-        "max_peaks_per_slice",
-        "seg_threshold",
-        "filter_by_mask",
-        "mask_filter_radius",
-        "heatmap_sigma_scale",
-        "merge_distance_mm",
-        "merge_gap",
-        "min_slices",
-        "max_candidates",
-        "slice_batch_size",
-        "flip_tta",
-    ),
-    "cls": (),
-}
+#: Run-time arguments that describe a training run's files or its evaluation, not how a bundle analyses a scan.
+_NOT_FOR_A_BUNDLE = frozenset(
+    {"fp_rate", "results_csv", "stage1_checkpoint", "stage1_inference", "operating_threshold", "with_hd95"}
+    | {"predict_dir", "mask_format", "mask_grid"}
+)
+
+
+def runtime_keys(kind: str) -> tuple[str, ...]:
+    """Run-time (non-hyperparameter) task arguments kept from each run's config: the packages' own lists
+    (`lungdet.task.STAGE1_RUNTIME` / `STAGE2_RUNTIME`, `lungseg.task.RUN_SETTINGS`) minus file and
+    evaluation settings."""
+    from lungdet.task import STAGE1_RUNTIME, STAGE2_RUNTIME
+    from lungseg.task import RUN_SETTINGS
+
+    names = {"stage1": STAGE1_RUNTIME, "mppn": STAGE2_RUNTIME, "seg": RUN_SETTINGS, "cls": ()}[kind]
+    return tuple(k for k in names if k not in _NOT_FOR_A_BUNDLE)
+
+
 #: Hyperparameters that name files of the training run; they mean nothing inside a bundle.
 _DROPPED_HPARAMS = ("stage1_checkpoints", "stage1_checkpoint", "results_csv", "predict_dir")
 FUSION_GRID = tuple(round(0.1 * k, 1) for k in range(11))
@@ -495,7 +481,7 @@ def _model_entry(
     hparams.pop("_instantiator", None)
     hparams.pop("_class_path", None)
     model_args = source.model_args
-    runtime = {k: model_args[k] for k in RUNTIME_KEYS[kind] if k in model_args}
+    runtime = {k: model_args[k] for k in runtime_keys(kind) if k in model_args}
     data_class = source.data_class
     data_args = source.data_args
     if not data_class:  # a bare checkpoint: the datamodule's own saved hyperparameters
