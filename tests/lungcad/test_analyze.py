@@ -568,12 +568,9 @@ def test_find_inputs_tells_a_dicom_folder_from_a_batch(small_volume, tmp_path):
 
 
 @pytest.fixture
-def bundle_dir(request):
-    """The ``tiny_bundle`` fixture of tests/lungcad/conftest.py (the bundle branch) when present."""
-    try:
-        return Path(request.getfixturevalue("tiny_bundle"))
-    except pytest.FixtureLookupError:
-        pytest.skip("tiny_bundle fixture not available yet (lungcad bundle)")
+def bundle_dir(tiny_bundle):
+    """The four tiny models of tests/lungcad/conftest.py, bundled."""
+    return Path(tiny_bundle)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from common.synth.followup import make_followup, read_truth
 from lungcad.cli import main
 from lungcad.followup.report import SCHEMA_PATH
 from lungcad.outputs import SCHEMA_PATH as REPORT_SCHEMA_PATH
+from tests.lungcad.chromium import CHROMIUM, SKIP_REASON, dump_dom
 from tests.lungcad.followup_helpers import write_truth_analysis
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -96,14 +95,9 @@ def test_html_opens_in_chromium(pair, tmp_path):
     out, _ = pair
     page = (out / "followup.html").read_text()
     assert "data:image/png;base64," in page and "http://" not in page and "https://" not in page
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if chromium is None:
-        pytest.skip("no Chromium on this machine")
-    dom = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}", "--dump-dom",
-         (out / "followup.html").as_uri()],
-        capture_output=True, text=True, timeout=120,
-    ).stdout  # fmt: skip
+    if CHROMIUM is None:
+        pytest.skip(SKIP_REASON)
+    dom = dump_dom(out / "followup.html", tmp_path)
     assert 'data-ready="1"' in dom and "Size over time" in dom
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import html
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +20,8 @@ from common.synth.luna16 import scan_volume
 from common.synth.scan import default_bank, generate_scan
 from lungcad import DISCLAIMER
 from lungcad.html_report import MAX_FRAMES, Crop, axial_frames, write_report_html
+from tests.lungcad.chromium import CHROMIUM, SKIP_REASON, dump_dom
 
-CHROMIUM = shutil.which("chromium")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-]
 CATEGORY_3 = {
     "category": "3",
     "descriptor": "Probably benign",
@@ -199,21 +186,6 @@ def test_views_keep_physical_aspect_and_radiological_orientation(geometry):
     assert frames[start].caption == "slice 20, z 50.0 mm (largest extent)"
 
 
-def _run_chromium(page: Path, screenshot: Path, profile: Path) -> str:
-    command = [
-        CHROMIUM,
-        *CHROMIUM_FLAGS,
-        f"--user-data-dir={profile}",
-        "--window-size=1200,1600",
-        f"--screenshot={screenshot}",
-        "--dump-dom",
-        page.as_uri(),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
 # Runs after load, as a user would: reads what rendered, moves the first scroller by its range input and
 # by the keyboard, and leaves the observations in a <pre> for --dump-dom.
 PROBE = """<script>
@@ -253,12 +225,14 @@ window.addEventListener("load", function () {
 </script></body>"""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI's .ci/run installs Debian's)")
+@pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON)
 def test_report_renders_in_headless_chromium(written, tmp_path):
     probed = tmp_path / "probed.html"
     probed.write_text(written.read_text(encoding="utf-8").replace("</body>", PROBE), encoding="utf-8")
     screenshot = tmp_path / "report.png"
-    dom = _run_chromium(probed, screenshot, tmp_path / "chromium-profile")
+    dom = dump_dom(
+        probed, tmp_path / "chromium-profile", "--window-size=1200,1600", f"--screenshot={screenshot}"
+    )
     found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.DOTALL)
     assert found, dom[-2000:]
     seen = json.loads(html.unescape(found.group(1)))
