@@ -381,6 +381,8 @@ RUNS = {"m3net": run_m3net, "pathology": run_pathology}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common.experiments.learning_report import check_lines
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(RUNS), required=True, help="which part")
     parser.add_argument("--out", default=None, help="working folder (default learning_out/<model>)")
@@ -388,9 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     args = parser.parse_args(argv)
     scored = RUNS[args.model](args.out or f"learning_out/{args.model}", args.docs, args.bootstrap)
-    for check in scored["checks"]:
-        print(f"{'pass' if check['passed'] else 'FAIL'}  {check['check']}: {check['value']:.3f}")
-    print(f"wall time {scored['wall_time_s'] / 60:.1f} min")
+    print("\n".join(check_lines(scored)))
     return 0
 
 

@@ -180,15 +180,15 @@ def run(out: str | Path, docs: str | Path | None = "docs", n_bootstrap: int = 10
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common.experiments.learning_report import check_lines
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="learning_out/claf", help="working folder (data, cache, runs)")
     parser.add_argument("--docs", default="docs", help="docs folder of docs/learning/claf.json")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     args = parser.parse_args(argv)
     scored = run(args.out, args.docs, args.bootstrap)
-    for check in scored["checks"]:
-        print(f"{'pass' if check['passed'] else 'FAIL'}  {check['check']}: {check['value']:.3f}")
-    print(f"wall time {scored['wall_time_s'] / 60:.1f} min")
+    print("\n".join(check_lines(scored)))
     return 0
 
 

@@ -286,6 +286,8 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common.experiments.learning_report import check_lines
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="learning_out/glance", help="working folder (phantoms, cache)")
     parser.add_argument("--docs", default="docs", help="docs folder of docs/learning/glance.json")
@@ -293,9 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="variants trained at once (one thread each)")
     args = parser.parse_args(argv)
     scored = run(args.out, args.docs, args.bootstrap, args.jobs)
-    for check in scored["checks"]:
-        print(f"{'pass' if check['passed'] else 'FAIL'}  {check['check']}: {check['value']:.3f}")
-    print(f"wall time {scored['wall_time_s'] / 60:.1f} min")
+    print("\n".join(check_lines(scored)))
     return 0
 
 

@@ -256,6 +256,17 @@ def assemble(docs: str | Path) -> Path:
     return out
 
 
+def check_lines(scored: Mapping[str, Any]) -> list[str]:
+    """What a part's command prints at the end: each check passed or failed, and the wall time."""
+    lines = [f"{'pass' if c['passed'] else 'FAIL'}  {c['check']}: {c['value']:.3f}" for c in scored["checks"]]
+    return [*lines, f"wall time {scored['wall_time_s'] / 60:.1f} min"]
+
+
+def failed_checks(scored: Mapping[str, Any]) -> list[str]:
+    """The checks a part failed, as ``check (got value)``; the slow tests assert this is empty."""
+    return [f"{c['check']} (got {c['value']:.3f})" for c in scored["checks"] if not c["passed"]]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Re-assemble docs/learning.md from docs/learning/*.json.")
     parser.add_argument("--docs", default="docs", help="the docs folder")

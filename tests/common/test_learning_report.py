@@ -76,3 +76,21 @@ def test_detection_entries_follow_the_official_rules():
                            np.ones(12, bool), n_scans=6)  # fmt: skip
     assert entries.n_lesions == 12 and entries.n_detected == result.counts.true_positives
     assert entries.n_false_positives == result.counts.false_positives
+
+
+def test_check_lines_and_failed_checks_name_each_check():
+    from common.experiments.learning_report import check_lines, failed_checks
+
+    scored = {
+        "checks": [
+            {"check": "AUC lower bound ≥ 0.70", "value": 0.665, "passed": False},
+            {"check": "test nodules ≥ 150", "value": 151.0, "passed": True},
+        ],
+        "wall_time_s": 90.0,
+    }
+    assert check_lines(scored) == [
+        "FAIL  AUC lower bound ≥ 0.70: 0.665",
+        "pass  test nodules ≥ 150: 151.000",
+        "wall time 1.5 min",
+    ]
+    assert failed_checks(scored) == ["AUC lower bound ≥ 0.70 (got 0.665)"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 
+from common.experiments.learning_report import failed_checks
 from lungcls.learning import run_m3net, run_pathology
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,7 @@ def _print(scored: dict) -> None:
 
 
 def _assert_checks(scored: dict) -> None:
-    failed = [f"{c['check']} (got {c['value']:.3f})" for c in scored["checks"] if not c["passed"]]
+    failed = failed_checks(scored)
     assert not failed, "; ".join(failed)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 
+from common.experiments.learning_report import failed_checks
 from lungdet.learning import run
 
 
@@ -33,5 +34,5 @@ def test_claf_learning_report_part_bounds(tmp_path, monkeypatch):
         f"wall time {scored['wall_time_s'] / 60:.1f} min",
         {k: round(v) for k, v in scored["timings_s"].items()},
     )
-    failed = [f"{c['check']} (got {c['value']:.3f})" for c in scored["checks"] if not c["passed"]]
+    failed = failed_checks(scored)
     assert not failed, "; ".join(failed)

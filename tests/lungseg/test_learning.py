@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from common.experiments.learning_report import failed_checks
 from lungseg.learning import run
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,7 @@ def test_glance_learning_report_part_bounds(tmp_path) -> None:
         f"wall time {scored['wall_time_s'] / 60:.1f} min",
         {k: round(v) for k, v in scored["timings_s"].items()},
     )
-    failed = [f"{c['check']} (got {c['value']:.3f})" for c in scored["checks"] if not c["passed"]]
+    failed = failed_checks(scored)
     assert not failed, "; ".join(failed)
 
 
