@@ -27,6 +27,7 @@ from common.metrics.froc_io import evaluate_froc_files
 from lungcad import outputs
 from lungcad.cli import main
 from lungcad.commands import analyze as analyze_cmd
+from tests.lungcad.stand_in import use_stand_in_models
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -301,22 +302,13 @@ def _fake_analyze_volume(volume, bundle, *, nodules_world_mm=None, progress=None
 @pytest.fixture
 def fake_pipeline(monkeypatch, tmp_path):
     """The stand-in pipeline and an (empty) bundle folder; counts the scans it analyzed."""
-    import lungcad.bundle
-    import lungcad.pipeline
-
     calls = []
 
     def fake(volume, bundle, **kwargs):
         calls.append(volume.series_uid)
         return _fake_analyze_volume(volume, bundle, **kwargs)
 
-    class FakeBundle:
-        @classmethod
-        def load(cls, path):
-            return cls()
-
-    monkeypatch.setattr(lungcad.pipeline, "analyze_volume", fake)
-    monkeypatch.setattr(lungcad.bundle, "Bundle", FakeBundle)
+    use_stand_in_models(monkeypatch, fake)
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "bundle.json").write_text("{}\n")

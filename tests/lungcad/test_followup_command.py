@@ -17,6 +17,7 @@ from lungcad.followup.report import SCHEMA_PATH
 from lungcad.outputs import SCHEMA_PATH as REPORT_SCHEMA_PATH
 from tests.lungcad.chromium import CHROMIUM, SKIP_REASON, dump_dom
 from tests.lungcad.followup_helpers import write_truth_analysis
+from tests.lungcad.stand_in import use_stand_in_models
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -173,8 +174,6 @@ def test_scans_are_analysed_when_needed(tree, tmp_path, monkeypatch):
     that segments the true masks), and a second run reuses the finished analyses."""
     import pandas as pd
 
-    import lungcad.bundle
-    import lungcad.pipeline
     from lungcad.lungrads import baseline_category
     from lungcad.measure import measure_nodule
     from lungcad.pipeline import Analysis, Finding
@@ -199,13 +198,7 @@ def test_scans_are_analysed_when_needed(tree, tmp_path, monkeypatch):
             volume, findings, labels, candidates, {"detect": 0.0}, {"name": "fake", "sha256": None}
         )
 
-    class FakeBundle:
-        @classmethod
-        def load(cls, path):
-            return cls()
-
-    monkeypatch.setattr(lungcad.pipeline, "analyze_volume", fake)
-    monkeypatch.setattr(lungcad.bundle, "Bundle", FakeBundle)
+    use_stand_in_models(monkeypatch, fake)
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "bundle.json").write_text("{}\n")

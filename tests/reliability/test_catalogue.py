@@ -28,6 +28,8 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.lungcad.stand_in import use_stand_in_models
+
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "reliability.md"
 CLAF = REPO / "configs" / "claf_luna16.yaml"
@@ -480,22 +482,14 @@ def _no_models(monkeypatch: pytest.MonkeyPatch) -> None:
     """Stand in for the bundle and the models: the scan is read, chosen and written, nothing is detected."""
     import pandas as pd
 
-    import lungcad.bundle
-    import lungcad.pipeline
     from lungcad.pipeline import Analysis
-
-    class NoBundle:
-        @classmethod
-        def load(cls, path, *args, **kwargs):
-            return cls()
 
     def nothing_found(volume, bundle, **kwargs):
         candidates = pd.DataFrame(columns=["seriesuid", "coordX", "coordY", "coordZ", "probability"])
         labels = np.zeros(volume.shape, np.uint16)
         return Analysis(volume, [], labels, candidates, {}, {"name": "stand-in", "sha256": None})
 
-    monkeypatch.setattr(lungcad.bundle, "Bundle", NoBundle)
-    monkeypatch.setattr(lungcad.pipeline, "analyze_volume", nothing_found)
+    use_stand_in_models(monkeypatch, nothing_found)
 
 
 def analyze_case(row_id: str, w: World, tmp: Path) -> Case:
