@@ -83,7 +83,7 @@ def build(
     out: str | Path, scans: int = SCANS, lidc_scans: int = LIDC_SCANS, seed: int = SEED
 ) -> dict[str, Any]:
     """Train (or reuse) the four models and the bundle under `out`; returns paths, test uids and timings."""
-    from common.synth import make_lidc
+    from common.synth import make_lidc, tree_matches
     from lungcad.cli import main as lungcad_main
     from lungcls.cli import main as lungcls_main
     from lungdet import demo as claf
@@ -104,7 +104,7 @@ def build(
 
     lidc = out / "lidc"
     start = time.perf_counter()
-    if not (lidc / "synth_manifest.json").is_file():
+    if not tree_matches(lidc, n_scans=lidc_scans, seed=seed + 1, size="small"):
         make_lidc(lidc, n_scans=lidc_scans, seed=seed + 1, size="small")
     data = ["--data.init_args.root", str(lidc), "--trainer.default_root_dir", str(runs)]
     lungseg_main(

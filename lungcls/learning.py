@@ -210,12 +210,12 @@ def score_classification(
 
 def run_m3net(out: str | Path, docs: str | Path | None = "docs", n_bootstrap: int = 1000) -> dict[str, Any]:
     """The M³Net part: phantoms, training, intervals; `docs/learning/m3net.json` unless ``docs`` is None."""
-    from common.synth import make_lidc
+    from common.synth import make_lidc, tree_matches
 
     start = time.perf_counter()
     out = Path(out).resolve()
     root = out / "lidc"
-    if not (root / "synth_manifest.json").is_file():
+    if not tree_matches(root, n_scans=M3NET_SCANS, seed=M3NET_SEED, size=SIZE):
         make_lidc(root, n_scans=M3NET_SCANS, seed=M3NET_SEED, size=SIZE)
     timings = {"phantoms": time.perf_counter() - start}
     result = train_m3net(root, out)

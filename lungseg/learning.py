@@ -77,9 +77,9 @@ def datamodule(root: Path, cache: Path):
 
 def prepare(root: Path, cache: Path) -> dict[str, str]:
     """Phantoms, cache and split (once, before the variants train in parallel); uid → patient of the test scans."""
-    from common.synth import make_lidc
+    from common.synth import make_lidc, tree_matches
 
-    if not (root / "synth_manifest.json").is_file():
+    if not tree_matches(root, n_scans=N_SCANS, seed=SEED, size="small"):
         make_lidc(root, n_scans=N_SCANS, seed=SEED, size="small")
     dm = datamodule(root, cache)
     dm.prepare_data()

@@ -12,6 +12,7 @@ Python API (the `lungdata synth` command calls the same functions):
     make_followup(out, n_patients=2, n_times=2, seed=0, size="small") -> FollowupTree   # longitudinal
     generate_scan(seed, index, size="small", bank=None) -> SynthScan       # one scan in memory
     read_manifest(folder) -> dict                                            # synth_manifest.json
+    tree_matches(folder, n_scans=…, seed=…, size=…) -> bool                  # reuse a tree only if made so
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "make_lidc",
     "make_luna16",
     "read_manifest",
+    "tree_matches",
 ]
 
 # Imported lazily: the writers pull in SimpleITK, pydicom and OpenCV, which `import common.synth` alone
@@ -40,13 +42,14 @@ _EXPORTS = {
     "make_lidc": "common.synth.lidc",
     "make_luna16": "common.synth.luna16",
     "read_manifest": "common.synth.manifest",
+    "tree_matches": "common.synth.manifest",
 }
 
 if TYPE_CHECKING:
     from common.synth.followup import make_followup
     from common.synth.lidc import make_lidc
     from common.synth.luna16 import make_luna16
-    from common.synth.manifest import read_manifest
+    from common.synth.manifest import read_manifest, tree_matches
     from common.synth.nodules import ShapeBank
     from common.synth.phantom import SIZE_PRESETS
     from common.synth.scan import SynthScan, generate_scan

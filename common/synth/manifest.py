@@ -156,3 +156,16 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             f"{path} not found: {folder} is not a synthetic tree; make one with `lungdata synth luna16 --out {folder}`"
         )
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def tree_matches(folder: str | Path, **generator: Any) -> bool:
+    """Whether `folder` holds a finished synthetic tree made with these generator settings (n_scans, seed, size).
+
+    Recipes that reuse a tree between runs call this rather than testing for the manifest alone, so a tree
+    left by an earlier recipe with other settings is regenerated instead of silently reused.
+    """
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return False
+    made = json.loads(path.read_text(encoding="utf-8")).get("generator", {})
+    return all(made.get(key) == value for key, value in generator.items())
