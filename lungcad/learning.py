@@ -260,6 +260,13 @@ def _errors(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "n": len(rows),
         "volume_median_abs_rel_error": float(np.median(np.abs(vol))),
         "volume_median_rel_error": float(np.median(vol)),
+        "voxel_volume_median_abs_rel_error": float(
+            np.median(
+                [abs(r["voxel_volume_rel_error"]) for r in rows if r["voxel_volume_rel_error"] is not None]
+            )
+        )
+        if any(r["voxel_volume_rel_error"] is not None for r in rows)
+        else None,
         "diameter_median_abs_error_mm": float(np.median(dia)),
         "diameter_median_abs_error_vs_generator_mm": float(np.median(gen)),
         "type_agreement": sum(v for (t, m), v in table.items() if t == m) / len(rows),
@@ -273,9 +280,14 @@ def _row(uid: str, nodule: dict[str, Any], m: dict[str, Any], how: str) -> dict[
     return {
         "seriesuid": uid,
         "generator_diameter_mm": finding.diameter_mm,
-        "true_volume_mm3": truth.volume_mm3,
+        # The phantom's recorded truth: its consensus mask's voxel volume.
+        "true_volume_mm3": truth.voxel_volume_mm3,
         "volume_mm3": m["volume_mm3"],
-        "volume_rel_error": m["volume_mm3"] / truth.volume_mm3 - 1.0,
+        "volume_rel_error": m["volume_mm3"] / truth.voxel_volume_mm3 - 1.0,
+        "voxel_volume_mm3": m.get("voxel_volume_mm3"),
+        "voxel_volume_rel_error": (
+            m["voxel_volume_mm3"] / truth.voxel_volume_mm3 - 1.0 if "voxel_volume_mm3" in m else None
+        ),
         "true_mean_diameter_mm": truth.mean_diameter_mm,
         "mean_diameter_mm": m["mean_diameter_mm"],
         "diameter_abs_error_mm": abs(m["mean_diameter_mm"] - truth.mean_diameter_mm),
@@ -412,13 +424,19 @@ def _confusion_md(confusion: dict[str, dict[str, int]]) -> list[str]:
     return lines
 
 
+def _voxel_note(e: dict[str, Any]) -> str:
+    value = e.get("voxel_volume_median_abs_rel_error")
+    return "" if value is None else f"; the mask's voxel count: {100 * value:.1f} %"
+
+
 def _errors_md(name: str, e: dict[str, Any]) -> list[str]:
     if not e.get("n"):
         return [f"**{name}**: no nodules.", ""]
     return [
         f"**{name}** ({e['n']} nodules ≥ {MIN_DIAMETER_MM:g} mm): volume median |relative error| "
         f"**{100 * e['volume_median_abs_rel_error']:.1f} %** (target ≤ 15 %; signed median "
-        f"{100 * e['volume_median_rel_error']:+.1f} %), mean-diameter median absolute error "
+        f"{100 * e['volume_median_rel_error']:+.1f} %; partial-volume corrected, to the consensus mask's voxel "
+        f"volume{_voxel_note(e)}), mean-diameter median absolute error "
         f"**{e['diameter_median_abs_error_mm']:.2f} mm** to the true mask's (target ≤ 1.0 mm), "
         f"{e['diameter_median_abs_error_vs_generator_mm']:.2f} mm to the generator's recorded diameter; type "
         f"agreement **{100 * e['type_agreement']:.0f} %** (target ≥ 80 %). Masks made by: "

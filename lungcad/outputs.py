@@ -42,7 +42,7 @@ from common.metrics import froc_io
 log = logging.getLogger(__name__)
 
 #: Bumped on any change of report.json's layout (major: a field removed or changed; minor: a field added).
-REPORT_SCHEMA_VERSION = "1.0"
+REPORT_SCHEMA_VERSION = "1.1"  # 1.1: measurements.voxel_volume_mm3; volume_mm3 partial-volume corrected
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "report.schema.json"
 
 REPORT_JSON = "report.json"

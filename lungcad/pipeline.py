@@ -16,9 +16,10 @@
    diameter ± a margin) of the GLANCE view of the scan; the probability map is interpolated (linear) onto the
    ORIGINAL scan grid around the finding and thresholded at the model's ``seg_threshold``; the connected
    component holding the finding's centre (else the nearest one within the finding's radius) is the
-   nodule. Where GLANCE finds nothing there, the fallback is the connected region of ≥ −500 HU
-   (``FALLBACK_HU``: above ground glass' lower bound, below soft tissue) around the centre within a sphere of
-   1.5 × the finding's diameter; where that is empty too, a sphere of the finding's diameter.
+   nodule. Where GLANCE finds nothing there, the fallback (``fallback_mask``) thresholds the scan at the local
+   midpoint between the nodule's core HU and the parenchyma's, keeps the piece at the centre, detaches
+   vessels and wall by the smallest opening that separates them, and fills holes; where that finds
+   nothing, a sphere of the finding's diameter.
    ``Finding.segmentation`` says which ("glance", "hu-threshold", "sphere"). A finding whose centre lies
    in an earlier (better-scoring) finding's mask is the same nodule and is dropped.
 4. **measure** — ``lungcad.measure.measure_nodule`` on the original grid.
@@ -47,10 +48,21 @@ from common.metrics.froc_io import RESULT_COLUMNS
 from common.preprocess import clip_hu
 from lungcad.bundle import Bundle
 
-__all__ = ["FALLBACK_HU", "Analysis", "Finding", "PreparedScan", "analyze_volume", "prepare_scan"]
+__all__ = [
+    "FALLBACK_HU",
+    "Analysis",
+    "Finding",
+    "PreparedScan",
+    "analyze_volume",
+    "fallback_mask",
+    "prepare_scan",
+]
 
-#: HU threshold of the segmentation fallback (voxels at or above it, connected to the finding's centre).
+#: The fallback reads the parenchyma on the voxels below this HU (above it: ground glass and denser).
 FALLBACK_HU = -500.0
+#: Largest opening radius of the fallback (`fallback_mask`), as a share of the nodule's diameter: a
+#: nodule survives an erosion by a ball of 0.3 d; an attachment wider than 0.6 d is not cut.
+FALLBACK_MAX_OPENING = 0.3
 #: Default diameter of a given (``--nodules``) position whose size is unknown, mm.
 GIVEN_DIAMETER_MM = 10.0
 SCAN_UID = "scan"
@@ -246,6 +258,76 @@ def _box_around(centre: np.ndarray, half: np.ndarray, shape: tuple[int, ...]) ->
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
+def _ellipsoid_element(radius_mm: float, spacing_zyx: np.ndarray) -> np.ndarray:
+    """Bool structuring element: the voxels within `radius_mm` of the centre (per-axis spacing)."""
+    half = np.floor(radius_mm / spacing_zyx).astype(int)
+    grids = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, spacing_zyx)], indexing="ij")
+    return sum(g**2 for g in grids) <= radius_mm**2 + 1e-9
+
+
+def fallback_mask(
+    hu: np.ndarray, centre_zyx: np.ndarray, diameter_mm: float, spacing_zyx
+) -> tuple[np.ndarray, dict[str, float]] | None:
+    """Nodule mask from the HU alone (when GLANCE segments nothing): a threshold at the local midpoint.
+
+    The rule (d: the finding's diameter; search sphere: max(0.75 d, 0.5 d + 3 mm) around the centre):
+
+    1. parenchyma HU P = median of the sphere's voxels below ``FALLBACK_HU`` (the lung around the nodule);
+       nodule HU N = the largest value of the HU smoothed by σ 0.5 voxel within max(0.25 d, one in-plane
+       pixel) of the centre — the nodule's own core, so a ground-glass nodule gets its ground-glass HU;
+    2. threshold T = (N + P) / 2, the local midpoint: a voxel half nodule, half lung reads T, so the mask's
+       outline is the nodule's surface whatever its density (a fixed HU cut is not);
+    3. the connected piece of voxels ≥ T at the centre (else the nearest within d/2);
+    4. vessel and wall detachment ("smart opening"): while that piece reaches the sphere's surface, erode
+       the voxels ≥ T by a ball of growing radius (one in-plane pixel per step, at most
+       ``FALLBACK_MAX_OPENING`` × d; along a thick-slice axis the ball has no extent until the radius
+       reaches the spacing), keep the eroded piece at the centre and dilate it back by the same ball inside
+       the voxels ≥ T; a piece still attached at the largest radius is kept as it is then;
+    5. holes filled in 3D and in each slice.
+
+    Returns None when the centre holds no contrast (N − P < 100 HU) or nothing ≥ T is near it; else the
+    mask and {"nodule_hu", "parenchyma_hu", "threshold_hu"}.
+    """
+    spacing = np.asarray(spacing_zyx, dtype=np.float64)
+    d = max(float(diameter_mm), 3.0)
+    centre = np.asarray(centre_zyx, dtype=np.float64)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in hu.shape], indexing="ij"), -1)
+    dist = np.sqrt((((grid - centre) * spacing) ** 2).sum(-1))
+    bound = dist <= max(0.75 * d, 0.5 * d + 3.0)
+    lung = bound & (hu < FALLBACK_HU)
+    if not lung.any():
+        return None
+    parenchyma = float(np.median(hu[lung]))
+    smooth = ndi.gaussian_filter(hu.astype(np.float64), 0.5)
+    near = dist <= max(0.25 * d, float(spacing[1:].min()))
+    if not near.any():
+        near = dist <= dist.min()
+    nodule = float(smooth[near].max())
+    if nodule - parenchyma < 100.0:
+        return None
+    threshold = 0.5 * (nodule + parenchyma)
+    dense = bound & (hu >= threshold)
+    bound_r = max(0.75 * d, 0.5 * d + 3.0)
+    rim = dist > bound_r - float(spacing.max())
+    mask = _component_at(dense, centre, 0.5 * d / spacing)
+    if mask is None:
+        return None
+    # Smart opening: the smallest ball whose erosion separates the centre's piece from everything that
+    # leaves the search sphere (vessels, chest wall), then that piece dilated back inside the voxels ≥ T.
+    step = float(spacing[1:].min())
+    radius = step
+    while (mask & rim).any() and radius <= FALLBACK_MAX_OPENING * d:
+        element = _ellipsoid_element(radius, spacing)
+        seed = _component_at(ndi.binary_erosion(dense, structure=element), centre, 0.5 * d / spacing)
+        if seed is None:
+            break
+        mask = ndi.binary_dilation(seed, structure=element) & dense
+        radius += step
+    mask = ndi.binary_fill_holes(mask)
+    mask = np.stack([ndi.binary_fill_holes(s) for s in mask])
+    return mask, {"nodule_hu": nodule, "parenchyma_hu": parenchyma, "threshold_hu": threshold}
+
+
 def _segment(
     bundle: Bundle,
     seg_scan: PreparedScan,
@@ -289,29 +371,23 @@ def _segment(
             mask = np.zeros(volume.shape, dtype=bool)
             mask[box] = local
             return mask, "glance"
-    # Fallback: the connected ≥ FALLBACK_HU region at the centre, within 1.5 diameters.
-    fb_half = 0.75 * d / o_spacing + 1
-    box = _box_around(centre_o, fb_half, volume.shape)
-    grid = np.stack(np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij"), -1)
-    inside = ((((grid - centre_o) * o_spacing) / (0.75 * d)) ** 2).sum(-1) <= 1.0
-    local = _component_at(
-        (volume.array[box] >= FALLBACK_HU) & inside, centre_o - [s.start for s in box], 0.5 * d / o_spacing
-    )
+    # Fallback: the HU rule of `fallback_mask`; where it finds nothing, a sphere of the finding's diameter.
+    half = (max(0.75 * d, 0.5 * d + 3.0) + 1.0) / o_spacing + 1
+    box = _box_around(centre_o, half, volume.shape)
+    offset = np.array([s.start for s in box], dtype=np.float64)
+    found = fallback_mask(np.asarray(volume.array[box], dtype=np.float64), centre_o - offset, d, o_spacing)
     how = "hu-threshold"
-    if local is None:
+    if found is not None:
+        local = found[0]
+    else:
+        grid = np.stack(np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij"), -1)
         local = ((((grid - centre_o) * o_spacing) / (0.5 * d)) ** 2).sum(-1) <= 1.0
         how = "sphere"
         if not local.any():  # a sphere smaller than a voxel: the centre voxel
             local = np.zeros_like(local)
-            local[
-                tuple(
-                    np.clip(
-                        np.round(centre_o - [s.start for s in box]).astype(int),
-                        0,
-                        np.asarray(local.shape) - 1,
-                    )
-                )
-            ] = True
+            local[tuple(np.clip(np.round(centre_o - offset).astype(int), 0, np.asarray(local.shape) - 1))] = (
+                True
+            )
     mask = np.zeros(volume.shape, dtype=bool)
     mask[box] = local
     return mask, how

@@ -2,6 +2,8 @@
 and the follow-up status by the Lung-RADS v2022 growth rule.
 
 VDT = Δt · ln 2 / ln(V₂ / V₁) (Schwartz's exponential-growth formula, as used by the NELSON trial).
+The volumes are the analyses' `volume_mm3`: partial-volume corrected (`lungcad.measure.partial_volume`),
+so where the slices cut a small nodule moves them far less than it moves a voxel count.
 
 The 95 % interval comes from the repeatability of volumetry on repeat scans, not from our own error: a
 nodule measured twice without true change differs by up to ±27 % in volume (95 % limits of agreement of

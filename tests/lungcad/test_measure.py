@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from common.io import CTVolume
 from lungcad.measure import (
@@ -20,6 +21,7 @@ from lungcad.measure import (
     NoduleMeasurements,
     mean_diameter,
     measure_nodule,
+    partial_volume,
 )
 
 LUNG_HU = -850.0
@@ -203,7 +205,7 @@ def test_single_voxel_and_single_slice_masks():
     one = np.zeros(volume.shape, bool)
     one[5, 6, 7] = True
     m = measure_nodule(volume, one)
-    assert m.volume_mm3 == pytest.approx(0.7**3)
+    assert m.voxel_volume_mm3 == pytest.approx(0.7**3)
     assert 0.0 < m.long_axis_mm <= 1.0 and m.axial_slice == 5
     flat = np.zeros(volume.shape, bool)
     flat[5, 4:12, 6:9] = True
@@ -278,7 +280,7 @@ def test_phantom_nodules_volume_and_centre_match_ground_truth():
     for scan, volume, finding, mask in _phantom_nodules(0, range(4)):
         m = measure_nodule(volume, mask)
         types[(_PHANTOM_TYPE[finding.texture], m.type)] += 1
-        assert m.volume_mm3 == pytest.approx(finding.volume_mm3, rel=1e-9)
+        assert m.voxel_volume_mm3 == pytest.approx(finding.volume_mm3, rel=1e-9)
         np.testing.assert_allclose(m.center_world_mm, finding.world_xyz, atol=1e-3)
         np.testing.assert_allclose(m.center_voxel_xyz, finding.voxel_zyx[::-1], atol=1e-3)
         assert m.mean_diameter_mm <= m.max_3d_diameter_mm + 0.5
@@ -301,3 +303,68 @@ def test_type_agreement_with_the_phantoms():
         f"\ntrue \\ measured {NODULE_TYPES}\n" + "\n".join(rows) + f"\nagreement {agreement:.3f} of {total}"
     )
     assert agreement >= 0.80
+
+
+# ------------------------------------------------------------------------------------- partial volume
+def blurred_sphere(radius_mm, spacing_xyz, offset_zyx, hu_nodule=0.0, sigma_mm=0.5, noise_hu=15.0, seed=0):
+    """A sphere imaged like CT: each voxel's HU mixes nodule and lung by the share of the voxel the sphere
+    fills (9 × 5 × 5 sub-samples), then a Gaussian blur (the kernel) and noise. Mask: the voxels at or
+    above the midpoint HU, as a segmentation at the boundary would give."""
+    sp = np.asarray(spacing_xyz, float)[::-1]
+    n = np.ceil((2 * radius_mm + 8) / sp).astype(int) + 1
+    centre = (n - 1) / 2 + np.asarray(offset_zyx)
+    zz, yy, xx = np.meshgrid(*[np.arange(k, dtype=float) for k in n], indexing="ij")
+    occupancy = np.zeros(tuple(n))
+    subs = [(np.arange(k) + 0.5) / k - 0.5 for k in (9, 5, 5)]
+    for dz in subs[0]:
+        for dy in subs[1]:
+            for dx in subs[2]:
+                r2 = ((zz + dz - centre[0]) * sp[0]) ** 2 + ((yy + dy - centre[1]) * sp[1]) ** 2
+                occupancy += r2 + ((xx + dx - centre[2]) * sp[2]) ** 2 <= radius_mm**2
+    occupancy /= 9 * 5 * 5
+    image = LUNG_HU + occupancy * (hu_nodule - LUNG_HU)
+    image = ndimage.gaussian_filter(image, sigma_mm / sp, mode="nearest")
+    image += np.random.default_rng(seed).normal(0.0, noise_hu, image.shape)
+    volume = CTVolume(np.round(image).astype(np.int16), tuple(spacing_xyz), (0.0, 0.0, 0.0), np.eye(3))
+    return volume, image >= 0.5 * (hu_nodule + LUNG_HU)
+
+
+@pytest.mark.parametrize(
+    "radius, spacing, hu, tolerance",
+    [
+        (4.0, (0.7, 0.7, 2.5), 0.0, 0.02),  # 8 mm solid nodule on 2.5 mm slices
+        (2.5, (0.7, 0.7, 1.25), 0.0, 0.03),  # 5 mm solid nodule on 1.25 mm slices
+        (4.0, (0.7, 0.7, 2.5), -400.0, 0.03),  # 8 mm ground-glass nodule: referred to its own HU
+    ],
+)
+def test_partial_volume_recovers_the_sphere_where_the_voxel_count_does_not(radius, spacing, hu, tolerance):
+    true = 4.0 / 3.0 * np.pi * radius**3
+    count_errors = []
+    for offset in (0.0, 0.25, 0.5):  # where the slices cut the sphere
+        volume, mask = blurred_sphere(radius, spacing, (offset, 0.13, -0.21), hu_nodule=hu)
+        m = measure_nodule(volume, mask)
+        assert m.volume_mm3 == pytest.approx(true, rel=tolerance), offset
+        assert m.voxel_volume_mm3 == pytest.approx(mask.sum() * np.prod(spacing))
+        count_errors.append(abs(m.voxel_volume_mm3 / true - 1.0))
+    assert max(count_errors) > 0.1, count_errors  # the voxel count is off by more than 10 % somewhere
+
+
+def test_partial_volume_references_and_attached_vessel():
+    """The references are read off the image; a vessel leaving the shell does not count as nodule."""
+    volume, mask = blurred_sphere(4.0, (0.7, 0.7, 0.7), (0.0, 0.0, 0.0), noise_hu=0.0)
+    spacing = np.asarray(volume.spacing)[::-1]
+    hu = np.asarray(volume.array, dtype=np.float64)
+    alone = partial_volume(hu, mask, spacing)
+    assert alone.parenchyma_hu == pytest.approx(LUNG_HU, abs=5)
+    assert alone.nodule_hu == pytest.approx(0.0, abs=40)
+    assert alone.excluded_voxels == 0
+    # A 2 mm vessel (+40 HU) from the nodule's surface to the edge of the array along x.
+    centre = (np.asarray(hu.shape) - 1) / 2.0
+    zz, yy, xx = np.meshgrid(*[np.arange(k) * s for k, s in zip(hu.shape, spacing)], indexing="ij")
+    tube = ((zz - centre[0] * spacing[0]) ** 2 + (yy - centre[1] * spacing[1]) ** 2 <= 1.0) & (
+        xx > centre[2] * spacing[2]
+    )
+    with_vessel = np.where(tube, 40.0, hu)
+    attached = partial_volume(with_vessel, mask, spacing)
+    assert attached.excluded_voxels > 0
+    assert attached.volume_mm3 == pytest.approx(alone.volume_mm3, rel=0.03)

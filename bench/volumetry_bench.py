@@ -1,0 +1,193 @@
+"""Volumetry accuracy on phantoms: partial-volume volume vs voxel count, true masks vs the fallback mask.
+
+* **Follow-up phantoms** (`lungdata synth followup`, `PATIENTS` patients × 3 time points, seed `SEED`, as
+  `bench.followup_bench`): per nodule and time point, `measure_nodule` on the true mask and on the
+  segmentation fallback's mask (`lungcad.pipeline.fallback_mask` at the true centre with the true
+  diameter, as in `--nodules` mode where GLANCE segments nothing). Volume relative error to the
+  manifest's physical volume (LIDC consensus volume on its own grid × growth³), VDT relative error of
+  growing nodules whose true volume changed by ≥ 25 % (consecutive intervals, and consecutive plus first →
+  last), and how many stable nodules' VDT intervals include "no growth" — for both volume definitions.
+* **LIDC-style phantoms** (`generate_scan(seed, i, "small")`, `LIDC_SCANS` scans of seed `LIDC_SEED`,
+  nodules ≥ 5 mm): the fallback mask vs the consensus mask (Dice), volume relative error to the
+  consensus mask's voxel volume (the phantom's recorded truth) and to the readers' mean mask volume (what
+  the image draws: the nodule is rendered from the readers' mean mask), mean diameter absolute error to
+  the true mask's.
+
+Run: ``python -m bench.volumetry_bench`` (about 1 min of CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+PATIENTS = 6
+SEED = 0
+LIDC_SEED = 3
+LIDC_SCANS = 30
+MIN_DIAMETER_MM = 5.0
+
+
+def fallback_on_grid(volume, centre_zyx: np.ndarray, diameter_mm: float) -> np.ndarray | None:
+    """`fallback_mask` on the box `lungcad.pipeline._segment` gives it, as a mask on the whole grid."""
+    from lungcad.pipeline import _box_around, fallback_mask
+
+    spacing = np.asarray(volume.spacing, dtype=np.float64)[::-1]
+    d = max(float(diameter_mm), 3.0)
+    box = _box_around(centre_zyx, (max(0.75 * d, 0.5 * d + 3.0) + 1.0) / spacing + 1, volume.shape)
+    offset = np.array([s.start for s in box], dtype=np.float64)
+    found = fallback_mask(np.asarray(volume.array[box], dtype=np.float64), centre_zyx - offset, d, spacing)
+    if found is None:
+        return None
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[box] = found[0]
+    return mask
+
+
+def _median(values) -> float:
+    return float(np.median(values)) if len(values) else float("nan")
+
+
+def followup(root: Path) -> dict[str, object]:
+    from common.io import read_volume
+    from common.synth.followup import make_followup, read_truth
+    from lungcad.followup.growth import interval_growth
+    from lungcad.measure import measure_nodule
+
+    make_followup(root, n_patients=PATIENTS, n_times=3, seed=SEED)
+    truth = read_truth(root)
+    sources = ("true mask", "fallback")
+    fields = {"partial volume": "volume_mm3", "voxel count": "voxel_volume_mm3"}
+    vol_err = {(s, f): [] for s in sources for f in fields}
+    dia_err = {s: [] for s in sources}
+    vdt = {(s, f, c): [] for s in sources for f in fields for c in (True, False)}
+    stable = {(s, f, c): [] for s in sources for f in fields for c in (True, False)}
+    failed = 0
+    for patient in truth["patients"]:
+        scans = patient["scans"]
+        volumes = [read_volume(root / "detection_3d" / "mhd" / f"{s['uid']}.mhd") for s in scans]
+        labels = [read_volume(root / "truth_labels" / f"{s['uid']}.nii.gz").array for s in scans]
+        measured: dict[tuple[str, int, int], object] = {}
+        for k, nodule in enumerate(patient["nodules"]):
+            for t, p in enumerate(nodule["per_time"]):
+                if not p["present"]:
+                    continue
+                true_mask = labels[t] == k + 1
+                mt = measure_nodule(volumes[t], true_mask)
+                measured[("true mask", k, t)] = mt
+                centre = np.asarray(p["voxel_zyx"], dtype=np.float64)
+                mask = fallback_on_grid(volumes[t], centre, p["diameter_mm"])
+                if mask is None:
+                    failed += 1
+                    continue
+                mf = measure_nodule(volumes[t], mask)
+                measured[("fallback", k, t)] = mf
+                for s, m in (("true mask", mt), ("fallback", mf)):
+                    for name, f in fields.items():
+                        vol_err[(s, name)].append(getattr(m, f) / p["volume_mm3"] - 1.0)
+                dia_err["fallback"].append(abs(mf.mean_diameter_mm - mt.mean_diameter_mm))
+        for a, b in ((0, 1), (1, 2), (0, 2)):
+            days = scans[b]["days_from_first"] - scans[a]["days_from_first"]
+            for k, nodule in enumerate(patient["nodules"]):
+                for s in sources:
+                    if (s, k, a) not in measured or (s, k, b) not in measured:
+                        continue
+                    ma, mb = measured[(s, k, a)], measured[(s, k, b)]
+                    pa, pb = nodule["per_time"][a], nodule["per_time"][b]
+                    for name, f in fields.items():
+                        change = interval_growth(
+                            getattr(ma, f), getattr(mb, f), ma.mean_diameter_mm, mb.mean_diameter_mm, days
+                        )
+                        for c in (True, False) if b == a + 1 else (False,):
+                            if nodule["kind"] == "growing" and pb["volume_mm3"] / pa["volume_mm3"] >= 1.25:
+                                v = math.inf if change.vdt_days is None else change.vdt_days
+                                vdt[(s, name, c)].append(abs(v - nodule["vdt_days"]) / nodule["vdt_days"])
+                            if nodule["kind"] == "stable":
+                                stable[(s, name, c)].append(change.includes_no_growth)
+    out: dict[str, object] = {"follow-up nodule time points": len(vol_err[("true mask", "voxel count")])}
+    out["follow-up fallback found nothing"] = failed
+    for (s, name), e in vol_err.items():
+        e = np.asarray(e)
+        out[f"follow-up volume median |rel error| ({s}, {name})"] = _median(np.abs(e))
+        out[f"follow-up volume signed median rel error ({s}, {name})"] = _median(e)
+    out["follow-up mean diameter median abs error, fallback vs true mask (mm)"] = _median(dia_err["fallback"])
+    for (s, name, c), e in vdt.items():
+        which = "consecutive" if c else "consecutive + first->last"
+        out[f"VDT median rel error ({s}, {name}, {which}, n={len(e)})"] = _median(e)
+        ok = stable[(s, name, c)]
+        out[f"stable VDT interval includes no growth ({s}, {name}, {which})"] = f"{sum(ok)}/{len(ok)}"
+    return out
+
+
+def lidc() -> dict[str, object]:
+    from common.io import CTVolume
+    from common.synth.scan import generate_scan
+    from lungcad.measure import measure_nodule
+
+    rows = []
+    for index in range(LIDC_SCANS):
+        scan = generate_scan(LIDC_SEED, index, "small")
+        g = scan.geometry
+        volume = CTVolume(scan.image, g.spacing, g.origin, np.asarray(g.direction).reshape(3, 3))
+        voxel_mm3 = float(np.prod(g.spacing))
+        for finding in scan.findings:
+            if finding.category != "nodule" or finding.diameter_mm < MIN_DIAMETER_MM:
+                continue
+            votes = np.zeros(scan.image.shape, np.int16)
+            for reader in finding.reader_masks:
+                box = tuple(slice(a, a + s) for a, s in zip(reader.start, reader.mask.shape))
+                votes[box] += reader.mask
+            truth = votes * 2 >= len(finding.reader_masks)
+            readers_mean = float(np.mean([r.mask.sum() for r in finding.reader_masks])) * voxel_mm3
+            mt = measure_nodule(volume, truth)
+            mask = fallback_on_grid(volume, np.asarray(finding.voxel_zyx), finding.diameter_mm)
+            row = {
+                "location": finding.location,
+                "consensus": finding.volume_mm3,
+                "readers_mean": readers_mean,
+                "true_pv": mt.volume_mm3,
+                "true_count": mt.voxel_volume_mm3,
+            }
+            if mask is not None:
+                mf = measure_nodule(volume, mask)
+                row.update(
+                    dice=2.0 * float((mask & truth).sum()) / float(mask.sum() + truth.sum()),
+                    fb_pv=mf.volume_mm3,
+                    fb_count=mf.voxel_volume_mm3,
+                    fb_diameter_error=abs(mf.mean_diameter_mm - mt.mean_diameter_mm),
+                )
+            rows.append(row)
+    found = [r for r in rows if "dice" in r]
+    out: dict[str, object] = {"LIDC nodules >= 5 mm": len(rows), "LIDC fallback found": len(found)}
+    for ref in ("consensus", "readers_mean"):
+        for col in ("true_pv", "true_count", "fb_pv", "fb_count"):
+            e = np.array([r[col] / r[ref] - 1.0 for r in rows if col in r])
+            out[f"LIDC volume median |rel error| {col} vs {ref}"] = _median(np.abs(e))
+            out[f"LIDC volume signed median rel error {col} vs {ref}"] = _median(e)
+    for loc in ("all", "isolated", "juxta-vascular", "juxta-pleural"):
+        sel = [r for r in found if loc == "all" or r["location"] == loc]
+        out[f"LIDC fallback Dice median ({loc}, n={len(sel)})"] = _median([r["dice"] for r in sel])
+        out[f"LIDC fallback PV |rel error| vs consensus median ({loc})"] = _median(
+            [abs(r["fb_pv"] / r["consensus"] - 1.0) for r in sel]
+        )
+    out["LIDC fallback mean diameter median abs error vs true mask (mm)"] = _median(
+        [r["fb_diameter_error"] for r in found]
+    )
+    return out
+
+
+def run() -> dict[str, object]:
+    out: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out.update(followup(Path(tmp)))
+    out.update(lidc())
+    for key, value in out.items():
+        print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    run()
