@@ -24,6 +24,12 @@ the numbers to the journal:
    within 1.5 mm of
    the known world centre (world mm, and the voxel centre converted with the spacing), and the NIfTI label
    read back with SimpleITK must cover that world position.
+5. **Follow-up** (issue 22): `FOLLOWUP_PATIENTS` longitudinal phantom patients × 3 time points
+   (`lungdata synth followup`, seed ``seed + 2``, none seen in training), each through the dataset form of
+   `lungcad followup` with the bundle (analyses, registration, matching, growth), scored against the truth
+   manifest by `lungcad.followup.evaluation`: matching F1 for nodules ≥ 5 mm found at both times, VDT median
+   relative error on those whose volume changed by ≥ 25 %, stable nodules whose VDT interval includes
+   "no growth".
 
 ``python -m lungcad.learning --out learning_out/analyze [--docs docs]``; steps whose outputs exist are
 reused (`--retrain` starts over).
@@ -60,6 +66,7 @@ STAGE2_ARGS = ["--trainer.max_epochs", "3", "--data.init_args.samples_per_epoch"
 GLANCE_ARGS = ["--trainer.max_epochs", "2"]
 M3NET_ARGS = ["--trainer.max_epochs", "1"]
 MIN_DIAMETER_MM = 5.0
+FOLLOWUP_PATIENTS = 6
 TYPES = ("solid", "part-solid", "ground-glass")
 PHANTOM_TYPE = {"solid": "solid", "part-solid": "part-solid", "ggo": "ground-glass"}
 #: An oblique direction: 20° about z then 10° about x (columns: world direction of the index axes).
@@ -418,6 +425,40 @@ def check_geometry(env: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- report
+def check_followup(env: dict[str, Any], patients: int = FOLLOWUP_PATIENTS) -> dict[str, Any]:
+    """`lungcad followup --dataset spatiotemporal` per phantom patient with the bundle, scored on the truth."""
+    from common.synth.followup import make_followup, read_truth
+    from lungcad.cli import main as lungcad_main
+    from lungcad.followup.evaluation import score_followup, score_patient
+
+    out = Path(env["out"])
+    tree, runs = out / "followup", out / "followup_runs"
+    if not (tree / "patients.csv").is_file():
+        make_followup(tree, n_patients=patients, n_times=3, seed=int(env["seed"]) + 2)
+    truth = read_truth(tree)
+    start, parts, flagged = time.perf_counter(), [], 0
+    for patient in truth["patients"]:
+        pid = patient["patient_id"]
+        folder = runs / pid
+        args = ["followup", "--dataset", "spatiotemporal", "--root", str(tree), "--patient", pid]
+        code = lungcad_main([*args, "--bundle", env["bundle"], "--out", str(folder)])
+        if code not in (0, 3):  # 3: a flagged interval (still scored: its nodules are "unassessed")
+            raise RuntimeError(f"lungcad followup of {pid} failed with exit status {code}")
+        flagged += code == 3
+        document = json.loads((folder / "followup.json").read_text(encoding="utf-8"))
+        reports = {
+            s["uid"]: json.loads((folder / "analyses" / s["uid"] / "report.json").read_text(encoding="utf-8"))
+            for s in patient["scans"]
+        }
+        parts.append(score_patient(document, patient, reports, min_diameter_mm=MIN_DIAMETER_MM))
+    return {
+        **score_followup(parts),
+        "patients": len(parts),
+        "flagged_patients": flagged,
+        "seconds": time.perf_counter() - start,
+    }
+
+
 def _confusion_md(confusion: dict[str, dict[str, int]]) -> list[str]:
     lines = ["| phantom type ↓ / measured → | " + " | ".join(TYPES) + " |", "| --- |" + " --- |" * len(TYPES)]
     lines += [f"| {t} | " + " | ".join(str(confusion[t][m]) for m in TYPES) + " |" for t in TYPES]
@@ -510,6 +551,29 @@ def markdown(env: dict[str, Any], results: dict[str, Any]) -> str:
             f"{r['label']}) |"
         )
     lines.append("")
+    f = results.get("followup")
+    if f:
+        m_ = f["matching"]
+        vdt = "n/a" if f["vdt_median_relative_error"] is None else f"{f['vdt_median_relative_error']:.3f}"
+        lines += [
+            "## Follow-up with this bundle (issue 22)",
+            "",
+            f"{f['patients']} longitudinal phantom patients × 3 time points (`lungdata synth followup`, seed "
+            f"{env['seed'] + 2}), each through `lungcad followup --dataset spatiotemporal` with the bundle "
+            f"({f['seconds']:.0f} s: six analyses per patient, two registrations, matching, growth; "
+            f"{f['flagged_patients']} patient(s) with a flagged interval). Scored by "
+            "`lungcad.followup.evaluation` against the truth manifest:",
+            "",
+            "| measure | value |",
+            "| --- | --- |",
+            f"| nodule intervals judged (≥ {MIN_DIAMETER_MM:g} mm, present and found at both times) | "
+            f"{f['judged_nodule_intervals']} |",
+            f"| matching precision / recall / F1 | {m_['precision']:.3f} / {m_['recall']:.3f} / {m_['f1']:.3f} |",
+            f"| VDT median relative error (growing, ΔV ≥ 25 %, matched) | {vdt} over {f['vdt_nodules']} |",
+            f"| stable nodules whose VDT interval includes no growth | {f['stable_including_no_growth']} / "
+            f"{f['stable_nodules']} |",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -521,6 +585,7 @@ def run(out: str | Path, docs: str | Path | None = None) -> dict[str, Any]:
     drift = check_drift(env)
     measurements = check_measurements(env, drift.pop("reports"))
     geometry = check_geometry(env)
+    followup = check_followup(env)
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
@@ -529,6 +594,7 @@ def run(out: str | Path, docs: str | Path | None = None) -> dict[str, Any]:
         "drift": drift,
         "measurements": measurements,
         "geometry": geometry,
+        "followup": followup,
     }
     atomic.write_text(Path(out) / "results.json", json.dumps(results, indent=2, default=str))
     if docs is not None:

@@ -62,3 +62,18 @@ def test_detected_nodule_geometry_in_flipped_and_oblique_storage(env):
         assert row["world_error_mm"] <= 1.5, (name, row)
         assert row["voxel_error_mm"] <= 1.5, (name, row)
         assert row["label_at_truth"] == row["label"], (name, row)
+
+
+def test_followup_with_a_trained_bundle_matches_and_times_growth(env):
+    """Issue 22 end to end: longitudinal phantoms through `lungcad followup` with the trained bundle — matching
+    F1 ≥ 0.90 for nodules ≥ 5 mm found at both times, VDT median relative error ≤ 25 % on those whose volume
+    changed by ≥ 25 %, and every stable nodule's VDT interval includes "no growth"."""
+    from lungcad.learning import check_followup
+
+    result = check_followup(env)
+    print({k: v for k, v in result.items() if k != "vdt_relative_errors"})
+    assert result["judged_nodule_intervals"] >= 5, result
+    assert result["matching"]["f1"] >= 0.90, result
+    assert result["vdt_nodules"] >= 1, result
+    assert result["vdt_median_relative_error"] <= 0.25, result
+    assert result["stable_including_no_growth"] == result["stable_nodules"], result
