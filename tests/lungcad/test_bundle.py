@@ -16,6 +16,7 @@ import common.cache
 import lungcad.bundle as bundle_module
 from lungcad.bundle import BUNDLE_FILE, MODEL_KINDS, Bundle, resolve_run
 from lungcad.cli import main as lungcad_main
+from lungdet.fusion import ScoredScan
 
 SCHEMA = Path(__file__).resolve().parents[2] / "lungcad" / "schemas" / "bundle.schema.json"
 
@@ -129,22 +130,22 @@ def test_fusion_weight_and_threshold_come_from_the_validation_froc(monkeypatch):
     (CPM 1); the smallest such w wins when the run's own weight (0) is not among the best. At 0.5 FP/scan
     the threshold admits the nodule and one false positive (fused scores 0.55, 0.5 | 0.45)."""
     rows = [
-        {
-            "uid": "a",
-            "world": np.array([[0.0, 0.0, 0.0], [50.0, 0.0, 0.0], [80.0, 0.0, 0.0]]),
-            "stage1": torch.tensor([0.9, 0.1, 0.8], dtype=torch.float64),
-            "mppn": torch.tensor([0.2, 0.9, 0.1], dtype=torch.float64),
-            "nodules": torch.tensor([[0.0, 0.0, 0.0, 10.0]], dtype=torch.float64),
-            "excluded": torch.zeros(0, 4, dtype=torch.float64),
-        },
-        {
-            "uid": "b",
-            "world": np.zeros((0, 3)),
-            "stage1": torch.zeros(0, dtype=torch.float64),
-            "mppn": torch.zeros(0, dtype=torch.float64),
-            "nodules": torch.zeros(0, 4, dtype=torch.float64),
-            "excluded": torch.zeros(0, 4, dtype=torch.float64),
-        },
+        ScoredScan(
+            uid="a",
+            world=np.array([[0.0, 0.0, 0.0], [50.0, 0.0, 0.0], [80.0, 0.0, 0.0]]),
+            stage1=torch.tensor([0.9, 0.1, 0.8], dtype=torch.float64),
+            mppn=torch.tensor([0.2, 0.9, 0.1], dtype=torch.float64),
+            nodules=torch.tensor([[0.0, 0.0, 0.0, 10.0]], dtype=torch.float64),
+            excluded=torch.zeros(0, 4, dtype=torch.float64),
+        ),
+        ScoredScan(
+            uid="b",
+            world=np.zeros((0, 3)),
+            stage1=torch.zeros(0, dtype=torch.float64),
+            mppn=torch.zeros(0, dtype=torch.float64),
+            nodules=torch.zeros(0, 4, dtype=torch.float64),
+            excluded=torch.zeros(0, 4, dtype=torch.float64),
+        ),
     ]
     monkeypatch.setattr(bundle_module, "_validation_scores", lambda bundle, data: rows)
     fake = SimpleNamespace(models={"mppn": SimpleNamespace(task=SimpleNamespace(stage1_weight=0.0))})
