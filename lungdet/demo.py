@@ -127,13 +127,19 @@ def _headline(evaluated: dict[str, Any], fusion: dict[str, Any], bootstrap: int)
             f"{w}: {c:.3f}" if c is not None else f"{w}: –" for w, c in validation["validation_cpm"].items()
         )
         chosen = validation["chosen_validation_cpm"]
+        searched = len(validation["validation_cpm"]) > 1
         lines.append(
-            f"Fusion chosen on the MPPN run's {validation['validation_scans']} validation scans "
-            f"({validation['validation_nodules']} nodules, epoch {validation['epoch']}): "
-            f"w = {fusion['stage1_weight']:g} in (1 − w)·p_MPPN + w·p_stage1, validation CPM "
+            f"Fusion {'chosen' if searched else 'kept'} on the MPPN run's validation scans "
+            f"(scans: {validation['validation_scans']}, nodules: {validation['validation_nodules']}, "
+            f"epoch {validation['epoch']}): w = {fusion['stage1_weight']:g} in (1 − w)·p_MPPN + w·p_stage1, "
+            "validation CPM "
             + (f"{chosen:.3f}" if chosen is not None else "undefined (no nodule)")
-            + f" (ties go to the configured {fusion['configured_stage1_weight']:g}, then to the smaller w). "
-            f"Validation CPM per w: {tried}."
+            + (
+                f" (ties go to the configured {fusion['configured_stage1_weight']:g}, then to the smaller w). "
+                f"Validation CPM per w: {tried}."
+                if searched
+                else " (only the configured w was scored: no validation nodule or no stage-1 score)."
+            )
         )
     else:
         lines.append(
