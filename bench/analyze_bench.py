@@ -81,7 +81,7 @@ def _paper_bundle(out: Path, bundle_dir: Path) -> Path:
         sources[kind] = run
         del task
 
-    def untrained(bundle, data, fp_per_scan, search_fusion):  # no validation scans: weights are random
+    def untrained(bundle, data, fp_per_scan, search_fusion, **_):  # no validation scans: weights are random
         return {
             **bundle_mod._placeholder_detection(bundle.manifest["models"], fp_per_scan),
             "method": "untrained",

@@ -19,9 +19,11 @@ Checkpoints are slimmed to ``{"state_dict", "hyper_parameters"}`` (no optimiser 
 checkpoint per model. The detection operating threshold and the stage-1 weight of the score fusion are
 chosen by running the two-stage detector on the stage-1 run's validation scans (its datamodule config,
 so its cache must still be there): the fusion weight w ∈ {0, 0.1, …, 1} of ``(1 − w)·p_MPPN + w·p_stage1``
-with the highest validation CPM (ties: the MPPN run's own ``stage1_weight``, then the smaller w), and the
-lowest fused score at which the validation scans keep at most ``fp_per_scan`` false positives per scan
-(default 1) under the LUNA16 hit rules.
+with the highest validation CPM (``lungdet.fusion.choose_fusion``, the rule `lungdet fit` uses; ties: the
+weight the MPPN run's `lungdet test` scores with — its validation choice under ``fusion_search``, else its
+``stage1_weight`` — then the smaller w), and the lowest fused score at which the validation scans keep at
+most ``fp_per_scan`` false positives per scan (default 1) under the LUNA16 hit rules. The run's own choice
+is recorded beside it (``detection.run_fusion``).
 
 ``Bundle.load`` refuses a bundle (one line naming ``bundle.json`` and the key) when a file's sha256, the
 schema version, or a model's recorded preprocessing differs from what this code would do with the model's
@@ -79,6 +81,7 @@ MODEL_KINDS: dict[str, str] = {
 #: Run-time arguments that describe a training run's files or its evaluation, not how a bundle analyses a scan.
 _NOT_FOR_A_BUNDLE = frozenset(
     {"fp_rate", "results_csv", "stage1_checkpoint", "stage1_inference", "operating_threshold", "with_hd95"}
+    | {"fusion_search"}  # the bundle's own choice (detection.stage1_weight) is what analyze scores with
     | {"predict_dir", "mask_format", "mask_grid"}
 )
 
@@ -96,7 +99,6 @@ def runtime_keys(kind: str) -> tuple[str, ...]:
 
 #: Hyperparameters that name files of the training run; they mean nothing inside a bundle.
 _DROPPED_HPARAMS = ("stage1_checkpoints", "stage1_checkpoint", "results_csv", "predict_dir")
-FUSION_GRID = tuple(round(0.1 * k, 1) for k in range(11))
 
 
 def package_version() -> str:
@@ -560,6 +562,7 @@ def write_bundle(
     resolved = {kind: resolve_run(sources[kind]) for kind in MODEL_KINDS}
     entries: dict[str, dict[str, Any]] = {}
     files: dict[str, str] = {}
+    run_fusion: dict[str, Any] = {}
     for kind, source in resolved.items():
         say(f"{kind}: {source.checkpoint}")
         ckpt = _load_checkpoint(source.checkpoint)
@@ -577,6 +580,8 @@ def write_bundle(
         tmp.replace(out / file_name)
         files[file_name] = sha256_file(out / file_name)
         entries[kind] = _model_entry(kind, source, ckpt, file_name, files[file_name])
+        if kind == "mppn":
+            run_fusion = _run_fusion(source, ckpt)
     # The two-stage system is what `lungdet test` of the MPPN run scores: its stage1_inference overrides (e.g.
     # max_candidates 32) apply to the chained stage-1 model, so the bundle keeps them too (no drift).
     stage1_overrides = resolved["mppn"].model_args.get("stage1_inference") or {}
@@ -609,7 +614,12 @@ def write_bundle(
     bundle = Bundle.load(out)
     say("choosing the operating threshold and fusion on the stage-1 run's validation scans")
     manifest["detection"] = choose_operating_point(
-        bundle, entries["stage1"]["data"], fp_per_scan=fp_per_scan, search_fusion=search_fusion
+        bundle,
+        entries["stage1"]["data"],
+        fp_per_scan=fp_per_scan,
+        search_fusion=search_fusion,
+        preferred=run_fusion["stage1_weight"],
+        run_fusion=run_fusion,
     )
     atomic.write_json(out / BUNDLE_FILE, _jsonable(manifest), indent=2)
     say(
@@ -617,6 +627,25 @@ def write_bundle(
         f"stage1_weight {manifest['detection']['stage1_weight']:g}"
     )
     return out / BUNDLE_FILE
+
+
+def _run_fusion(source: RunSource, ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The fusion the MPPN run's `lungdet test` scores with (``FPRTask.fusion_info``'s fields), from its
+    config and the validation choice its checkpoint holds."""
+    from lungdet.fusion import CHECKPOINT_KEY
+
+    args = source.model_args
+    configured = float(args.get("stage1_weight", 0.0))
+    search = bool(args.get("fusion_search", False))
+    saved = ckpt.get(CHECKPOINT_KEY)
+    searched = search and bool(saved)
+    return {
+        "stage1_weight": float(saved["stage1_weight"]) if searched else configured,
+        "source": "validation" if searched else "configured",
+        "fusion_search": search,
+        "configured_stage1_weight": configured,
+        "validation": _jsonable(saved) if saved else None,
+    }
 
 
 def _placeholder_detection(entries: Mapping[str, Any], fp_per_scan: float) -> dict[str, Any]:
@@ -632,8 +661,9 @@ def _placeholder_detection(entries: Mapping[str, Any], fp_per_scan: float) -> di
 # ------------------------------------------------------------------------------------------ operating point
 
 
-def _validation_scores(bundle: Bundle, data: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Two-stage scores of every validation scan of the stage-1 run: candidates, both scores, references."""
+def _validation_scores(bundle: Bundle, data: Mapping[str, Any]) -> list[Any]:
+    """Two-stage scores of every validation scan of the stage-1 run (``lungdet.fusion.ScoredScan``s)."""
+    from lungdet.fusion import ScoredScan
     from lungdet.inference import candidates_to_world, score_candidates
 
     module, name = data["class_path"].rsplit(".", 1)
@@ -662,81 +692,47 @@ def _validation_scores(bundle: Bundle, data: Mapping[str, Any]) -> list[dict[str
                 pad_value=mppn.pad_value,
                 mirror=mppn.mirror_tta,
             )
-            rows.append(
-                {
-                    "uid": scan["uid"],
-                    "world": candidates_to_world(cands[:, 1:4], scan["entry"]),
-                    "stage1": cands[:, 0].double().cpu(),
-                    "mppn": p.double().cpu(),
-                    "nodules": scan["nodules"].cpu(),
-                    "excluded": scan["excluded"].cpu(),
-                }
-            )
+            world = candidates_to_world(cands[:, 1:4], scan["entry"])
+            rows.append(ScoredScan.from_scan(scan, world, p, cands[:, 0]))
     if not rows:
         raise ValueError("the stage-1 run's validation part is empty; bundle runs that have validation scans")
     return rows
 
 
-def _fused(rows: list[dict[str, Any]], weight: float) -> list[torch.Tensor]:
-    from lungdet.inference import fuse_scores
-
-    return [fuse_scores(row["mppn"], row["stage1"], weight).double() for row in rows]
-
-
-def _cpm(rows: list[dict[str, Any]], weight: float) -> float:
-    """Validation CPM of the fused scores (``LUNA16FROC``: the official rules)."""
-    from common.metrics.froc_torch import LUNA16FROC, scan_key_from_uid
-
-    metric = LUNA16FROC()
-    for row, score in zip(rows, _fused(rows, weight)):
-        marks = torch.cat([torch.as_tensor(row["world"]).reshape(-1, 3).double(), score.reshape(-1, 1)], 1)
-        metric.update([scan_key_from_uid(row["uid"])], [marks], [row["nodules"]], [row["excluded"]])
-    return float(metric.compute_result().cpm)
-
-
-def _operating_point(rows: list[dict[str, Any]], weight: float, fp_per_scan: float):
+def _operating_point(scans: list[Any], weight: float, fp_per_scan: float):
     """``common.metrics.detection.operating_point_at_fp_rate`` on the LUNA16-matched fused marks."""
     from common.metrics.detection import operating_point_at_fp_rate
     from common.metrics.froc import match_candidates
+    from lungdet.fusion import froc_inputs
 
-    scores = _fused(rows, weight)
-    cand_scan = np.concatenate([np.full(len(s), i) for i, s in enumerate(scores)]).astype(np.int64)
-    cand_xyz = np.concatenate([np.asarray(r["world"], dtype=np.float64).reshape(-1, 3) for r in rows])
-    cand_prob = np.concatenate([s.cpu().numpy() for s in scores])
-    findings = [(i, f, True) for i, r in enumerate(rows) for f in r["nodules"].numpy().reshape(-1, 4)]
-    findings += [(i, f, False) for i, r in enumerate(rows) for f in r["excluded"].numpy().reshape(-1, 4)]
-    nod = np.asarray([f for _, f, _ in findings], dtype=np.float64).reshape(-1, 4)
-    entries, _ = match_candidates(
-        cand_scan,
-        cand_xyz,
-        cand_prob,
-        np.asarray([i for i, _, _ in findings], dtype=np.int64),
-        nod[:, :3],
-        nod[:, 3],
-        np.asarray([inc for _, _, inc in findings], dtype=bool),
-        n_scans=len(rows),
-    )
+    entries, _ = match_candidates(*froc_inputs(scans, weight).args())
     return operating_point_at_fp_rate(entries, fp_per_scan)
 
 
 def choose_operating_point(
-    bundle: Bundle, data: Mapping[str, Any], *, fp_per_scan: float = 1.0, search_fusion: bool = True
+    bundle: Bundle,
+    data: Mapping[str, Any],
+    *,
+    fp_per_scan: float = 1.0,
+    search_fusion: bool = True,
+    preferred: float | None = None,
+    run_fusion: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fusion weight (max validation CPM over `FUSION_GRID`) and the threshold at ``fp_per_scan`` FP/scan.
+    """Fusion weight (``lungdet.fusion.choose_fusion``) and the threshold at ``fp_per_scan`` FP/scan.
 
-    The threshold is the lowest fused score at which the validation scans keep at most ``fp_per_scan``
-    false positives per scan under the LUNA16 hit rules (``operating_point_at_fp_rate``: a score the
-    detector really produced, no interpolation).
+    ``preferred`` (default: the MPPN task's ``stage1_weight``) wins ties and is the only weight scored
+    without ``search_fusion``. The threshold is the lowest fused score at which the validation scans keep
+    at most ``fp_per_scan`` false positives per scan under the LUNA16 hit rules
+    (``operating_point_at_fp_rate``: a score the detector really produced, no interpolation).
     """
-    rows = _validation_scores(bundle, data)
+    from lungdet.fusion import FUSION_GRID, choose_fusion
+
+    scans = _validation_scores(bundle, data)
     configured = float(bundle.models["mppn"].task.stage1_weight)
-    n_nodules = int(sum(r["nodules"].shape[0] for r in rows))
-    grid = FUSION_GRID if search_fusion and n_nodules else (configured,)
-    cpms = {w: (_cpm(rows, w) if n_nodules else float("nan")) for w in grid}
-    best = max(cpms.values()) if n_nodules else float("nan")
-    ties = [w for w, c in cpms.items() if n_nodules and math.isclose(c, best, abs_tol=1e-12)]
-    weight = configured if (configured in ties or not ties) else min(ties)
-    point = _operating_point(rows, weight, fp_per_scan)
+    preferred = configured if preferred is None else float(preferred)
+    choice = choose_fusion(scans, preferred, FUSION_GRID if search_fusion else (preferred,))
+    weight = choice.stage1_weight
+    point = _operating_point(scans, weight, fp_per_scan)
     # No validation candidate at all: a threshold above every probability (JSON has no infinity).
     threshold = float(point.threshold) if math.isfinite(point.threshold) else float(np.nextafter(1.0, 2.0))
     return {
@@ -746,10 +742,12 @@ def choose_operating_point(
         "validation_sensitivity": float(point.recall),
         "stage1_weight": float(weight),
         "configured_stage1_weight": configured,
-        "fusion_search": {f"{w:g}": (None if math.isnan(c) else float(c)) for w, c in cpms.items()},
-        "validation_cpm": None if not n_nodules else float(cpms[weight]),
-        "validation_scans": len(rows),
-        "validation_nodules": n_nodules,
+        "preferred_stage1_weight": preferred,
+        "fusion_search": choice.to_dict()["validation_cpm"],
+        "validation_cpm": choice.cpm,
+        "validation_scans": choice.validation_scans,
+        "validation_nodules": choice.validation_nodules,
+        "run_fusion": _jsonable(dict(run_fusion)) if run_fusion is not None else None,
         "method": "two-stage detector run on the stage-1 run's validation scans (official LUNA16 hit rules)",
     }
 

@@ -148,7 +148,7 @@ def build(
         "scans": scans,
         "lidc_scans": lidc_scans,
         "seed": seed,
-        "demo_cpm": float(result["evaluated"]["stage 1 + MPPN (CLAF)"].cpm),
+        "demo_cpm": float(result["evaluated"][claf.FINAL].cpm),
         "timings_s": timings,
     }
     atomic.write_json(env_file, env, indent=2)
@@ -199,7 +199,7 @@ def check_drift(env: dict[str, Any]) -> dict[str, Any]:
         ["test", "--config", str(claf.STAGE2_CONFIG), *common, "--run_name", "stage2_same_fusion",
          "--data.init_args.candidates_csv", str(Path(env["runs"]) / "stage1_train_val_candidates.csv"),
          "--model.init_args.stage1_checkpoint", env["checkpoints"]["stage1"],
-         "--model.init_args.stage1_weight", str(weight), *STAGE2_ARGS, "--ckpt_path", env["checkpoints"]["stage2"]]
+         "--model.init_args.stage1_weight", str(weight), "--model.init_args.fusion_search", "false", *STAGE2_ARGS, "--ckpt_path", env["checkpoints"]["stage2"]]
     )  # fmt: skip
     test_s = time.perf_counter() - start
     shutil.copy(Path(cli.trainer.log_dir) / "test_results.csv", out / "results_lungdet_test.csv")

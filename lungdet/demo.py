@@ -6,12 +6,15 @@ What runs (every step is the `lungdet` command a user would type, called in-proc
 2. stage 1 ``fit`` with ``configs/demo/claf_demo.yaml`` (the cache is built by ``prepare_data``; the split,
    60 / 10 / 30 % of the scans, is saved beside it), then ``test`` on the held-out scans;
 3. stage 1 ``predict`` on the training and validation scans → candidates for stage 2;
-4. stage 2 ``fit`` with ``configs/demo/mppn_demo.yaml`` on those candidates plus ``candidates_V2.csv``,
-   then ``test``: stage 1 runs on each held-out scan and the MPPN re-scores its candidates;
+4. stage 2 ``fit`` with ``configs/demo/mppn_demo.yaml`` on those candidates plus ``candidates_V2.csv``
+   (its validation chooses the fusion weight w of ``(1 − w)·p_MPPN + w·p_stage1``, ``lungdet.fusion``),
+   then ``test``: stage 1 runs on each held-out scan and the MPPN re-scores its candidates, fused with the
+   checkpoint's w (``test_fusion.json``, copied to the report as ``fusion.json``);
 5. the official LUNA16 evaluation (``common.metrics.froc_io.evaluate_froc_files``, the code behind
    ``lungdata evaluate-froc``, 1000 bootstrap samples) of stage 1 alone and of both stages on the
    held-out scans;
-6. a report folder: ``README.md`` (FROC table, CPM, sensitivity at 0.55 FP/scan, timings), ``froc.png`` and
+6. a report folder: ``README.md`` (FROC table; stage 1's CPM and the two-stage CPM with the validation-chosen
+   w side by side with their 95 % bootstrap intervals; sensitivity at 0.55 FP/scan, timings), ``froc.png`` and
    ``froc_stage1.png``, ``results.csv`` (LUNA16 format), ``froc.json``, candidate overlays and Grad-CAM PNGs.
 
 ``python -m lungdet.demo [--out demo_out] [--scans 20] [--seed 0]``; ``--stage1 "ARGS"`` / ``--stage2 "ARGS"``
@@ -45,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAGE1_CONFIG = REPO / "configs" / "demo" / "claf_demo.yaml"
 STAGE2_CONFIG = REPO / "configs" / "demo" / "mppn_demo.yaml"
 FP_RATE = 0.55
+FINAL = "stage 1 + MPPN, validation-chosen fusion"
 
 
 def _synth(tree: Path, scans: int, seed: int) -> None:
@@ -96,6 +100,53 @@ def _row(name: str, result) -> dict[str, Any]:
     row["recall"] = result.counts.sensitivity
     row["candidates/scan"] = result.counts.candidates_per_scan
     return row
+
+
+def _cpm_with_interval(result) -> str:
+    if result.bootstrap is None:
+        return f"{result.cpm:.3f}"
+    return f"{result.cpm:.3f} [{result.bootstrap.cpm_lower:.3f}, {result.bootstrap.cpm_upper:.3f}]"
+
+
+def _headline(evaluated: dict[str, Any], fusion: dict[str, Any], bootstrap: int) -> list[str]:
+    """Stage 1 and the two-stage score side by side (CPM, 95 % interval), and how w was chosen."""
+    final, stage1 = evaluated[FINAL], evaluated["stage 1 (CLAF candidate net)"]
+    same = evaluated["stage 1 scores, stage-2 candidates"]
+    interval = f" [95 % bootstrap interval over scans, {bootstrap} samples]" if bootstrap else ""
+    lines = [
+        f"| CPM{interval} | stage 1 (100 candidates/scan) | stage 1, stage-2 candidates | both stages (w = "
+        f"{fusion['stage1_weight']:g}) |",
+        "| --- | --- | --- | --- |",
+        f"| held-out scans | {_cpm_with_interval(stage1)} | {_cpm_with_interval(same)} | "
+        f"**{_cpm_with_interval(final)}** |",
+        "",
+    ]
+    validation = fusion.get("validation")
+    if fusion["source"] == "validation" and validation:
+        tried = ", ".join(
+            f"{w}: {c:.3f}" if c is not None else f"{w}: –" for w, c in validation["validation_cpm"].items()
+        )
+        chosen = validation["chosen_validation_cpm"]
+        searched = len(validation["validation_cpm"]) > 1
+        lines.append(
+            f"Fusion {'chosen' if searched else 'kept'} on the MPPN run's validation scans "
+            f"(scans: {validation['validation_scans']}, nodules: {validation['validation_nodules']}, "
+            f"epoch {validation['epoch']}): w = {fusion['stage1_weight']:g} in (1 − w)·p_MPPN + w·p_stage1, "
+            "validation CPM "
+            + (f"{chosen:.3f}" if chosen is not None else "undefined (no nodule)")
+            + (
+                f" (ties go to the configured {fusion['configured_stage1_weight']:g}, then to the smaller w). "
+                f"Validation CPM per w: {tried}."
+                if searched
+                else " (only the configured w was scored: no validation nodule or no stage-1 score)."
+            )
+        )
+    else:
+        lines.append(
+            f"Fusion: the configured w = {fusion['stage1_weight']:g} (no validation choice in the checkpoint: "
+            "`fusion_search` off or no validation epoch)."
+        )
+    return lines
 
 
 def _markdown(rows: list[dict[str, Any]]) -> str:
@@ -243,6 +294,7 @@ def run_demo(
         cli = _lungdet(["test", *stage2, *two_stage, *stage2_args, "--ckpt_path", stage2_ckpt])
         run = Path(cli.trainer.log_dir)
         shutil.copy(run / "test_results.csv", report / "results.csv")
+        shutil.copy(run / "test_fusion.json", report / "fusion.json")
         shutil.copy(run / "test_results_stage1.csv", report / "results_stage1_same_candidates.csv")
         if (run / "test_results_mppn.csv").is_file():
             shutil.copy(run / "test_results_mppn.csv", report / "results_mppn_alone.csv")
@@ -264,9 +316,9 @@ def run_demo(
             evaluated["MPPN alone, stage-2 candidates"] = _evaluate(
                 tree, report / "results_mppn_alone.csv", seriesuids, bootstrap
             )
-        evaluated["stage 1 + MPPN (CLAF)"] = _evaluate(tree, report / "results.csv", seriesuids, bootstrap)
+        evaluated[FINAL] = _evaluate(tree, report / "results.csv", seriesuids, bootstrap)
         rows = [_row(name, result) for name, result in evaluated.items()]
-        final = evaluated["stage 1 + MPPN (CLAF)"]
+        final = evaluated[FINAL]
         plot_froc(final, report / "froc.png", label="CLAF stage 1 + MPPN")
         plot_froc(evaluated["stage 1 (CLAF candidate net)"], report / "froc_stage1.png", label="CLAF stage 1")
         atomic.write_text(
@@ -279,6 +331,7 @@ def run_demo(
             _figures(report, cache, pd.read_csv(report / "results.csv"), stage1_ckpt)
 
     counts = final.counts
+    fusion = json.loads((report / "fusion.json").read_text())
     text = [
         "# lungdet demo — CLAF on synthetic LUNA16 scans",
         "",
@@ -288,17 +341,21 @@ def run_demo(
         "",
         _markdown(rows),
         "",
-        f"**CPM {final.cpm:.3f}; sensitivity at {FP_RATE:g} FP/scan "
-        f"{rows[-1][f'sens@{FP_RATE:g}']:.3f}** (stage 1 + MPPN; the paper reports CPM 0.878 and 0.900 at 0.55 "
-        "FP/scan on real LUNA16 — synthetic phantoms are not comparable, this run shows the pipeline works).",
+        *_headline(evaluated, fusion, bootstrap),
+        "",
+        f"Sensitivity at {FP_RATE:g} FP/scan of both stages: {rows[-1][f'sens@{FP_RATE:g}']:.3f} (the paper "
+        "reports CPM 0.878 and 0.900 at 0.55 FP/scan on real LUNA16 — synthetic phantoms are not comparable, "
+        "this run shows the pipeline works).",
         "",
         "Rows: stage 1 alone (its 100 best candidates per scan); the stage-1 scores and the MPPN probabilities "
-        "of the candidates stage 2 re-scores (the 32 best of stage 1 per scan); the final score of "
-        "`configs/demo/mppn_demo.yaml` (mean of both, see its header).",
+        "of the candidates stage 2 re-scores (the 32 best of stage 1 per scan); the final score "
+        "(1 − w)·p_MPPN + w·p_stage1 with the w the MPPN run chose on its validation scans "
+        "(`fusion_search` in `configs/demo/mppn_demo.yaml`; w = 1 is stage 1's own ranking, so on the "
+        "validation scans the fusion is never below stage 1 on these candidates).",
         "",
-        "Files: `results.csv` (LUNA16 results format), `results_stage1.csv`, `froc.png`, `froc_stage1.png`, "
-        "`froc.json`, `froc_table.csv`, `candidates/*.png` (green: annotation, yellow: candidate), "
-        "`gradcam/*.png`.",
+        "Files: `results.csv` (LUNA16 results format), `results_stage1.csv`, `fusion.json` (the chosen w and "
+        "the validation CPM of every w), `froc.png`, `froc_stage1.png`, `froc.json`, `froc_table.csv`, "
+        "`candidates/*.png` (green: annotation, yellow: candidate), `gradcam/*.png`.",
         "",
         "| step | seconds |",
         "| --- | --- |",

@@ -18,11 +18,15 @@
     validate / test: per scan, the candidates the datamodule attached, or — when it attached none
     (``eval_candidates: stage1``, or predicting on a folder) — the candidates of the stage-1 checkpoint
     ``stage1_checkpoint`` run on the scan; MPPN probability per candidate, optionally fused with the
-    stage-1 score (``stage1_weight``); logs AUC and accuracy over labelled candidates, the FROC of the
+    stage-1 score: ``(1 − w)·p_MPPN + w·p_stage1``, w = ``stage1_weight``, or — with ``fusion_search`` —
+    the w chosen on the validation scans (``lungdet.fusion.choose_fusion``, max validation CPM; logged as
+    ``val/stage1_weight`` and ``val/cpm_w<w>``, saved in the checkpoint, used by test and predict of that
+    checkpoint); logs AUC and accuracy over labelled candidates, the FROC of the
     re-scored candidates and sensitivity at 0.55 FP/scan, and — when the candidates carry stage-1 scores —
     the same FROC numbers for the stage-1 scores of the same candidates (``<stage>/stage1_cpm``, …) and,
     when the scores are fused, for the MPPN alone (``<stage>/mppn_cpm``, …), so one run shows what each
-    stage adds; test writes ``test_results.csv``, ``test_results_stage1.csv`` (and ``_mppn``).
+    stage adds; test writes ``test_results.csv``, ``test_results_stage1.csv`` (and ``_mppn``) and
+    ``test_fusion.json`` (the weight used, where it came from, the validation CPM of every weight tried).
     predict writes the two-stage ``results.csv``.
 
 Reproducibility: before every training batch the global torch/numpy/python generators are reseeded from
@@ -56,6 +60,7 @@ from common.metrics.froc_io import write_results_csv
 from common.metrics.froc_torch import LUNA16FROC, scan_key_from_uid
 from lungdet.anchors import DEFAULT_ANCHOR_SIZES, anchor_grid, assign_targets_batch
 from lungdet.candidates import label_candidates
+from lungdet.fusion import CHECKPOINT_KEY, FusionChoice, ScoredScan, choose_fusion
 from lungdet.inference import (
     Stage1Inference,
     candidates_to_world,
@@ -81,6 +86,7 @@ STAGE2_RUNTIME = (
     "stage1_checkpoint",
     "stage1_inference",
     "stage1_weight",
+    "fusion_search",
     "chunk_size",
     "mirror_tta",
     "fp_rate",
@@ -413,7 +419,11 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
             (two-stage evaluation, prediction on new scans).
         stage1_inference: stage-1 inference options for the chained checkpoint (fields of
             ``Stage1Inference``, e.g. ``{block_size: 128, score_threshold: 0.05}``); the defaults otherwise.
-        stage1_weight: final score = (1 − w)·p_MPPN + w·p_stage1 (0 = MPPN only, the paper).
+        stage1_weight: final score = (1 − w)·p_MPPN + w·p_stage1 (0 = MPPN only, the paper); with
+            ``fusion_search`` the weight preferred on ties.
+        fusion_search: choose w on the validation scans at every validation epoch end (max validation CPM
+            over ``lungdet.fusion.FUSION_GRID``), keep the choice in the checkpoint and score test and
+            predict with it; false: always ``stage1_weight`` (reproducing the paper: false with 0).
         chunk_size: candidates per MPPN forward pass at evaluation.
         mirror_tta: score each candidate as the mean MPPN probability over its 8 mirrored crops (test-time
             augmentation, 8× the stage-2 compute; not in the paper).
@@ -434,6 +444,7 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
         stage1_checkpoint: str | None = None,
         stage1_inference: dict[str, Any] | None = None,
         stage1_weight: float = 0.0,
+        fusion_search: bool = False,
         chunk_size: int = 64,
         mirror_tta: bool = False,
         fp_rate: float = 0.55,
@@ -449,6 +460,10 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
         self.stage1_checkpoint = stage1_checkpoint
         self.stage1_inference = dict(stage1_inference or {})
         self.stage1_weight = stage1_weight
+        self.fusion_search = bool(fusion_search)
+        #: the validation choice (this run's last validation, or the checkpoint's); None before either
+        self.fusion: FusionChoice | None = None
+        self._val_scans: list[ScoredScan] = []
         self.chunk_size = chunk_size
         self.mirror_tta = mirror_tta
         self.fp_rate = fp_rate
@@ -567,17 +582,30 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
             )
         finally:
             self.model.train(was_training)
-        return world, fuse_scores(p, stage1, self.stage1_weight), p, stage1
+        return world, fuse_scores(p, stage1, self.fusion_weight), p, stage1
+
+    @property
+    def fusion_weight(self) -> float:
+        """The stage-1 weight scored with: the validation choice under ``fusion_search``, else ``stage1_weight``."""
+        if self.fusion_search and self.fusion is not None:
+            return self.fusion.stage1_weight
+        return self.stage1_weight
+
+    def _searching(self, stage: str) -> bool:
+        return stage == "val" and self.fusion_search
 
     def _eval_step(self, scans: list[dict[str, Any]], stage: str) -> None:
         for scan in scans:
             world, final, p, stage1 = self.score(scan)
-            self._record_scan(stage, scan, world, final)
+            if self._searching(stage):  # the final score waits for the epoch's choice of w
+                self._val_scans.append(ScoredScan.from_scan(scan, world, p, stage1))
+            else:
+                self._record_scan(stage, scan, world, final)
             if stage == "predict":
                 continue
             if stage1 is not None and not bool(torch.isnan(stage1).any()):
                 self._record_scan(stage, scan, world, stage1, kind="stage1")
-                if self.stage1_weight > 0:
+                if self.fusion_weight > 0 or self._searching(stage):
                     self._record_scan(stage, scan, world, p, kind="mppn")
             if "labels" in scan:
                 labels, ignore = scan["labels"], scan["ignore"].to(torch.bool)
@@ -599,20 +627,86 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
             self.log_dict({k: float(v) for k, v in metrics.compute().items()})
         metrics.reset()
 
+    def _choose_fusion(self) -> None:
+        """Choose w on this epoch's validation scans (all ranks), then score them with it as ``val/…``."""
+        scans, self._val_scans = self._val_scans, []
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, scans)
+            unique = {s.uid: s for part in reversed(gathered) for s in part}  # sampler padding repeats scans
+            scans = list(unique.values())
+        if not scans:
+            return
+        choice = choose_fusion(scans, self.stage1_weight, epoch=int(self.current_epoch))
+        if not self.trainer.sanity_checking:  # a sanity check sees a batch or two: not a choice to keep
+            self.fusion = choice
+        values = {"val/stage1_weight": choice.stage1_weight}
+        values.update({f"val/cpm_w{w:g}": c for w, c in choice.validation_cpm.items() if c is not None})
+        self.log_dict({k: float(v) for k, v in values.items()}, sync_dist=False)
+        for scan in scans:
+            item = {"uid": scan.uid, "nodules": scan.nodules, "excluded": scan.excluded}
+            self._record_scan("val", item, scan.world, scan.fused(choice.stage1_weight))
+
     def on_validation_epoch_end(self) -> None:
-        self._rows["val"], self._rows["val_stage1"] = [], []
+        if self.fusion_search:
+            self._choose_fusion()
         self._log_classification("val")
         self._log_froc("val")
         self._log_froc("val", "stage1")
-        if self.stage1_weight > 0:
+        if self.fusion_search or self.fusion_weight > 0:
             self._log_froc("val", "mppn")
+        for kind in self._KINDS:
+            self._rows[_key("val", kind)] = []
 
     def on_test_epoch_end(self) -> None:
         self._log_classification("test")
+        self._write_fusion()
         self._write_test_outputs(self._log_froc("test"), "CLAF stage 1 + MPPN")
         self._write_test_outputs(self._log_froc("test", "stage1"), "CLAF stage 1 (same candidates)", "stage1")
-        if self.stage1_weight > 0:
+        if self.fusion_weight > 0:
             self._write_test_outputs(self._log_froc("test", "mppn"), "MPPN alone (same candidates)", "mppn")
+
+    def fusion_info(self) -> dict[str, Any]:
+        """Which fusion this task scores with and why (``test_fusion.json``)."""
+        searched = self.fusion_search and self.fusion is not None
+        return {
+            "stage1_weight": float(self.fusion_weight),
+            "source": "validation" if searched else "configured",
+            "fusion_search": self.fusion_search,
+            "configured_stage1_weight": float(self.stage1_weight),
+            "validation": self.fusion.to_dict() if self.fusion is not None else None,
+        }
+
+    def _write_fusion(self) -> None:
+        self.log("test/stage1_weight", float(self.fusion_weight), sync_dist=False)
+        if self.trainer.global_rank == 0:
+            path = self._run_dir() / "test_fusion.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.fusion_info(), indent=2))
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self._warn_without_choice()
+
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        self._warn_without_choice()
+
+    def _warn_without_choice(self) -> None:
+        if self.fusion_search and self.fusion is None:
+            log.warning(
+                "fusion_search is on but this checkpoint holds no validation choice (trained without validation "
+                "or before fusion_search existed): scoring with stage1_weight %g",
+                self.stage1_weight,
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.fusion is not None:
+            checkpoint[CHECKPOINT_KEY] = self.fusion.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        self.fusion = FusionChoice.from_dict(saved) if saved else None
 
     def on_predict_epoch_end(self) -> None:
         self._write_predictions()

@@ -16,6 +16,7 @@ import common.cache
 import lungcad.bundle as bundle_module
 from lungcad.bundle import BUNDLE_FILE, MODEL_KINDS, Bundle, resolve_run
 from lungcad.cli import main as lungcad_main
+from lungdet.fusion import ScoredScan
 
 SCHEMA = Path(__file__).resolve().parents[2] / "lungcad" / "schemas" / "bundle.schema.json"
 
@@ -48,6 +49,13 @@ def test_bundle_json_follows_its_schema_and_describes_every_model(tiny_bundle, t
     assert detection["validation_fp_per_scan"] <= 1.0 + 1e-9
     assert set(detection["fusion_search"]) == {f"{0.1 * k:g}" for k in range(11)}
     assert 0.0 <= detection["stage1_weight"] <= 1.0
+    # the MPPN run searches (its config) but trained without validation: its test scores with the configured
+    # 0.5, which is the weight the bundle prefers on ties
+    assert (
+        detection["run_fusion"]["fusion_search"] is True and detection["run_fusion"]["source"] == "configured"
+    )
+    assert detection["preferred_stage1_weight"] == detection["run_fusion"]["stage1_weight"] == 0.5
+    assert "fusion_search" not in manifest["models"]["mppn"]["runtime"]
     # a run folder resolves to its newest version's checkpoint, config and run info
     source = resolve_run(tiny_bundle_env["run_stage1"].parent)
     assert (
@@ -129,22 +137,22 @@ def test_fusion_weight_and_threshold_come_from_the_validation_froc(monkeypatch):
     (CPM 1); the smallest such w wins when the run's own weight (0) is not among the best. At 0.5 FP/scan
     the threshold admits the nodule and one false positive (fused scores 0.55, 0.5 | 0.45)."""
     rows = [
-        {
-            "uid": "a",
-            "world": np.array([[0.0, 0.0, 0.0], [50.0, 0.0, 0.0], [80.0, 0.0, 0.0]]),
-            "stage1": torch.tensor([0.9, 0.1, 0.8], dtype=torch.float64),
-            "mppn": torch.tensor([0.2, 0.9, 0.1], dtype=torch.float64),
-            "nodules": torch.tensor([[0.0, 0.0, 0.0, 10.0]], dtype=torch.float64),
-            "excluded": torch.zeros(0, 4, dtype=torch.float64),
-        },
-        {
-            "uid": "b",
-            "world": np.zeros((0, 3)),
-            "stage1": torch.zeros(0, dtype=torch.float64),
-            "mppn": torch.zeros(0, dtype=torch.float64),
-            "nodules": torch.zeros(0, 4, dtype=torch.float64),
-            "excluded": torch.zeros(0, 4, dtype=torch.float64),
-        },
+        ScoredScan(
+            uid="a",
+            world=np.array([[0.0, 0.0, 0.0], [50.0, 0.0, 0.0], [80.0, 0.0, 0.0]]),
+            stage1=torch.tensor([0.9, 0.1, 0.8], dtype=torch.float64),
+            mppn=torch.tensor([0.2, 0.9, 0.1], dtype=torch.float64),
+            nodules=torch.tensor([[0.0, 0.0, 0.0, 10.0]], dtype=torch.float64),
+            excluded=torch.zeros(0, 4, dtype=torch.float64),
+        ),
+        ScoredScan(
+            uid="b",
+            world=np.zeros((0, 3)),
+            stage1=torch.zeros(0, dtype=torch.float64),
+            mppn=torch.zeros(0, dtype=torch.float64),
+            nodules=torch.zeros(0, 4, dtype=torch.float64),
+            excluded=torch.zeros(0, 4, dtype=torch.float64),
+        ),
     ]
     monkeypatch.setattr(bundle_module, "_validation_scores", lambda bundle, data: rows)
     fake = SimpleNamespace(models={"mppn": SimpleNamespace(task=SimpleNamespace(stage1_weight=0.0))})
@@ -158,6 +166,13 @@ def test_fusion_weight_and_threshold_come_from_the_validation_froc(monkeypatch):
     assert point["validation_sensitivity"] == 1.0 and point["validation_scans"] == 2
     kept = bundle_module.choose_operating_point(fake, {}, fp_per_scan=0.5, search_fusion=False)
     assert kept["stage1_weight"] == 0.0 and set(kept["fusion_search"]) == {"0"}
+    # the run's own choice (here 1) wins the tie among the best weights and is what --keep-fusion keeps
+    run = {"stage1_weight": 1.0, "source": "validation"}
+    preferred = bundle_module.choose_operating_point(fake, {}, fp_per_scan=0.5, preferred=1.0, run_fusion=run)
+    assert preferred["stage1_weight"] == 1.0 and preferred["run_fusion"] == run
+    assert preferred["preferred_stage1_weight"] == 1.0 and preferred["configured_stage1_weight"] == 0.0
+    kept = bundle_module.choose_operating_point(fake, {}, fp_per_scan=0.5, search_fusion=False, preferred=1.0)
+    assert kept["stage1_weight"] == 1.0 and set(kept["fusion_search"]) == {"1"}
 
 
 def test_the_bundle_command_wrote_the_fixture(tiny_bundle_env):

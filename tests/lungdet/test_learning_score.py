@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lungdet.learning import SYSTEMS, checks, score
+from lungdet.learning import FINAL, SYSTEMS, checks, score
 
 
 def _folder(tmp_path, shift: float):
@@ -40,7 +40,7 @@ def _folder(tmp_path, shift: float):
 
 def test_identical_final_score_gives_a_zero_paired_interval(tmp_path):
     scored = score(*_folder(tmp_path, 0.0), n_bootstrap=100)
-    diff = scored["paired"]["final (demo config fusion)"]["CPM"]
+    diff = scored["paired"][FINAL]["CPM"]
     assert (diff.value, diff.lower, diff.upper) == (0.0, 0.0, 0.0)
     assert scored["test_set"] == {"patients": 12, "scans": 12, "nodules": 24}
     by_name = {c["check"]: c for c in checks(scored)}
@@ -50,7 +50,7 @@ def test_identical_final_score_gives_a_zero_paired_interval(tmp_path):
 
 def test_a_better_final_score_has_a_positive_paired_interval(tmp_path):
     scored = score(*_folder(tmp_path, 0.3), n_bootstrap=100)
-    diff = scored["paired"]["final (demo config fusion)"]["CPM"]
+    diff = scored["paired"][FINAL]["CPM"]
     assert diff.value > 0 and diff.upper > 0 and diff.lower >= 0
     stage1 = scored["intervals"]["stage 1 (100 candidates/scan)"]
     assert stage1["sens@8"].lower <= stage1["sens@8"].value <= stage1["sens@8"].upper

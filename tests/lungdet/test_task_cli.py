@@ -7,6 +7,7 @@ crops and inference blocks and points the data at the session's synthetic tree.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -203,3 +204,62 @@ def test_stage2_without_stage1_checkpoint_says_what_to_set(luna_tree, luna_cache
     tiny = _overlay(tmp_path, luna_tree, luna_cache.root, 2, eval_candidates="stage1")
     with pytest.raises(ValueError, match="stage1_checkpoint"):
         main(["test", "--config", MPPN, "--config", tiny])
+
+
+def test_fusion_chosen_in_fit_validation_travels_in_the_checkpoint_and_test_scores_with_it(
+    stage1_checkpoint, luna_tree, luna_cache, tmp_path
+):
+    """`fusion_search` (the MPPN config's default): fit's validation chooses w, the checkpoint keeps it,
+    `lungdet test --ckpt_path` scores with it and writes it to test_fusion.json; `fusion_search false`
+    gives the configured weight back."""
+    from lungdet.fusion import CHECKPOINT_KEY, FUSION_GRID
+
+    tiny = _overlay(tmp_path, luna_tree, luna_cache.root, 2, eval_candidates="stage1")
+    two_stage = [
+        "--config",
+        MPPN,
+        "--config",
+        tiny,
+        "--model.init_args.stage1_checkpoint",
+        str(stage1_checkpoint),
+    ]
+    one_step = (
+        "--trainer.max_epochs 1 --trainer.limit_train_batches 1 --trainer.num_sanity_val_steps 0".split()
+    )
+    cli = main(["fit", *two_stage, *one_step])
+    choice = cli.model.fusion
+    assert cli.model.fusion_search and choice is not None and choice.validation_scans == 1
+    logged = _metrics(cli)
+    assert logged["val/stage1_weight"].dropna().iloc[-1] == pytest.approx(choice.stage1_weight)
+    # every weight of the grid was scored on the validation scan's nodules; the choice is their best
+    assert choice.validation_nodules > 0 and set(choice.validation_cpm) == set(FUSION_GRID)
+    assert choice.cpm == max(choice.validation_cpm.values())
+    assert logged["val/cpm"].dropna().iloc[-1] == pytest.approx(choice.cpm)
+    assert logged["val/cpm_w1"].dropna().iloc[-1] == pytest.approx(logged["val/stage1_cpm"].dropna().iloc[-1])
+    ckpt = tmp_path / "mppn.ckpt"  # the run's own last.ckpt (ModelCheckpoint of the config), copied
+    ckpt.write_bytes(Path(cli.trainer.checkpoint_callback.last_model_path).read_bytes())
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved[CHECKPOINT_KEY] == choice.to_dict() and saved[CHECKPOINT_KEY]["epoch"] == 0
+
+    # a checkpoint whose validation chose 0.7: test must score 0.3·p_MPPN + 0.7·p_stage1, not the config's 0
+    saved[CHECKPOINT_KEY]["stage1_weight"] = 0.7
+    torch.save(saved, ckpt)
+    cli = main(["test", *two_stage, "--ckpt_path", str(ckpt)])
+    run = Path(cli.trainer.log_dir)
+    info = json.loads((run / "test_fusion.json").read_text())
+    assert (
+        info["stage1_weight"] == 0.7
+        and info["source"] == "validation"
+        and info["configured_stage1_weight"] == 0
+    )
+    assert info["validation"]["validation_scans"] == 1
+    assert _metrics(cli)["test/stage1_weight"].dropna().iloc[-1] == pytest.approx(0.7)  # logged as float32
+    final, stage1, mppn = (pd.read_csv(run / f"test_results{s}.csv") for s in ("", "_stage1", "_mppn"))
+    assert len(final) == len(stage1) == len(mppn) > 0
+    expected = 0.3 * mppn["probability"] + 0.7 * stage1["probability"]
+    assert final["probability"].to_numpy() == pytest.approx(expected.to_numpy(), abs=1e-6)
+
+    cli = main(["test", *two_stage, "--ckpt_path", str(ckpt), "--model.init_args.fusion_search", "false"])
+    info = json.loads((Path(cli.trainer.log_dir) / "test_fusion.json").read_text())
+    assert info["stage1_weight"] == 0.0 and info["source"] == "configured"
+    assert not (Path(cli.trainer.log_dir) / "test_results_mppn.csv").exists()
