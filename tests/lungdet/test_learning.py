@@ -6,7 +6,8 @@ carry (issue 21):
 
 * stage 1's sensitivity at 8 FP/scan has a lower bound ≥ 0.80;
 * the final two-stage score does not significantly harm the CPM of the candidates it re-scores: the upper
-  bound of the paired interval final − stage 1 is > 0.
+  bound of the paired interval final − stage 1 is > 0 (or the interval is [0, 0]: validation chose w = 1,
+  stage 1's own ranking).
 
 The former thresholds on point estimates (sens@8 ≥ 0.90, MPPN gain ≥ 0.05 on 35 nodules) sat inside the
 run-to-run spread; their measurements are in docs/journal/. Numbers are printed (run with `-s`); the run

@@ -38,14 +38,24 @@ def _folder(tmp_path, shift: float):
     return report, tree
 
 
+HARM = "final − stage-1 CPM (same candidates), paired upper bound > 0 (or [0, 0]: identical)"
+
+
 def test_identical_final_score_gives_a_zero_paired_interval(tmp_path):
     scored = score(*_folder(tmp_path, 0.0), n_bootstrap=100)
     diff = scored["paired"][FINAL]["CPM"]
     assert (diff.value, diff.lower, diff.upper) == (0.0, 0.0, 0.0)
     assert scored["test_set"] == {"patients": 12, "scans": 12, "nodules": 24}
     by_name = {c["check"]: c for c in checks(scored)}
-    assert not by_name["final − stage-1 CPM (same candidates), paired upper bound > 0"]["passed"]
+    assert by_name[HARM]["passed"]  # identical rankings (validation chose w = 1): no harm, exactly
     assert not by_name["test nodules ≥ 80"]["passed"]
+
+
+def test_a_worse_final_score_fails_the_no_harm_check(tmp_path):
+    scored = score(*_folder(tmp_path, -0.6), n_bootstrap=100)
+    diff = scored["paired"][FINAL]["CPM"]
+    assert diff.upper < 0
+    assert not {c["check"]: c for c in checks(scored)}[HARM]["passed"]
 
 
 def test_a_better_final_score_has_a_positive_paired_interval(tmp_path):
