@@ -378,7 +378,11 @@ def slice_probabilities(
 
 @torch.no_grad()
 def predict_scan(
-    model: nn.Module, item: dict[str, Any], cfg: InferenceConfig, filter_by_mask: bool | None = None
+    model: nn.Module,
+    item: dict[str, Any],
+    cfg: InferenceConfig,
+    filter_by_mask: bool | None = None,
+    segmentation: bool = True,
 ) -> ScanPrediction:
     """Run GLANCE over one scan and turn its slice outputs into 3D candidates and a probability volume.
 
@@ -388,6 +392,10 @@ def predict_scan(
         cfg: inference settings.
         filter_by_mask: overrides ``cfg.filter_by_mask`` (the task passes False for a segmentation head that
             was never trained).
+        segmentation: use the segmentation head's output. False (the task's choice for a head that never saw
+            a mask, e.g. trained on LUNA16 / Tianchi) treats the model as ``detection_only``: sizes from the
+            heatmap, no probability volume. An untrained head's map is noise around 0.5 whose components
+            would otherwise set the detections' diameters, and through them how far the 3D merge reaches.
     """
     device = next(model.parameters()).device
     filter_by_mask = cfg.filter_by_mask if filter_by_mask is None else filter_by_mask
@@ -403,6 +411,8 @@ def predict_scan(
     for start in range(0, len(slices), cfg.slice_batch_size):
         chunk = item["image"][start : start + cfg.slice_batch_size].to(device=device, dtype=torch.float32)
         prob, heat = slice_probabilities(model, chunk, cfg.flip_tta)
+        if not segmentation and heat is not None:
+            prob = None
         peaks = None
         if heat is not None:
             peaks = find_peaks(

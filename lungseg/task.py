@@ -5,7 +5,8 @@ Training (slices from :class:`lungseg.data.GlanceSliceDataset`): the loss of pap
 from the variant preset, then ``loss_overrides``). The segmentation terms use only the samples whose
 ``has_mask`` is set: LUNA16 and Tianchi slices (centre + diameter only) train the heatmap alone. A
 persistent buffer ``seg_supervised`` records whether the segmentation head ever saw a mask; inference
-filters heatmap peaks by the segmentation only when it did (``filter_by_mask=None``), or as forced.
+filters heatmap peaks by the segmentation only when it did (``filter_by_mask=None``), or as forced, and
+ignores a head that never did altogether (sizes from the heatmap, no mask), as for ``detection_only``.
 
 Optimiser and schedule are the paper's by default — AdamW, lr 1e-4, weight decay 0.05,
 CosineAnnealingWarmRestarts with T0 = 20 epochs — and come from the constructor (``BaseTask``), so a YAML
@@ -274,7 +275,9 @@ class GlanceTask(BaseTask):
     def predict_item(self, item: dict[str, Any]) -> ScanPrediction:
         """Inference on one scan item (model in its current mode)."""
         use_filter = self.filter_by_mask if self.filter_by_mask is not None else bool(self.seg_supervised)
-        return predict_scan(self.model, item, self.inference, filter_by_mask=use_filter)
+        # a segmentation head that never saw a mask is not used at all (not even for sizes), unless forced
+        use_seg = bool(self.seg_supervised) or use_filter
+        return predict_scan(self.model, item, self.inference, filter_by_mask=use_filter, segmentation=use_seg)
 
     def _score(self, stage: str, item: dict[str, Any], pred: ScanPrediction) -> None:
         metrics = self.metrics_for(stage)

@@ -167,6 +167,30 @@ def test_single_head_variants() -> None:
     assert det_only.candidates.diameter_mm[0] == pytest.approx(2 * RADIUS, rel=0.2)
 
 
+def test_untrained_segmentation_head_is_ignored() -> None:
+    """A head that never saw a mask (LUNA16 / Tianchi training) must not size or merge the detections."""
+    from lungseg.task import GlanceTask
+
+    _, heat = _scan_outputs()
+    noise = np.full(SHAPE, 0.55, dtype=np.float32)  # an untrained head drifting just above 0.5 everywhere
+    used = predict_scan(ReplayModel(noise, heat), _item(), InferenceConfig(), filter_by_mask=False)
+    assert len(used.candidates) == 1, "slice-wide components make every detection ~70 mm: all merge"
+    ignored = predict_scan(
+        ReplayModel(noise, heat), _item(), InferenceConfig(), filter_by_mask=False, segmentation=False
+    )
+    assert ignored.probability is None and len(ignored.candidates) == 2
+    assert ignored.candidates.diameter_mm[0] == pytest.approx(2 * RADIUS, rel=0.2)
+    expected = voxel_to_world(np.array([NODULE]), ORIGIN, (1.0, 1.0, 1.0), DIRECTION)[0]
+    assert np.allclose(ignored.candidates.world_xyz[0], expected, atol=0.3)
+
+    task = GlanceTask(image_size=SHAPE[1])  # filter_by_mask=None: follow seg_supervised
+    task.model = ReplayModel(noise, heat)
+    pred = task.predict_item(_item())
+    assert pred.probability is None and len(pred.candidates) == 2
+    task.model, task.seg_supervised = ReplayModel(noise, heat), torch.tensor(True)
+    assert task.predict_item(_item()).probability is not None
+
+
 def test_outputs_are_scored_by_the_luna16_evaluation(tmp_path) -> None:
     seg, heat = _scan_outputs()
     item = _item()
@@ -230,6 +254,7 @@ def test_task_metrics_match_common_metrics(threshold: float) -> None:
     ).astype(np.uint16)
     task = GlanceTask(image_size=SHAPE[1], filter_by_mask=False, operating_threshold=threshold)
     task.model = ReplayModel(seg, heat)
+    task.seg_supervised.fill_(True)  # the replayed segmentation stands for a trained head
     task.eval()
     task.validation_step([item], 0)
     values = task.stage_values("val")
