@@ -113,6 +113,8 @@ def build(
     start = time.perf_counter()
     if not tree_matches(lidc, n_scans=lidc_scans, seed=seed + 1, size="small"):
         make_lidc(lidc, n_scans=lidc_scans, seed=seed + 1, size="small")
+        for stale in ("cache_lidc", "patches_lidc"):  # split files and patches of the old tree
+            shutil.rmtree(out / stale, ignore_errors=True)
     data = ["--data.init_args.root", str(lidc), "--trainer.default_root_dir", str(runs)]
     lungseg_main(
         ["fit", "--config", str(REPO / "configs/demo/glance_demo.yaml"), *data,

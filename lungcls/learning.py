@@ -38,6 +38,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import shutil  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -217,6 +218,7 @@ def run_m3net(out: str | Path, docs: str | Path | None = "docs", n_bootstrap: in
     root = out / "lidc"
     if not tree_matches(root, n_scans=M3NET_SCANS, seed=M3NET_SEED, size=SIZE):
         make_lidc(root, n_scans=M3NET_SCANS, seed=M3NET_SEED, size=SIZE)
+        shutil.rmtree(out / "cache", ignore_errors=True)  # its split file and patches describe the old tree
     timings = {"phantoms": time.perf_counter() - start}
     result = train_m3net(root, out)
     timings.update(result["timings"])

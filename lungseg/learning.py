@@ -32,6 +32,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import shutil  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from multiprocessing import get_context  # noqa: E402
@@ -81,6 +82,7 @@ def prepare(root: Path, cache: Path) -> dict[str, str]:
 
     if not tree_matches(root, n_scans=N_SCANS, seed=SEED, size="small"):
         make_lidc(root, n_scans=N_SCANS, seed=SEED, size="small")
+        shutil.rmtree(cache, ignore_errors=True)  # its split file describes the old tree
     dm = datamodule(root, cache)
     dm.prepare_data()
     dm.setup("test")
