@@ -134,7 +134,7 @@ def _channels_last(net: nn.Module, example: tuple[Tensor, ...]) -> Callable[...,
     model = _snapshot(net).to(memory_format=fmt)
 
     def run(*inputs: Tensor) -> Tensor:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: callers (MONAI's stitching) update the output in place
             out = model(
                 *(t.contiguous(memory_format=fmt) if t.ndim == example[0].ndim else t for t in inputs)
             )

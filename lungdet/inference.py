@@ -336,7 +336,7 @@ def score_candidates(
     volume = image.detach().cpu()  # crops are cut on the CPU, then moved to the network's device
     flips = MIRRORINGS if mirror else ((),)
     out = []
-    with torch.inference_mode():
+    with torch.no_grad():
         for i in range(0, centres.shape[0], chunk_size):
             crops = crop_candidates(volume, centres[i : i + chunk_size], size, pad_value=pad_value)
             crops = crops.to(device=image.device, dtype=image.dtype)
