@@ -142,69 +142,176 @@ def time_monai_retinanet(
     return out
 
 
+#: Engines timed on the whole scan (``common.engine``); "eager" (fp32 PyTorch) is the before.
+ENGINES_TIMED = ("eager", "channels_last", "frozen", "onnxruntime", "bf16")
+#: Old stage-1 block settings (the paper's: 128³ blocks, overlap 0.25) and alternatives with less halo.
+OLD_BLOCKS = (128, 0.25)
+BLOCK_CHOICES = ((128, 0.125), (160, 0.2))
+
+
+def matmul_peak_bf16_gflops(n: int = 4096, repeats: int = 3) -> float | None:
+    """Best bfloat16 ``torch.matmul`` rate where the CPU has native bf16 (``common.engine.native_bf16``)."""
+    from common.engine import native_bf16
+
+    if not native_bf16():
+        return None
+    a, b = torch.rand(n, n).bfloat16(), torch.rand(n, n).bfloat16()
+    torch.matmul(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best / 1e9
+
+
+def stage1_blocks(shape: tuple[int, ...], block: int, overlap: float, stride: int = 4) -> int:
+    """Blocks the sliding window runs over a scan (the padding of ``stitched_prediction``, MONAI's grid)."""
+    padded = tuple(max(block, -(-n // stride) * stride) for n in shape)
+    return _monai_windows(padded, (block,) * 3, overlap)
+
+
+def time_stage1(
+    net: torch.nn.Module, volume: torch.Tensor, settings: Stage1Inference
+) -> tuple[float, torch.Tensor]:
+    """Seconds of one whole-scan ``detect_scan`` (after a warm-up block that compiles the engine)."""
+    b = settings.block[0]
+    detect_scan(net, volume[:b, :b, :b].contiguous(), settings.updated({"sw_batch_size": 1}))
+    if settings.sw_batch_size != 1:  # frozen engines compile per input shape: warm the batch shape too
+        warm = volume[:b, :b, :b].repeat(1, 1, settings.sw_batch_size)
+        detect_scan(net, warm, settings.updated({"overlap": 0.0}))
+    start = time.perf_counter()
+    cands = detect_scan(net, volume, settings, pad_value=fill_value())
+    return time.perf_counter() - start, cands
+
+
+def same_candidates(ref: torch.Tensor, got: torch.Tensor) -> tuple[bool, float]:
+    """(same boxes in the same order to 1e-3 voxel, max |score difference|) of two candidate lists."""
+    if ref.shape != got.shape:
+        return False, math.inf
+    if ref.numel() == 0:
+        return True, 0.0
+    same = bool(torch.allclose(ref[:, 1:], got[:, 1:], atol=1e-3))
+    return same, float((ref[:, 0] - got[:, 0]).abs().max())
+
+
 def run(
     shape: tuple[int, int, int] = SHAPE_ZYX,
     width: int = 16,
     mppn_width: int = 32,
-    block_size: int = 128,
+    block_size: int = OLD_BLOCKS[0],
     candidates: int = N_CANDIDATES,
     monai: bool = True,
     monai_roi: tuple[int, int, int] = MONAI_ROI_XYZ,
     monai_full: bool = False,
+    engines: tuple[str, ...] = ENGINES_TIMED,
+    block_choices: tuple[tuple[int, float], ...] = BLOCK_CHOICES,
 ) -> dict[str, Any]:
-    """Time CLAF's two stages and MONAI's RetinaNet on one whole 1 mm scan on CPU.
+    """Time CLAF's two stages (each engine; old and alternative blocks) and MONAI's RetinaNet on one scan.
 
     Returns:
-        Flat name → value: seconds, GFLOP, achieved GFLOP/s, matmul peak, fractions of peak, MONAI times.
+        Flat name → value: seconds, GFLOP, achieved GFLOP/s, matmul peak, fractions of peak, which path ran,
+        speed-ups over fp32 eager with the old blocks, and whether the candidates equal eager's.
     """
+    from common.engine import describe
+
     torch.manual_seed(0)
     results: dict[str, Any] = {"threads": torch.get_num_threads(), "volume_zyx": "x".join(map(str, shape))}
     peak = matmul_peak_gflops()
     results["matmul_peak_gflops"] = peak
-    print(f"matmul peak {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
+    peak_bf16 = matmul_peak_bf16_gflops()
+    results["matmul_peak_bf16_gflops"] = peak_bf16 if peak_bf16 is not None else "no native bf16"
+    print(f"matmul peak {peak:.1f} GFLOP/s fp32, bf16 {results['matmul_peak_bf16_gflops']}", flush=True)
 
     volume = phantom_volume(shape)
     net = build_candidate_net("ascrm", width=width).eval()
     mppn = build_mppn(width=mppn_width).eval()
-    seen: list[int] = []
-    with torch.no_grad():
-        warm = volume[:block_size, :block_size, :block_size]
-        detect_scan(net, warm, Stage1Inference(block_size=block_size, sw_batch_size=1))  # warm-up
-        hook = net.register_forward_hook(lambda module, args, output: seen.append(int(args[0].shape[0])))
-        start = time.perf_counter()
-        settings = Stage1Inference(block_size=block_size, overlap=0.25, sw_batch_size=2)
-        detect_scan(net, volume, settings, pad_value=fill_value())
-        t1 = time.perf_counter() - start
-        hook.remove()
-    blocks = sum(seen)
-    flops1 = blocks * count_flops(net, *net.example_inputs((1, 1, *(block_size,) * 3)), meta=True).total
-    results.update(
-        stage1_s=t1, stage1_blocks=blocks, stage1_gflop=flops1 / 1e9, stage1_gflops=flops1 / t1 / 1e9,
-        stage1_fraction_of_peak=flops1 / t1 / 1e9 / peak,
-    )  # fmt: skip
-    print(f"stage 1: {blocks} blocks of {block_size}³, {flops1 / 1e9:.0f} GFLOP in {t1:.1f} s", flush=True)
+    # random weights score below any useful threshold: keep the 100 best anchors so the lists compare
+    old = Stage1Inference(block_size=block_size, overlap=OLD_BLOCKS[1], sw_batch_size=2, score_threshold=0.0)
+
+    def flops_per_block(block: int) -> float:
+        return count_flops(net, *net.example_inputs((1, 1, block, block, block)), meta=True).total
+
+    def record(name: str, settings: Stage1Inference, ref: torch.Tensor | None) -> tuple[float, torch.Tensor]:
+        t, cands = time_stage1(net, volume, settings)
+        b = settings.block[0]
+        blocks = stage1_blocks(shape, b, settings.overlap)
+        flops = blocks * flops_per_block(b)
+        results[f"stage1_{name}_path"] = describe(settings.engine, "cpu")
+        results[f"stage1_{name}_s"] = t
+        results[f"stage1_{name}_blocks"] = blocks
+        results[f"stage1_{name}_gflops"] = flops / t / 1e9
+        results[f"stage1_{name}_fraction_of_peak"] = flops / t / 1e9 / peak
+        if ref is not None:
+            same, diff = same_candidates(ref, cands)
+            results[f"stage1_{name}_same_boxes_as_eager"] = same
+            results[f"stage1_{name}_max_score_diff"] = diff
+        print(f"stage 1 {name}: {blocks} blocks of {b}³, {flops / 1e9:.0f} GFLOP in {t:.1f} s "
+              f"({results[f'stage1_{name}_path']})", flush=True)  # fmt: skip
+        return t, cands
+
+    t_eager, ref = record("eager", old, None)
+    results.update(stage1_s=t_eager, stage1_blocks=results["stage1_eager_blocks"])
+    results["stage1_gflop"] = (
+        stage1_blocks(shape, block_size, OLD_BLOCKS[1]) * flops_per_block(block_size) / 1e9
+    )
+    results["stage1_gflops"] = results["stage1_eager_gflops"]
+    results["stage1_fraction_of_peak"] = results["stage1_eager_fraction_of_peak"]
+    times = {"eager": t_eager}
+    for engine in engines:
+        if engine == "eager":
+            continue
+        t, _ = record(engine, old.updated({"engine": engine}), ref)
+        times[engine] = t
+        results[f"stage1_{engine}_speedup"] = t_eager / t
+    exact = [e for e in times if e == "eager" or results.get(f"stage1_{e}_max_score_diff", 1.0) <= 1e-4]
+    fastest = min(exact, key=times.__getitem__)
+    results["stage1_fastest_exact_engine"] = fastest
+    results["stage1_fastest_exact_speedup"] = t_eager / times[fastest]
+    for b, overlap in block_choices:  # less halo, fastest exact engine; the scores move (CBAM pools a block)
+        name = f"{fastest}_block{b}_overlap{overlap:g}"
+        t, _ = record(name, old.updated({"engine": fastest, "block_size": b, "overlap": overlap}), ref)
+        results[f"stage1_{name}_speedup"] = t_eager / t
 
     rng = np.random.default_rng(0)
-    centres = torch.as_tensor(
-        rng.uniform([20, 40, 40], np.asarray(shape) - [20, 40, 40], size=(candidates, 3))
-    )
-    with torch.no_grad():
-        score_candidates(mppn, volume, centres[:4], chunk_size=4)  # warm-up
-        start = time.perf_counter()
-        score_candidates(mppn, volume, centres, chunk_size=32, pad_value=fill_value())
-        t2 = time.perf_counter() - start
+    margin = np.minimum([20, 40, 40], np.asarray(shape) // 4)  # small volumes (smoke runs) too
+    centres = torch.as_tensor(rng.uniform(margin, np.asarray(shape) - margin, size=(candidates, 3)))
     flops2 = candidates * count_flops(mppn, *mppn.example_inputs((1, 1, 32, 48, 48)), meta=True).total
-    results.update(
-        stage2_s=t2, stage2_candidates=candidates, stage2_gflop=flops2 / 1e9, stage2_gflops=flops2 / t2 / 1e9,
-        stage2_fraction_of_peak=flops2 / t2 / 1e9 / peak, claf_total_s=t1 + t2,
-    )  # fmt: skip
-    print(f"stage 2: {candidates} candidates, {flops2 / 1e9:.0f} GFLOP in {t2:.1f} s", flush=True)
+    results.update(stage2_candidates=candidates, stage2_gflop=flops2 / 1e9)
+    ref2 = None
+    for engine in ("eager", fastest):
+        for chunk in (32, 100) if engine == "eager" else (32,):
+            score_candidates(mppn, volume, centres[:4], chunk_size=4, engine=engine)  # warm-up / compile
+            start = time.perf_counter()
+            probs = score_candidates(
+                mppn, volume, centres, chunk_size=chunk, pad_value=fill_value(), engine=engine
+            )
+            t2 = time.perf_counter() - start
+            key = f"stage2_{engine}_chunk{chunk}"
+            results[f"{key}_s"] = t2
+            results[f"{key}_fraction_of_peak"] = flops2 / t2 / 1e9 / peak
+            if ref2 is None:
+                ref2 = probs
+                results.update(
+                    stage2_s=t2,
+                    stage2_gflops=flops2 / t2 / 1e9,
+                    stage2_fraction_of_peak=flops2 / t2 / 1e9 / peak,
+                )
+            else:
+                results[f"{key}_max_prob_diff"] = float((probs - ref2).abs().max())
+            print(
+                f"stage 2 {key}: {candidates} candidates, {flops2 / 1e9:.0f} GFLOP in {t2:.1f} s", flush=True
+            )
+    best2 = min(results[f"stage2_{e}_chunk32_s"] for e in ("eager", fastest))
+    results["claf_total_before_s"] = t_eager + results["stage2_eager_chunk32_s"]
+    results["claf_total_after_s"] = times[fastest] + best2
+    results["claf_total_s"] = results["claf_total_before_s"]
 
     if monai:
         monai_out = time_monai_retinanet(volume, monai_roi, monai_full)
         results.update(monai_out)
         whole = monai_out.get("monai_whole_volume_s", monai_out.get("monai_whole_volume_s_est"))
-        results["monai_over_claf"] = whole / (t1 + t2)
+        results["monai_over_claf"] = whole / results["claf_total_before_s"]
         print(f"MONAI RetinaNet: {monai_out}", flush=True)
     return results
 
@@ -219,10 +326,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-monai", action="store_true", help="skip MONAI RetinaNet")
     parser.add_argument("--monai-roi", type=int, nargs=3, default=MONAI_ROI_XYZ, help="MONAI window x y z")
     parser.add_argument("--monai-full", action="store_true", help="run MONAI over the whole volume")
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES_TIMED), help="stage-1 engines to time")
+    parser.add_argument("--no-block-choices", action="store_true", help="skip the alternative block sizes")
     args = parser.parse_args(argv)
     results = run(
         tuple(args.shape), args.width, args.mppn_width, args.block, args.candidates, not args.no_monai,
-        tuple(args.monai_roi), args.monai_full,
+        tuple(args.monai_roi), args.monai_full, tuple(args.engines),
+        () if args.no_block_choices else BLOCK_CHOICES,
     )  # fmt: skip
     for key, value in results.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")

@@ -178,6 +178,7 @@ def _fpr(bundle: Bundle, scan: PreparedScan, tensor: torch.Tensor, cands: torch.
         chunk_size=mppn.chunk_size,
         pad_value=mppn.pad_value,
         mirror=mppn.mirror_tta,
+        engine=getattr(mppn, "engine", "eager"),
     )
     final = fuse_scores(p, cands[:, 0], bundle.stage1_weight)
     world = candidates_to_world(cands[:, 1:4], scan.entry).reshape(-1, 3)
@@ -234,6 +235,42 @@ def _glance_item(scan: PreparedScan, pre: dict[str, Any], slices: np.ndarray) ->
         "origin": tuple(scan.entry["origin"]),
         "direction": tuple(scan.entry["direction"]),
     }
+
+
+class GlanceSlices:
+    """GLANCE nodule probability of one scan's slices, each slice run once, in batches.
+
+    Findings near each other share slices (their spans of diameter ± margin overlap); the analysis asks for
+    each finding's span and only the slices not seen yet run through the network, ``slice_batch_size`` at a
+    time (``lungseg.inference.probability_slices``). A slice's probability does not depend on the other
+    slices of its batch, so the maps are those of one ``predict_scan`` per finding.
+    """
+
+    def __init__(self, bundle: Bundle, scan: PreparedScan) -> None:
+        model = bundle.models["seg"]
+        self.task, self.pre, self.scan = model.task, model.preprocessing, scan
+        self.probability: np.ndarray | None = None  # float16 on the scan's cache grid, like predict_scan's
+        self.done: set[int] = set()
+        self.has_segmentation = True
+        self.slices_run = 0
+
+    def __call__(self, slices: np.ndarray) -> np.ndarray | None:
+        """The probability volume with at least `slices` filled (None for a model without segmentation)."""
+        from lungseg.inference import probability_slices
+
+        missing = np.asarray([int(z) for z in slices if int(z) not in self.done], dtype=np.int64)
+        if missing.size and self.has_segmentation:
+            item = _glance_item(self.scan, self.pre, missing)
+            for z, prob in probability_slices(self.task.model, item, self.task.inference):
+                if prob is None:
+                    self.has_segmentation = False
+                    break
+                if self.probability is None:
+                    self.probability = np.zeros(item["shape"], dtype=np.float16)
+                self.probability[z] = prob
+                self.done.add(int(z))
+                self.slices_run += 1
+        return self.probability if self.has_segmentation else None
 
 
 def _component_at(mask: np.ndarray, centre: np.ndarray, radius_vox: np.ndarray) -> np.ndarray | None:
@@ -330,17 +367,14 @@ def fallback_mask(
 
 def _segment(
     bundle: Bundle,
+    glance: GlanceSlices,
     seg_scan: PreparedScan,
     volume: CTVolume,
     world_xyz: np.ndarray,
     diameter_mm: float,
 ) -> tuple[np.ndarray, str]:
     """Mask (bool, original grid) of the nodule at `world_xyz` and how it was made (module docstring)."""
-    from lungseg.inference import predict_scan
-
-    model = bundle.models["seg"]
-    task, pre = model.task, model.preprocessing
-    cfg = task.inference
+    cfg = bundle.models["seg"].task.inference
     d = max(float(diameter_mm), 3.0)
     c_spacing = np.asarray(seg_scan.entry["spacing"], dtype=np.float64)[::-1]  # (z, y, x)
     o_spacing = np.asarray(volume.spacing, dtype=np.float64)[::-1]
@@ -353,17 +387,13 @@ def _segment(
     zc = int(np.clip(round(centre_c[0]), 0, shape_c[0] - 1))
     span = int(np.ceil(half_mm / c_spacing[0])) + 1
     slices = np.arange(max(zc - span, 0), min(zc + span + 1, shape_c[0]))
-    item = _glance_item(seg_scan, pre, slices)
-    use_filter = task.filter_by_mask if task.filter_by_mask is not None else bool(task.seg_supervised)
-    prediction = predict_scan(task.model, item, cfg, filter_by_mask=use_filter)
+    probability = glance(slices)
     half_o = half_mm / o_spacing + 1
     box = _box_around(centre_o, half_o, volume.shape)
-    if prediction.probability is not None:
+    if probability is not None:
         grid = np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij")
         coords = [g * (o / c) for g, o, c in zip(grid, o_spacing, c_spacing)]
-        prob = ndi.map_coordinates(
-            prediction.probability.astype(np.float32), coords, order=1, mode="constant"
-        )
+        prob = _interpolate(probability, coords, slices)
         local = _component_at(
             prob >= cfg.seg_threshold, centre_o - [s.start for s in box], 0.5 * d / o_spacing
         )
@@ -393,28 +423,52 @@ def _segment(
     return mask, how
 
 
-def _malignancy(bundle: Bundle, volume: CTVolume, hu: np.ndarray, centre_zyx: np.ndarray) -> float:
-    """M³Net probability of class 1 (malignant) on the nested native-resolution patches around a centre."""
+def _interpolate(probability: np.ndarray, coords: list[np.ndarray], slices: np.ndarray) -> np.ndarray:
+    """Linear interpolation of the probability volume at `coords`, reading only the finding's slices.
+
+    Outside `slices` the per-finding map was zero; other findings' slices are masked out so that the result
+    is the one of a map holding this finding's slices alone (the map the pipeline segmented from before).
+    """
+    z0, z1 = int(slices.min()), int(slices.max()) + 1
+    part = probability[z0:z1].astype(np.float32)
+    lo = max(z0 - 1, 0)
+    padded = np.zeros((z1 + 1 - lo, *part.shape[1:]), dtype=np.float32)
+    padded[z0 - lo : z1 - lo] = part
+    shifted = [coords[0] - lo, *coords[1:]]
+    return ndi.map_coordinates(padded, shifted, order=1, mode="constant")
+
+
+#: Findings per M³Net forward pass (their nested patches stacked into one batch).
+CLASSIFY_BATCH = 8
+
+
+def _malignancy(bundle: Bundle, hu: np.ndarray, centres_zyx: list[np.ndarray]) -> list[float]:
+    """M³Net probability of class 1 (malignant) on the nested native-resolution patches around each centre.
+
+    The findings' patches run ``CLASSIFY_BATCH`` at a time (the network is in eval mode: a finding's
+    probability does not depend on the others in its batch).
+    """
     from lungcls.data import normalize_hu
     from lungcls.patches import crop_block, nested_crops
 
     model = bundle.models["cls"]
     pre, task = model.preprocessing, model.task
     sizes = {int(k): int(v) for k, v in pre["sizes"].items()}
-    block, offset = crop_block(
-        hu, centre_zyx, (pre["context_depth"], pre["context"], pre["context"]), pre["boundary"]
-    )
-    crops = nested_crops(block, sizes, int(pre["depth"]), offset)
     device = next(task.parameters()).device
-    patches = {
-        k: torch.from_numpy(normalize_hu(v, pre["normalization"], pre["window_hu"])[None, None].copy()).to(
-            device
-        )
-        for k, v in crops.items()
-    }
-    with torch.no_grad():
-        logits = task.model(patches).logits
-    return float(torch.softmax(logits.float(), dim=-1)[0, -1])
+    out: list[float] = []
+    for start in range(0, len(centres_zyx), CLASSIFY_BATCH):
+        batch: dict[int, list[np.ndarray]] = {}
+        for centre in centres_zyx[start : start + CLASSIFY_BATCH]:
+            block, offset = crop_block(
+                hu, centre, (pre["context_depth"], pre["context"], pre["context"]), pre["boundary"]
+            )
+            for k, v in nested_crops(block, sizes, int(pre["depth"]), offset).items():
+                batch.setdefault(k, []).append(normalize_hu(v, pre["normalization"], pre["window_hu"])[None])
+        patches = {k: torch.from_numpy(np.stack(v)).to(device) for k, v in batch.items()}
+        with torch.inference_mode():
+            logits = task.model(patches).logits
+        out += [float(p) for p in torch.softmax(logits.float(), dim=-1)[:, -1]]
+    return out
 
 
 @contextmanager
@@ -487,7 +541,8 @@ def analyze_volume(
         ]
         source = "given"
     labels = np.zeros(volume.shape, dtype=np.uint16)
-    findings: list[Finding] = []
+    glance = GlanceSlices(bundle, seg_scan)
+    kept: list[tuple[float | None, Any, str]] = []
     timings.update(segment=0.0, measure=0.0, classify=0.0)
     for world, diameter, score in targets:
         voxel = np.asarray(volume.world_to_voxel(world)).reshape(3)
@@ -500,7 +555,7 @@ def analyze_volume(
         if source == "detected" and labels[centre_idx]:
             continue  # inside a better finding's mask: the same nodule
         with _timed(timings, "segment", progress):
-            mask, how = _segment(bundle, seg_scan, volume, world, diameter)
+            mask, how = _segment(bundle, glance, seg_scan, volume, world, diameter)
             mask &= labels == 0
             if not mask.any():
                 mask = np.zeros(volume.shape, dtype=bool)
@@ -508,13 +563,13 @@ def analyze_volume(
                 how = "sphere"
         with _timed(timings, "measure", progress):
             measurements = measure_nodule(volume, mask)
-        with _timed(timings, "classify", progress):
-            centroid = np.asarray(measurements.center_voxel_xyz, dtype=np.float64)[::-1]
-            probability = _malignancy(bundle, volume, hu, centroid)
-            category = baseline_category(
-                measurements.type, measurements.mean_diameter_mm, measurements.solid_component_mm
-            )
-        index = len(findings) + 1
-        labels[mask] = index
-        findings.append(Finding(index, score, probability, measurements, category, source, how))
+        labels[mask] = len(kept) + 1
+        kept.append((score, measurements, how))
+    findings: list[Finding] = []
+    with _timed(timings, "classify", progress if kept else None):
+        centroids = [np.asarray(m.center_voxel_xyz, dtype=np.float64)[::-1] for _, m, _ in kept]
+        probabilities = _malignancy(bundle, hu, centroids) if kept else []
+        for index, ((score, m, how), probability) in enumerate(zip(kept, probabilities), start=1):
+            category = baseline_category(m.type, m.mean_diameter_mm, m.solid_component_mm)
+            findings.append(Finding(index, score, probability, m, category, source, how))
     return Analysis(volume, findings, labels, candidates, timings, bundle.info())

@@ -84,7 +84,12 @@ class ExportedRunner:
 
 
 class _ExportedModule(nn.Module):
-    """Base: the runner, its attributes, and an empty parameter that tells callers the device."""
+    """Base: the runner, its attributes, and an empty parameter that tells callers the device.
+
+    ``exported = True`` tells the inference code (``lungdet.inference``'s engines) to run it as it is.
+    """
+
+    exported = True
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
         super().__init__()

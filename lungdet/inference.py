@@ -40,6 +40,7 @@ from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
 from common.cache import entry_geometry
+from common.engine import ENGINES, EngineCache, describe
 from common.metrics.froc_io import RESULT_COLUMNS
 from lungdet.anchors import anchor_grid
 from lungdet.models import coordinate_maps, crop_candidates
@@ -47,6 +48,7 @@ from lungdet.postprocess import candidates_from_prediction
 
 __all__ = [
     "BLEND_MODES",
+    "ENGINES",
     "RESULT_COLUMNS",
     "Stage1Inference",
     "candidates_to_world",
@@ -59,6 +61,8 @@ __all__ = [
 
 
 BLEND_MODES = ("constant", "gaussian")
+#: Compiled stage-1 / MPPN engines (``common.engine``), reused across scans while the weights stay the same.
+_ENGINE_CACHE = EngineCache()
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,10 @@ class Stage1Inference:
         merge_factor: centre-distance NMS radius in diameters (``suppress_near_duplicates``); 0 disables.
         max_candidates: at most this many (the most probable) per scan; −1 for all (LUNA16 scores ≤ 100).
         pre_nms_top_k: best-scoring anchors that enter the NMS.
+        engine: how the network runs on a CPU (``common.engine.ENGINES``): "eager" (fp32 PyTorch, the
+            reference), "channels_last", "frozen" (TorchScript + freeze), "onnxruntime", or "bf16" (autocast
+            where the CPU has native bf16, else fp32 eager). ``engine_used`` says which ran. On another
+            device the network runs eager.
     """
 
     block_size: int | tuple[int, int, int] = 128
@@ -91,6 +99,7 @@ class Stage1Inference:
     merge_factor: float = 1.0
     max_candidates: int = 100
     pre_nms_top_k: int = 5000
+    engine: str = "eager"
 
     def __post_init__(self) -> None:
         block = self.block_size
@@ -102,6 +111,8 @@ class Stage1Inference:
             raise ValueError(f"blend_mode must be one of {BLEND_MODES}, got {self.blend_mode!r}")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap must lie in [0, 1), got {self.overlap}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.sw_batch_size < 1 or self.pre_nms_top_k < 1:
             raise ValueError("sw_batch_size and pre_nms_top_k must be at least 1")
 
@@ -122,6 +133,10 @@ class Stage1Inference:
         """Block sides (z, y, x)."""
         b = self.block_size
         return (b, b, b) if isinstance(b, int) else b  # type: ignore[return-value]
+
+    def engine_used(self, device: torch.device | str = "cpu") -> str:
+        """One line: the engine that runs on `device` (e.g. bf16 requested without native bf16 → fp32 eager)."""
+        return describe(self.engine, device)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -171,7 +186,8 @@ def stitched_prediction(
             coords = coordinate_maps(
                 starts, window.shape[-3:], torch.tensor(scan_shape), dtype=window.dtype, device=window.device
             )
-        out = net(window, coords) if coords is not None else net(window)
+        inputs = (window, coords) if coords is not None else (window,)
+        out = _runner(net, settings.engine, inputs)(*inputs)
         b, d, h, w = out.shape[:4]
         return out.permute(0, 4, 5, 1, 2, 3).reshape(b, num_anchors * 5, d, h, w)
 
@@ -186,6 +202,14 @@ def stitched_prediction(
     )
     _, _, d, h, w = stitched.shape
     return stitched[0].reshape(num_anchors, 5, d, h, w).permute(2, 3, 4, 0, 1).contiguous()
+
+
+def _runner(net: nn.Module, engine: str, example: tuple[Tensor, ...]):
+    """The callable that runs `net` with `engine` (torch networks with weights compile; exported drop-ins and
+    weightless stand-ins run as they are)."""
+    if engine == "eager" or getattr(net, "exported", False) or next(net.parameters(), None) is None:
+        return net
+    return _ENGINE_CACHE.get(net, engine, example)
 
 
 def suppress_near_duplicates(candidates: Tensor, factor: float = 1.0) -> Tensor:
@@ -290,6 +314,7 @@ def score_candidates(
     chunk_size: int = 64,
     pad_value: float = 0.0,
     mirror: bool = False,
+    engine: str = "eager",
 ) -> Tensor:
     """MPPN nodule probability of each candidate, in chunks.
 
@@ -301,6 +326,7 @@ def score_candidates(
         pad_value: value outside the scan.
         mirror: test-time augmentation — the mean probability over the 8 mirrorings of each crop (the flips
             the MPPN is trained with; 8× the stage-2 compute). The three concentric crops stay concentric.
+        engine: how the MPPN runs on a CPU (``Stage1Inference.engine``; "eager" is fp32 PyTorch).
 
     Returns:
         (K,) probabilities on the image's device.
@@ -314,7 +340,8 @@ def score_candidates(
         for i in range(0, centres.shape[0], chunk_size):
             crops = crop_candidates(volume, centres[i : i + chunk_size], size, pad_value=pad_value)
             crops = crops.to(device=image.device, dtype=image.dtype)
-            probs = [mppn.nodule_probability(mppn(torch.flip(crops, f) if f else crops)) for f in flips]
+            run = _runner(mppn, engine, (crops,))
+            probs = [mppn.nodule_probability(run(torch.flip(crops, f) if f else crops)) for f in flips]
             out.append(torch.stack(probs).mean(0))
     if not out:
         return torch.zeros(0, device=image.device)

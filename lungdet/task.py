@@ -89,6 +89,7 @@ STAGE2_RUNTIME = (
     "fusion_search",
     "chunk_size",
     "mirror_tta",
+    "engine",
     "fp_rate",
     "results_csv",
 )
@@ -263,11 +264,12 @@ class CandidateTask(_DetectionTaskMixin, BaseTask):
         merge_factor: centre-distance NMS radius in candidate diameters (0: off).
         max_candidates: candidates kept per scan (LUNA16 evaluates at most 100).
         pre_nms_top_k: best-scoring anchors that enter the NMS.
+        engine: how the network runs on a CPU (``Stage1Inference.engine``; "eager" is fp32 PyTorch).
         fp_rate: operating point reported as ``<stage>/sens@<fp_rate>`` (paper: 0.55 FP/scan).
         results_csv: where ``predict`` writes its CSV (default ``<run folder>/results.csv``).
         **kwargs: ``BaseTask`` optimisation arguments (optimizer, lr, weight_decay, scheduler, ...).
 
-    The inference arguments (``block_size`` … ``pre_nms_top_k``) keep their flat config keys and become one
+    The inference arguments (``block_size`` … ``engine``) keep their flat config keys and become one
     ``Stage1Inference`` (``self.inference``), the only thing ``detect`` hands on. They and the reporting
     arguments (``STAGE1_RUNTIME``) are not saved as hyperparameters: give them in the config of every run
     that evaluates or predicts.
@@ -299,6 +301,7 @@ class CandidateTask(_DetectionTaskMixin, BaseTask):
         merge_factor: float = 1.0,
         max_candidates: int = 100,
         pre_nms_top_k: int = 5000,
+        engine: str = "eager",
         fp_rate: float = 0.55,
         results_csv: str | None = None,
         **kwargs: Any,
@@ -314,6 +317,7 @@ class CandidateTask(_DetectionTaskMixin, BaseTask):
             merge_factor=merge_factor,
             max_candidates=max_candidates,
             pre_nms_top_k=pre_nms_top_k,
+            engine=engine,
         )
         self.fp_rate = fp_rate
         self.results_csv = results_csv
@@ -427,6 +431,8 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
         chunk_size: candidates per MPPN forward pass at evaluation.
         mirror_tta: score each candidate as the mean MPPN probability over its 8 mirrored crops (test-time
             augmentation, 8× the stage-2 compute; not in the paper).
+        engine: how the MPPN runs on a CPU (``lungdet.inference.Stage1Inference.engine``; "eager" is fp32
+            PyTorch).
         fp_rate: operating point reported as ``<stage>/sens@<fp_rate>``.
         results_csv: where ``predict`` writes its CSV (default ``<run folder>/results.csv``).
         optimizer: optimiser name (paper: Adam).
@@ -447,6 +453,7 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
         fusion_search: bool = False,
         chunk_size: int = 64,
         mirror_tta: bool = False,
+        engine: str = "eager",
         fp_rate: float = 0.55,
         results_csv: str | None = None,
         optimizer: str = "adam",
@@ -466,6 +473,8 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
         self._val_scans: list[ScoredScan] = []
         self.chunk_size = chunk_size
         self.mirror_tta = mirror_tta
+        Stage1Inference(engine=engine)  # the same engine names; refused here before any training
+        self.engine = engine
         self.fp_rate = fp_rate
         self.results_csv = results_csv
         self._init_detection_state()
@@ -579,6 +588,7 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
                 chunk_size=self.chunk_size,
                 pad_value=self.pad_value,
                 mirror=self.mirror_tta,
+                engine=self.engine,
             )
         finally:
             self.model.train(was_training)

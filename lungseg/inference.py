@@ -67,6 +67,7 @@ __all__ = [
     "find_peaks",
     "merge_detections",
     "predict_scan",
+    "probability_slices",
     "save_mask",
     "voxel_to_world",
     "write_reference_csvs",
@@ -374,6 +375,28 @@ def slice_probabilities(
                 sums[key] = sums[key] + p if key in sums else p
     mean = {key: value / len(flips) for key, value in sums.items()}
     return mean.get("seg"), mean.get("heatmap")
+
+
+@torch.inference_mode()
+def probability_slices(
+    model: nn.Module, item: dict[str, Any], cfg: InferenceConfig
+) -> Iterator[tuple[int, np.ndarray | None]]:
+    """(slice index, nodule probability on the cache grid's slice, float32) of every slice of an item.
+
+    The segmentation part of :func:`predict_scan` alone (no peaks, no 3D merge), for callers that need only
+    the map, e.g. the analysis pipeline's per-nodule masks. The probability is None for a model without a
+    segmentation head.
+    """
+    device = next(model.parameters()).device
+    box = SquareBox(*item["box"])
+    shape = item["shape"]
+    slices = item["slices"].tolist()
+    for start in range(0, len(slices), cfg.slice_batch_size):
+        chunk = item["image"][start : start + cfg.slice_batch_size].to(device=device, dtype=torch.float32)
+        prob, _ = slice_probabilities(model, chunk, cfg.flip_tta)
+        prob_np = prob[:, 0].cpu().numpy() if prob is not None else None
+        for j in range(chunk.shape[0]):
+            yield slices[start + j], (paste_back(prob_np[j], box, shape[1:]) if prob_np is not None else None)
 
 
 @torch.no_grad()

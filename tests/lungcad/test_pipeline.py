@@ -150,3 +150,30 @@ def test_candidates_equal_the_lungdet_two_stage_path_on_a_cached_scan(tiny_bundl
     order = np.argsort(-final.numpy(), kind="stable")
     np.testing.assert_allclose(analysis.candidates[["coordX", "coordY", "coordZ"]].to_numpy(), world[order])
     np.testing.assert_allclose(analysis.candidates["probability"].to_numpy(), final.numpy()[order])
+
+
+def test_shared_glance_slices_and_batched_m3net_give_the_per_finding_answers(bundle):
+    """Findings share GLANCE slices (each runs once) and M³Net runs on a batch of findings; the maps and
+    probabilities are those of one GLANCE pass over each finding's own slices and one M³Net pass each."""
+    from common.preprocess import clip_hu
+    from lungcad.pipeline import GlanceSlices, _glance_item, _malignancy
+    from lungseg.inference import predict_scan
+
+    volume = phantom()
+    scan = prepare_scan(volume, bundle.models["seg"].preprocessing["cache"])
+    task = bundle.models["seg"].task
+    first, second = np.arange(10, 30), np.arange(20, 40)  # two nearby findings: slices 20–29 shared
+    glance = GlanceSlices(bundle, scan)
+    glance(first)
+    shared = glance(second)
+    assert glance.slices_run == 30, "the shared slices ran once"
+    alone = predict_scan(
+        task.model, _glance_item(scan, bundle.models["seg"].preprocessing, second), task.inference
+    )
+    np.testing.assert_allclose(shared[second].astype(np.float32), alone.probability[second], atol=2e-3)
+
+    hu = clip_hu(np.asarray(volume.array))  # what the pipeline hands M³Net
+    centres = [np.array(NODULE_ZYX), np.array([30.0, 50.0, 60.0]), np.array([10.0, 20.0, 90.0])]
+    batched = _malignancy(bundle, hu, centres)
+    one_by_one = [_malignancy(bundle, hu, [c])[0] for c in centres]
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
