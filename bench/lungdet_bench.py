@@ -43,9 +43,9 @@ MONAI_ROI_XYZ = (192, 192, 80)
 N_CANDIDATES = 100
 
 
-def matmul_peak_gflops(n: int = 4096, repeats: int = 3) -> float:
-    """Best float32 ``torch.matmul`` rate of the machine in GFLOP/s (2n³ FLOPs per product)."""
-    a, b = torch.rand(n, n), torch.rand(n, n)
+def matmul_peak_gflops(n: int = 4096, repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """Best ``torch.matmul`` rate of the machine in GFLOP/s (2n³ FLOPs per product), float32 by default."""
+    a, b = torch.rand(n, n).to(dtype), torch.rand(n, n).to(dtype)
     torch.matmul(a, b)  # warm-up
     best = math.inf
     for _ in range(repeats):
@@ -155,14 +155,7 @@ def matmul_peak_bf16_gflops(n: int = 4096, repeats: int = 3) -> float | None:
 
     if not native_bf16():
         return None
-    a, b = torch.rand(n, n).bfloat16(), torch.rand(n, n).bfloat16()
-    torch.matmul(a, b)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * n**3 / best / 1e9
+    return matmul_peak_gflops(n, repeats, torch.bfloat16)
 
 
 def stage1_blocks(shape: tuple[int, ...], block: int, overlap: float, stride: int = 4) -> int:

@@ -25,12 +25,12 @@ import torch
 from torch import Tensor
 
 from common.metrics.froc import evaluate_froc
+from common.metrics.froc_io import FROCInputs
 from lungdet.inference import fuse_scores
 
 __all__ = [
     "CHECKPOINT_KEY",
     "FUSION_GRID",
-    "FROCInputs",
     "FusionChoice",
     "ScoredScan",
     "choose_fusion",
@@ -84,26 +84,6 @@ class ScoredScan:
         return self.stage1 is not None and bool((~torch.isnan(self.stage1)).any())
 
 
-@dataclass
-class FROCInputs:
-    """The arrays of ``common.metrics.froc.match_candidates`` / ``evaluate_froc`` for a set of scans."""
-
-    cand_scan: np.ndarray
-    cand_xyz: np.ndarray
-    cand_prob: np.ndarray
-    nod_scan: np.ndarray
-    nod_xyz: np.ndarray
-    nod_diameter: np.ndarray
-    nod_included: np.ndarray
-    n_scans: int
-
-    def args(self) -> tuple[Any, ...]:
-        return (
-            self.cand_scan, self.cand_xyz, self.cand_prob, self.nod_scan, self.nod_xyz, self.nod_diameter,
-            self.nod_included, self.n_scans,
-        )  # fmt: skip
-
-
 def froc_inputs(scans: Sequence[ScoredScan], weight: float) -> FROCInputs:
     """The fused marks of every scan and its findings (nodules included, excluded findings not)."""
     scores = [s.fused(weight).numpy() for s in scans]
@@ -111,6 +91,7 @@ def froc_inputs(scans: Sequence[ScoredScan], weight: float) -> FROCInputs:
     findings += [(i, s.excluded.numpy(), False) for i, s in enumerate(scans)]
     nod = np.concatenate([f for _, f, _ in findings] or [np.zeros((0, 4))]).reshape(-1, 4)
     return FROCInputs(
+        seriesuids=[s.uid for s in scans],
         cand_scan=np.concatenate([np.full(len(p), i) for i, p in enumerate(scores)] or [[]]).astype(np.int64),
         cand_xyz=np.concatenate([s.world for s in scans] or [np.zeros((0, 3))]).reshape(-1, 3),
         cand_prob=np.concatenate(scores or [np.zeros(0)]).astype(np.float64),
@@ -118,7 +99,7 @@ def froc_inputs(scans: Sequence[ScoredScan], weight: float) -> FROCInputs:
         nod_xyz=nod[:, :3],
         nod_diameter=nod[:, 3],
         nod_included=np.concatenate([np.full(len(f), inc) for _, f, inc in findings] or [[]]).astype(bool),
-        n_scans=len(scans),
+        annotations_outside_list=0,
     )
 
 

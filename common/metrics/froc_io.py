@@ -80,6 +80,13 @@ class FROCInputs:
     nod_included: np.ndarray
     annotations_outside_list: int
 
+    def args(self) -> tuple[Any, ...]:
+        """The positional arguments of ``common.metrics.froc.evaluate_froc`` / ``match_candidates``."""
+        return (
+            self.cand_scan, self.cand_xyz, self.cand_prob, self.nod_scan, self.nod_xyz, self.nod_diameter,
+            self.nod_included, len(self.seriesuids),
+        )  # fmt: skip
+
 
 def _describe_rows(path: Path, rows: np.ndarray, column: str, values: pd.Series, problem: str) -> str:
     """Name the first offending rows; ``rows`` are index labels (0 = first line after the header)."""
