@@ -23,8 +23,10 @@ annotation CSV updates the manifest without re-resampling anything.
 Where a cache lives (one rule for `lungdata prepare`, every datamodule and the lungcls patch cache): a
 folder given explicitly (`--out`, `cache_dir`), else `cache/<dataset>-<8 hex of the resolved dataset
 root>` under the working directory (`default_cache_dir`; the lungcls patch cache adds its kind and block
-size: `cache/m3net-<dataset>-<hash>-<context>x<depth>`). Scans of a folder to predict on are cached beside
-it in `predict-<hash of that folder>` (`predict_cache_dir`).
+size: `cache/m3net-<dataset>-<hash>-<context>x<depth>`). Scans of a folder to predict on are cached by the
+same rule with "predict" as the dataset and that folder as its root — `[<kind>-]predict-<hash of the
+folder>[-<variant>]` beside the named cache folder, else in `cache/` (`predict_cache_dir`) — so predicting
+never needs the training root.
 
 A scan that cannot be read raises an error naming the file (strict mode) after the scans before it are
 safely recorded; lenient mode logs it and moves on. Only one build may write a cache at a time (a lock file
@@ -102,11 +104,20 @@ def default_cache_dir(
     return CACHE_ROOT / "-".join(p for p in parts if p)
 
 
-def predict_cache_dir(cache_dir: str | Path | None, predict_root: str | Path) -> Path:
-    """The cache of a folder of new scans: `predict-<hash of the folder>` beside the named cache folder (or in
-    `cache/`), found without the training dataset's root."""
+def predict_cache_dir(
+    cache_dir: str | Path | None,
+    predict_root: str | Path,
+    kind: str | None = None,
+    variant: str | None = None,
+) -> Path:
+    """The cache of a folder of new scans, found without the training dataset's root.
+
+    Named as `default_cache_dir` names a dataset called "predict" rooted at that folder
+    (`[<kind>-]predict-<hash of the folder>[-<variant>]`), beside the named training cache folder or in
+    `cache/`.
+    """
     base = Path(cache_dir).parent if cache_dir else CACHE_ROOT
-    return base / f"predict-{path_digest(predict_root)}"
+    return base / default_cache_dir("predict", predict_root, kind=kind, variant=variant).name
 
 
 ALGORITHM_VERSION = 2

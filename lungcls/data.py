@@ -37,7 +37,6 @@ against forgetting; every other target nodule (of patients not used for fine-tun
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,7 +48,6 @@ import pandas as pd
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from common.cache import default_cache_dir
 from common.datasets.base import Nodule, ScanDataset, ScanRecord
 from common.datasets.registry import open_dataset
 from common.lightning.datamodule import DatasetDataModule
@@ -246,8 +244,10 @@ class NodulePatchDataModule(DatasetDataModule):
         eval_batch_size: batch size of val/test/predict (default `batch_size`).
         **kwargs: `common.lightning.datamodule.DatasetDataModule` arguments: root, cache_dir (default
             ``cache/m3net-<dataset>-<root hash>-<block size>``, `common.cache.default_cache_dir`), split_file
-            (default: in `cache_dir`), ratios, seed, predict_root, num_workers, lenient, dataset_kwargs
-            (LIDC: source, database, outline, cluster_tol).
+            (default: in `cache_dir`), ratios, columns, seed, predict_root (its patches are cached in
+            ``m3net-predict-<hash of the folder>-<block size>``, `common.cache.predict_cache_dir`: no
+            training root needed), num_workers, lenient, dataset_kwargs (LIDC: source, database, outline,
+            cluster_tol).
     """
 
     drop_last_train = True  # a last training batch of one sample breaks BatchNorm
@@ -322,11 +322,11 @@ class NodulePatchDataModule(DatasetDataModule):
         self.tables: dict[str, pd.DataFrame] = {}
 
     # ------------------------------------------------------------------------------------ locations
-    def default_cache_dir(self) -> Path:
-        """``cache/m3net-<dataset>-<root hash>-<context>x<context_depth>`` (`common.cache.default_cache_dir`)."""
-        s = self.patch_settings
-        variant = f"{s.context}x{s.context_depth}"
-        return default_cache_dir(self.dataset_name, self.resolved_root, kind="m3net", variant=variant)
+    cache_kind = "m3net"
+
+    def cache_variant(self) -> str:
+        """The block size, so runs with other blocks keep their own cache: ``<context>x<context_depth>``."""
+        return f"{self.patch_settings.context}x{self.patch_settings.context_depth}"
 
     @property
     def cache(self) -> PatchCache:
@@ -368,10 +368,13 @@ class NodulePatchDataModule(DatasetDataModule):
 
     @property
     def predict_cache(self) -> PatchCache:
-        """Patch cache of the `predict_csv` nodules (beside the training cache)."""
-        key = f"{Path(self.predict_root or '').resolve()}|{Path(self.predict_csv or '').resolve()}"
-        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-        return PatchCache(self.cache_dir.parent / f"{self.cache_dir.name}-predict-{digest}")
+        """Patch cache of the `predict_csv` nodules in the scans of `predict_root`.
+
+        ``m3net-predict-<hash of predict_root>-<block size>`` (`predict_cache_dir`), so it is found without the
+        training root; a changed `predict_csv` rewrites its nodule table and crops only the moved or new
+        nodules (`PatchCache.build`).
+        """
+        return PatchCache(self.predict_cache_dir)
 
     def _predict_records(self) -> list[ScanRecord]:
         """The scans of `predict_root` with the centres of `predict_csv` as unlabelled nodules."""

@@ -21,10 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.datasets.base import ScanDataset
 from common.datasets.image_folders import ImageFolderIndex, ImageSample
-from common.datasets.registry import open_dataset
-from common.lightning.datamodule import PartLoaderDataModule
+from common.lightning.datamodule import AdapterDataModule
 from common.splits import SplitItem, ratio_split
 
 log = logging.getLogger(__name__)
@@ -119,29 +117,32 @@ class PathologyImageDataset(Dataset):
         }
 
 
-class PathologyImageDataModule(PartLoaderDataModule):
+class PathologyImageDataModule(AdapterDataModule):
     """The LDFC / spatio-temporal classification image folders (module docstring).
+
+    No cache and no split file: the images are read as they are, and the validation part is drawn from the
+    training folder with `seed` on every run.
 
     Args:
         dataset: "ldfc" (3 classes) or "spatiotemporal" (6 classes), or any adapter with a
             `classification()` index.
-        root: dataset root (None: LDFC_ROOT / STPD_ROOT).
         train_part: the training folder ("train").
         test_part: the held-out folder (LDFC "test", spatio-temporal "validate"); None picks the
             adapter's non-training part.
         val_fraction: patient-level share of the training folder used for validation; 0 validates on
             the test part (the papers have no separate validation set).
-        predict_root: a folder of images to predict (recursively; any label); None predicts the test part.
         img_size: network input size.
         in_chans: input channels.
         augment: flips and rotation on the training part.
         crop: side in pixels of a nodule-centred square crop taken before resizing (None: the whole image);
             the centres come from the adapter's `image_centres` (LDFC: its voxel annotation table).
         crop_jitter: training-time random shift of the crop centre, pixels per axis.
-        seed: validation-split seed.
-        batch_size / eval_batch_size / num_workers: loaders.
-        lenient: an empty class folder is a warning, not an error.
-        dataset_kwargs: extra adapter arguments.
+        batch_size: training batch size.
+        eval_batch_size: batch size of val/test/predict (default `batch_size`).
+        **kwargs: `common.lightning.datamodule.AdapterDataModule` arguments: root (None: LDFC_ROOT /
+            STPD_ROOT), predict_root (a folder of images to predict, recursively, any label; None predicts
+            the test part), seed (of the validation split), num_workers, lenient (an empty class folder is
+            a warning, not an error), dataset_kwargs.
     """
 
     drop_last_train = True  # a last training batch of one sample breaks BatchNorm
@@ -149,61 +150,44 @@ class PathologyImageDataModule(PartLoaderDataModule):
     def __init__(
         self,
         dataset: str = "ldfc",
-        root: str | None = None,
         train_part: str = "train",
         test_part: str | None = None,
         val_fraction: float = 0.15,
-        predict_root: str | None = None,
         img_size: int = 224,
         in_chans: int = 3,
         augment: bool = True,
         crop: int | None = None,
         crop_jitter: int = 0,
-        seed: int = 0,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        lenient: bool = False,
-        dataset_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.save_hyperparameters()
-        self.dataset_name = dataset
-        self.root = root
+        super().__init__(dataset=dataset, batch_size=batch_size, **kwargs)
         self.train_part = train_part
         self.test_part = test_part
         self.val_fraction = float(val_fraction)
-        self.predict_root = predict_root
         self.img_size = img_size
         self.in_chans = in_chans
         self.augment = augment
         self.crop = crop
         self.crop_jitter = crop_jitter
-        self.seed = seed
-        self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.lenient = lenient
-        self.dataset_kwargs = dict(dataset_kwargs or {})
         self.samples: dict[str, list[ImageSample]] = {}
         self.datasets: dict[str, PathologyImageDataset] = {}
         self.class_names: list[str] = []
         self.centres: dict[Path, tuple[float, float] | None] = {}
 
-    def adapter(self) -> ScanDataset:
-        return open_dataset(self.dataset_name, self.root, strict=not self.lenient, **self.dataset_kwargs)
-
     def index(self) -> ImageFolderIndex:
         """The adapter's classification image index."""
-        adapter = self.adapter()
+        adapter = self.open_dataset()
         if not hasattr(adapter, "classification"):
             raise ValueError(f"dataset {self.dataset_name!r} has no classification image folders")
         return adapter.classification()
 
     def _crop_centres(self, samples: Sequence[ImageSample]) -> dict[Path, tuple[float, float] | None]:
-        adapter = self.adapter()
+        adapter = self.open_dataset()
         if not hasattr(adapter, "image_centres"):
             raise ValueError(
                 f"dataset {self.dataset_name!r} gives no nodule positions for its images; set crop: null"

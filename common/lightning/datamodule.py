@@ -6,7 +6,8 @@ cache is a no-op), `setup()` resolves the split into train / val / test / predic
 Where a cache lives follows `common.cache.default_cache_dir`, the rule `lungdata prepare` follows too.
 
 Predicting on a folder of new scans (`predict_root`) never needs the training dataset: in `lungdet predict` /
-`lungseg predict` only that folder is cached and read (a hospital has no LUNA16).
+`lungseg predict` / `lungcls predict` only that folder is cached (`common.cache.predict_cache_dir`) and read
+(a hospital has no LUNA16).
 
 Splits: `split_file` (a file written by `lungdata split` or by an earlier run) wins; otherwise `split`
 chooses how one is made and it is saved beside the cache so every later run sees the same scans:
@@ -14,11 +15,14 @@ chooses how one is made and it is saved beside the cache so every later run sees
 - "claf_sixfold": the CLAF paper's six folds (seeded), same rotation;
 - "ratio": patient-level train/val/test by `ratios` (seeded).
 
-`PartLoaderDataModule` holds the per-part datasets and the loader hooks (a part may bring its own sampler);
-`DatasetDataModule` adds the dataset adapter, its cache folder, the split file and the predict folder — the
-parameters every dataset-backed datamodule shares (`CacheDataModule` here, the lungcls nodule-patch modules);
-the lungcls image-folder module derives from `PartLoaderDataModule` directly. So every package builds its
-parts and loaders in one place.
+Each parameter is declared once, in the class that first uses it:
+- `PartLoaderDataModule`: the per-part datasets and the loader hooks (a part may bring its own sampler);
+- `AdapterDataModule`: the dataset adapter (dataset, root, dataset_kwargs, lenient), the folder to predict
+  on, the split seed and the loader sizes — all the lungcls pathology image-folder module needs;
+- `DatasetDataModule`: adds where the cache lives, the split file, split ratios and column names — what
+  the cache-backed modules share (`CacheDataModule` here, the lungcls nodule-patch modules);
+- `CacheDataModule`: adds the preprocessed cache's spacing and the kind of split (lungdet, lungseg).
+So every package builds its parts and loaders in one place.
 """
 
 from __future__ import annotations
@@ -119,80 +123,49 @@ class PartLoaderDataModule(LightningDataModule):
         return self._loader("predict", shuffle=False)
 
 
-class DatasetDataModule(PartLoaderDataModule):
-    """A dataset adapter, where its cache lives, the split file and the folder to predict on.
+class AdapterDataModule(PartLoaderDataModule):
+    """A dataset adapter, the folder to predict on and the loader sizes: what every dataset-backed module takes.
 
     Args:
         dataset: adapter name (`common.datasets.registry.DATASETS`), e.g. "luna16".
         root: dataset root; None takes the adapter's environment variable (LUNA16_ROOT, ...).
-        cache_dir: cache folder; None → `common.cache.default_cache_dir` (`cache/<dataset>-<hash of root>`
-            under the working directory, where `lungdata prepare` without `--out` writes it).
-        split_file: an existing split file, or where to save the one made (default: in `cache_dir`).
-        ratios: train/val/test ratios of a seeded split.
-        seed: split seed.
-        predict_root: a folder of new scans to predict on (any layout `common.datasets.folder` reads); None
-            predicts the test part.
+        predict_root: a folder of new scans (or images) to predict on; None predicts the test part.
+        seed: seed of the split made from the dataset.
         batch_size: batch size.
         num_workers: data-loader workers.
         lenient: log and skip bad scans/rows instead of stopping.
         dataset_kwargs: extra adapter arguments (file names, subsets, ...).
-        columns: the annotation tables' column names where your copy differs, ``{role: name}``
-            (e.g. ``{x: coordX_mm}``; roles as in the adapter's columns class).
     """
 
     def __init__(
         self,
         dataset: str = "luna16",
         root: str | None = None,
-        cache_dir: str | None = None,
-        split_file: str | None = None,
-        ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
-        seed: int = 0,
         predict_root: str | None = None,
+        seed: int = 0,
         batch_size: int = 2,
         num_workers: int = 0,
         lenient: bool = False,
         dataset_kwargs: dict[str, Any] | None = None,
-        columns: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters()  # collects the arguments of every subclass __init__ on the way here
         self.dataset_name = dataset
         self.root = root
-        self.split_file = split_file
-        self.ratios = tuple(ratios)
-        self.seed = seed
         self.predict_root = predict_root
+        self.seed = seed
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.lenient = lenient
         self.dataset_kwargs = dict(dataset_kwargs or {})
-        if columns:
-            self.dataset_kwargs["columns"] = dict(columns)
-        self._cache_dir = cache_dir
         self.datasets: dict[str, Dataset] = {}
 
-    # ------------------------------------------------------------------ locations
     @property
     def resolved_root(self) -> Path:
         return resolve_root(self.dataset_name, self.root)
 
-    @property
-    def cache_dir(self) -> Path:
-        """The configured `cache_dir`, else `default_cache_dir()`."""
-        return Path(self._cache_dir) if self._cache_dir else self.default_cache_dir()
-
-    def default_cache_dir(self) -> Path:
-        """Where the cache lives when no `cache_dir` is given (`common.cache.default_cache_dir`)."""
-        return default_cache_dir(self.dataset_name, self.resolved_root)
-
-    @property
-    def predict_cache_dir(self) -> Path:
-        """The cache of `predict_root` (`common.cache.predict_cache_dir`), found without the training root."""
-        return predict_cache_dir(self._cache_dir, self.predict_root)
-
     def open_dataset(self):
-        """The adapter over the dataset root (records, candidates, ...)."""
+        """The adapter over the dataset root (records, candidates, image folders, ...)."""
         return open_dataset(self.dataset_name, self.root, strict=not self.lenient, **self.dataset_kwargs)
 
     def predicting_new_scans(self) -> bool:
@@ -202,6 +175,65 @@ class DatasetDataModule(PartLoaderDataModule):
         return bool(self.predict_root) and fn is not None and str(getattr(fn, "value", fn)) == "predict"
 
 
+class DatasetDataModule(AdapterDataModule):
+    """`AdapterDataModule` plus where its cache lives and the split file.
+
+    Args:
+        cache_dir: cache folder; None → `common.cache.default_cache_dir` (`cache/<dataset>-<hash of root>`
+            under the working directory, where `lungdata prepare` without `--out` writes it).
+        split_file: an existing split file, or where to save the one made (default: in `cache_dir`).
+        ratios: train/val/test ratios of a seeded split.
+        columns: the annotation tables' column names where your copy differs, ``{role: name}``
+            (e.g. ``{x: coordX_mm}``; roles as in the adapter's columns class).
+        **kwargs: `AdapterDataModule` arguments (dataset, root, predict_root, seed, batch_size, num_workers,
+            lenient, dataset_kwargs).
+
+    Attributes:
+        cache_kind / cache_variant(): the `kind` and `variant` of `common.cache.default_cache_dir` and
+            `common.cache.predict_cache_dir` (None: the preprocessed scan cache).
+    """
+
+    cache_kind: str | None = None
+
+    def __init__(
+        self,
+        cache_dir: str | None = None,
+        split_file: str | None = None,
+        ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
+        columns: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.split_file = split_file
+        self.ratios = tuple(ratios)
+        if columns:
+            self.dataset_kwargs["columns"] = dict(columns)
+        self._cache_dir = cache_dir
+
+    # ------------------------------------------------------------------ locations
+    def cache_variant(self) -> str | None:
+        """What else names the cache folder (settings a subclass caches under); None by default."""
+        return None
+
+    @property
+    def cache_dir(self) -> Path:
+        """The configured `cache_dir`, else `default_cache_dir()`."""
+        return Path(self._cache_dir) if self._cache_dir else self.default_cache_dir()
+
+    def default_cache_dir(self) -> Path:
+        """Where the cache lives when no `cache_dir` is given (`common.cache.default_cache_dir`)."""
+        return default_cache_dir(
+            self.dataset_name, self.resolved_root, kind=self.cache_kind, variant=self.cache_variant()
+        )
+
+    @property
+    def predict_cache_dir(self) -> Path:
+        """The cache of `predict_root` (`common.cache.predict_cache_dir`), found without the training root."""
+        return predict_cache_dir(
+            self._cache_dir, self.predict_root, kind=self.cache_kind, variant=self.cache_variant()
+        )
+
+
 class CacheDataModule(DatasetDataModule, abc.ABC):
     """Dataset → preprocessed cache → split → per-part datasets.
 
@@ -209,8 +241,9 @@ class CacheDataModule(DatasetDataModule, abc.ABC):
         spacing: resampling target in mm (isotropic).
         split: how to make the split when `split_file` is absent (see module docstring).
         fold: test fold index for k-fold splits.
-        **kwargs: `DatasetDataModule` arguments (dataset, root, cache_dir, split_file, ratios, seed,
-            predict_root, batch_size, num_workers, lenient, dataset_kwargs).
+        **kwargs: `DatasetDataModule` arguments (cache_dir, split_file, ratios, columns) and
+            `AdapterDataModule` ones (dataset, root, predict_root, seed, batch_size, num_workers, lenient,
+            dataset_kwargs).
     """
 
     def __init__(

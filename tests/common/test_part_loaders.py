@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.utils.data import TensorDataset
 
-from common.cache import path_digest
+from common.cache import default_cache_dir, path_digest, predict_cache_dir
 from common.lightning.datamodule import PartLoaderDataModule
 
 
@@ -73,3 +75,15 @@ def test_path_digest_names_the_resolved_folder(tmp_path, monkeypatch):
     (tmp_path / "a").mkdir()
     assert path_digest("a") == path_digest(tmp_path / "a") == path_digest(tmp_path / "a" / ".." / "a")
     assert len(path_digest("a")) == 8 and path_digest("a") != path_digest(tmp_path)
+
+
+def test_predict_caches_are_named_by_the_default_cache_rule(tmp_path):
+    """A folder of new scans is named like a dataset "predict" at that folder, beside a named cache or in
+    cache/; kind and variant keep the preprocessed and the M³Net patch caches of one folder apart."""
+    folder = tmp_path / "new"
+    digest = path_digest(folder)
+    assert predict_cache_dir(None, folder) == Path("cache") / f"predict-{digest}"
+    assert predict_cache_dir(tmp_path / "c" / "luna", folder) == tmp_path / "c" / f"predict-{digest}"
+    patches = predict_cache_dir(None, folder, kind="m3net", variant="140x60")
+    assert patches == Path("cache") / f"m3net-predict-{digest}-140x60"
+    assert patches.name == default_cache_dir("predict", folder, kind="m3net", variant="140x60").name

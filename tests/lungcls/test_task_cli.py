@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +17,8 @@ import pytest
 import torch
 import yaml
 
+from common.cache import path_digest
+from common.datasets.registry import open_dataset
 from lungcls.cli import main
 from lungcls.task import M3NetTask, ScaleTask
 from tests.lungcls.test_data import DEPTH, SIZES
@@ -211,6 +214,43 @@ def test_stage2_loads_stage1_fits_tests_with_gradcam_and_predicts(
     assert restored.model.freeze == "lower"
 
 
+def test_predict_on_a_folder_of_new_scans_needs_no_training_root(
+    lidc_tree, patch_cache_dir, stage1_checkpoints, tmp_path, monkeypatch, capsys
+):
+    """`lungcls predict` on a folder of two new scans and their centres: no LIDC root, no training cache;
+    the patches are cached where `common.cache.predict_cache_dir` says (under `cache/` of the working folder)."""
+    _, paths = stage1_checkpoints
+    known = {r.uid: r.image_path for r in open_dataset("folder", lidc_tree).records}
+    nodules = pd.read_csv(patch_cache_dir / "nodules.csv", dtype={"uid": str})
+    uids = list(dict.fromkeys(nodules["uid"]))[:2]
+    folder = tmp_path / "new_scans"
+    for i, uid in enumerate(uids):  # the DICOM series of two scans, alone in a new folder
+        shutil.copytree(known[uid], folder / f"scan{i}")
+    centres = nodules[nodules["uid"].isin(uids)].rename(
+        columns={"uid": "seriesuid", "world_x": "coordX", "world_y": "coordY", "world_z": "coordZ"}
+    )
+    csv = tmp_path / "candidates.csv"
+    centres[["seriesuid", "coordX", "coordY", "coordZ"]].to_csv(csv, index=False)
+    data = _patch_data(lidc_tree, patch_cache_dir)
+    data["init_args"].update(
+        {"root": None, "cache_dir": None, "predict_root": str(folder), "predict_csv": str(csv)}
+    )
+    model = {"class_path": "ScaleTask", "init_args": {"scale": 64, "preset": "tiny", "in_slices": DEPTH}}
+    config = _config(tmp_path, "new_scans", model, data)
+    monkeypatch.delenv("LIDC_ROOT", raising=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    rc = main(["predict", "--config", str(config), "--ckpt_path", str(paths[64])])
+    assert rc == 0, capsys.readouterr().err.strip().splitlines()[-1:]  # e.g. "no lidc root: set LIDC_ROOT"
+    predictions = pd.read_csv(_run_dir(tmp_path, "new_scans") / "predict_predictions.csv", dtype={"uid": str})
+    assert list(predictions["uid"]) == list(centres["seriesuid"])
+    assert predictions[["prob_0", "prob_1"]].sum(axis=1).round(5).eq(1).all()
+    caches = [p.name for p in (work / "cache").iterdir()]
+    assert len(caches) == 1 and caches[0].startswith(f"m3net-predict-{path_digest(folder)}-"), caches
+    assert len(pd.read_csv(work / "cache" / caches[0] / "nodules.csv")) == len(centres)
+
+
 def test_stage1_weights_land_in_the_branches_and_freezing_reaches_the_optimizer(stage1_checkpoints):
     _, paths = stage1_checkpoints
     task = M3NetTask(
@@ -282,6 +322,17 @@ def _init_args(class_path: str) -> set[str]:
                 p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "args", "kwargs")
             }
     return names
+
+
+def test_pathology_datamodule_takes_the_adapter_parameters_and_no_cache_ones():
+    """Its root/predict/loader parameters come from `AdapterDataModule` (not re-declared); no cache, no split file."""
+    from lungcls.pathology_data import PathologyImageDataModule
+
+    inherited = {"root", "predict_root", "seed", "num_workers", "lenient", "dataset_kwargs"}
+    assert inherited <= _init_args("lungcls.pathology_data.PathologyImageDataModule")
+    assert not inherited & set(inspect.signature(PathologyImageDataModule.__init__).parameters)
+    cache_only = {"cache_dir", "split_file", "ratios", "columns", "spacing", "split", "fold"}
+    assert not cache_only & _init_args("lungcls.pathology_data.PathologyImageDataModule")
 
 
 CONFIGS = sorted(
