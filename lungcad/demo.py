@@ -86,7 +86,7 @@ def write_held_out_dicom(folder: Path, seed: int, index: int) -> tuple[Path, str
     """
     import shutil
 
-    from common.io import write_dicom_series
+    from common.dicom import write_dicom_series
     from common.synth import generate_scan
     from common.synth.luna16 import scan_volume
 

@@ -10,10 +10,10 @@ pixels) and picks one series:
    most slices, then the thinnest slice spacing. ``series_uid`` (`--series-uid`) overrides the rule.
 3. The chosen series is refused with one line naming the folder, the series and the slice files when it
    has one slice, mixes orientations, is tilted (GantryDetectorTilt ≠ 0, or slices stacked off their
-   normal), or has missing slices / uneven spacing beyond the tolerance (`common.io.check_slice_positions`,
+   normal), or has missing slices / uneven spacing beyond the tolerance (`common.dicom.check_slice_positions`,
    the same rule `lungdata prepare` uses; `--dicom-tolerance MM` raises it).
 
-`read_dicom_ct` then reads the pixels through `common.io.read_dicom_slices` (the one place that reads
+`read_dicom_ct` then reads the pixels through `common.dicom.read_dicom_slices` (the one place that reads
 DICOM pixel data) and returns the volume with the source headers in the volume's z order, which the
 DICOM SEG / SR writers (`lungcad.dicom_output`) reference.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from common import io as ct_io
+from common import dicom as ct_dicom
 from common.io import CTVolume
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def _read_headers(folder: Path) -> tuple[list[tuple[Path, pydicom.Dataset]], lis
                 unreadable.append(path)
             continue
         if "SeriesInstanceUID" not in ds:
-            if not ct_io.is_dicomdir(ds):
+            if not ct_dicom.is_dicomdir(ds):
                 unreadable.append(path)  # cut before its series UID: a truncated slice
             continue
         if _truncated(path, ds):
@@ -183,7 +183,7 @@ def select_ct_series(
         folder: a folder holding the DICOM files (not searched recursively).
         series_uid: analyse this series (`--series-uid`) instead of the rule's choice.
         tolerance_mm: accepted slice offset from an even grid (`--dicom-tolerance`); None = the default rule
-            of `common.io.check_slice_positions`.
+            of `common.dicom.check_slice_positions`.
 
     Raises:
         FileNotFoundError: the folder does not exist.
@@ -262,7 +262,7 @@ def select_ct_series(
     # Unreadable DICOM files of this series (or of no readable series) would leave a gap: name them first.
     # A file cut inside its SeriesInstanceUID claims a prefix of it ("" when cut before).
     unreadable = [p for p in unreadable if chosen.startswith(_claimed_series(p))]
-    ct_io.check_unreadable_slices(f"{folder}: CT series {chosen}", unreadable, tolerance_mm)
+    ct_dicom.check_unreadable_slices(f"{folder}: CT series {chosen}", unreadable, tolerance_mm)
     files, datasets = _check_geometry(folder, chosen, items, tolerance_mm)
     return SeriesChoice(folder, chosen, files, datasets, reasons, unreadable)
 
@@ -315,7 +315,7 @@ def _check_geometry(
                 f"{series}: slices are stacked {angle:.1f} degrees off their normal ({items[0][0].name} -> "
                 f"{items[-1][0].name}): gantry tilt; reconstruct the scan without tilt (or resample it first)"
             )
-    ct_io.check_slice_positions(positions @ normal, [p.name for p, _ in items], series, tolerance_mm)
+    ct_dicom.check_slice_positions(positions @ normal, [p.name for p, _ in items], series, tolerance_mm)
     return [p for p, _ in items], [ds for _, ds in items]
 
 
@@ -332,7 +332,7 @@ def read_dicom_ct(
     for reason in choice.reasons:
         log.info("%s: %s", choice.folder, reason)
     # Unreadable files were refused or (with a tolerance) left out by select_ct_series already.
-    volume, read = ct_io.read_dicom_slices(choice.files, choice.series_uid, choice.folder, tolerance_mm)
+    volume, read = ct_dicom.read_dicom_slices(choice.files, choice.series_uid, choice.folder, tolerance_mm)
     kept = {Path(p) for p in read}
     datasets = [ds for p, ds in zip(choice.files, choice.datasets) if p in kept]
     if len(datasets) != volume.shape[0]:  # defensive: the reader and the headers must agree slice by slice

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from common.cache import PrepareSettings, PreprocessedCache, default_cache_dir, parse_shard
 from common.datasets.registry import DATASETS, open_dataset, resolve_root
-from common.io import DICOM_POSITION_TOLERANCE_MM, read_volume
+from common.dicom import DICOM_POSITION_TOLERANCE_MM
+from common.io import read_volume
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 ```
 OUT/
-  LIDC-IDRI-0001/<study uid>/<series uid>/slice_0000.dcm …   the CT series (common.io.write_dicom_series)
+  LIDC-IDRI-0001/<study uid>/<series uid>/slice_0000.dcm …   the CT series (common.dicom.write_dicom_series)
                                          /001.xml            the readers' XML (LIDC format, below)
   …
   synth_pylidc.sqlite        the annotations in pylidc's SQLite schema (scans, annotations, contours, zvals)
@@ -42,7 +42,8 @@ from scipy import ndimage
 
 from common import atomic
 from common.datasets.lidc_db import RATING_NAMES
-from common.io import write_dicom_series, write_nifti
+from common.dicom import write_dicom_series
+from common.io import write_nifti
 from common.synth.luna16 import scan_volume
 from common.synth.manifest import (
     manifest,

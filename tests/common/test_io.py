@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from common.dicom import anonymized_header, write_dicom_series
 from common.io import (
     CTVolume,
     VolumeReadError,
-    anonymized_header,
     mhd_header_text,
     read_volume,
-    write_dicom_series,
     write_mhd,
     write_nifti,
 )

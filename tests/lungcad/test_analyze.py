@@ -22,7 +22,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from common.io import CTVolume, write_dicom_series, write_mhd, write_nifti
+from common.dicom import write_dicom_series
+from common.io import CTVolume, write_mhd, write_nifti
 from common.metrics.froc_io import evaluate_froc_files
 from lungcad import outputs
 from lungcad.cli import main
@@ -649,7 +650,7 @@ def test_given_nodule_lands_where_it_is_in_any_geometry(bundle_dir, e2e_phantom,
     nifti = sitk.ReadImage(str(out / key / "segmentation.nii.gz"))
     labels = sitk.GetArrayFromImage(nifti)
     centre = tuple(int(round(v)) for v in voxel_zyx)
-    if fmt != "dicom":  # a left-handed DICOM reads back reversed in z (common.io.write_dicom_series)
+    if fmt != "dicom":  # a left-handed DICOM reads back reversed in z (common.dicom.write_dicom_series)
         assert labels[centre] == 1
         np.testing.assert_allclose(np.reshape(nifti.GetDirection(), (3, 3)), volume.direction, atol=1e-5)
     ijk = np.argwhere(labels == 1).mean(axis=0)[::-1]

@@ -12,7 +12,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
 
-from common.io import CTVolume, write_dicom_series
+from common.dicom import write_dicom_series
+from common.io import CTVolume
 from lungcad.dicom_input import read_dicom_ct, select_ct_series
 from lungcad.dicom_output import ANONYMIZED, write_seg, write_sr
 

@@ -10,7 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from common.io import read_volume, write_dicom_series, write_mhd
+from common.dicom import write_dicom_series
+from common.io import read_volume, write_mhd
 from common.synth.followup import make_followup, read_truth
 from lungcad.cli import main
 from lungcad.followup.report import SCHEMA_PATH

@@ -174,7 +174,8 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
     from common.cli import main
-    from common.io import CTVolume, write_dicom_series
+    from common.dicom import write_dicom_series
+    from common.io import CTVolume
     from tests.common.chest_phantom import chest_phantom
     from tests.common.luna_tree import write_tiny_luna16
 
@@ -458,7 +459,8 @@ def case(row_id: str, w: World, tmp: Path) -> Case:  # noqa: C901  (one branch p
 
 def _analyze_series(folder: Path, uid: str, n: int = 8, spacing_z: float = 2.0, tags=None) -> list[Path]:
     """A small CT series (n slices of 24×24) written by common.io."""
-    from common.io import CTVolume, write_dicom_series
+    from common.dicom import write_dicom_series
+    from common.io import CTVolume
 
     rng = np.random.default_rng(n)
     array = rng.integers(-1000, 200, (n, 24, 24)).astype(np.int16)
