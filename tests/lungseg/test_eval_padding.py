@@ -29,6 +29,7 @@ def _validate(order: list[int]) -> dict[str, float]:
     seg, heat = _scan_outputs()
     scans = _scans()
     task = GlanceTask(image_size=SHAPE[1], filter_by_mask=False)
+    task.seg_supervised.fill_(True)  # the replayed segmentation stands for a trained head
     task.eval()
     for i, s in enumerate(order):
         task.model = ReplayModel(seg, heat)  # replays one scan's outputs
