@@ -136,11 +136,7 @@ def lidc() -> dict[str, object]:
         for finding in scan.findings:
             if finding.category != "nodule" or finding.diameter_mm < MIN_DIAMETER_MM:
                 continue
-            votes = np.zeros(scan.image.shape, np.int16)
-            for reader in finding.reader_masks:
-                box = tuple(slice(a, a + s) for a, s in zip(reader.start, reader.mask.shape))
-                votes[box] += reader.mask
-            truth = votes * 2 >= len(finding.reader_masks)
+            truth = finding.consensus_mask(scan.image.shape)
             readers_mean = float(np.mean([r.mask.sum() for r in finding.reader_masks])) * voxel_mm3
             mt = measure_nodule(volume, truth)
             mask = fallback_on_grid(volume, np.asarray(finding.voxel_zyx), finding.diameter_mm)

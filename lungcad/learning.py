@@ -249,11 +249,7 @@ def _truth(seed: int, index: int) -> tuple[Any, Any, list[dict[str, Any]]]:
     for finding in scan.findings:
         if finding.category != "nodule":
             continue
-        votes = np.zeros(scan.image.shape, np.int16)
-        for reader in finding.reader_masks:
-            box = tuple(slice(a, a + s) for a, s in zip(reader.start, reader.mask.shape))
-            votes[box] += reader.mask
-        mask = votes * 2 >= len(finding.reader_masks)  # the phantom's consensus, as its volume_mm3 counts
+        mask = finding.consensus_mask(scan.image.shape)  # the phantom's consensus, as its volume_mm3 counts
         nodules.append({"finding": finding, "mask": mask, "truth": measure_nodule(volume, mask)})
     return scan, volume, nodules
 

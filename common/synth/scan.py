@@ -132,6 +132,15 @@ class Finding:
     volume_mm3: float = 0.0
     core_hu: float = 0.0
 
+    def consensus_mask(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The readers' consensus (voxels at least half of `reader_masks` mark) on the scan grid of `shape`;
+        what `volume_mm3` counts for a nodule."""
+        votes = np.zeros(shape, np.int16)
+        for reader in self.reader_masks:
+            box = tuple(slice(a, a + s) for a, s in zip(reader.start, reader.mask.shape))
+            votes[box] += reader.mask
+        return votes * 2 >= len(self.reader_masks)
+
     @property
     def csv_diameter_mm(self) -> float:
         """The diameter LUNA16 writes: −1 for non-nodules."""

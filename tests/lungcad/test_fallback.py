@@ -24,11 +24,7 @@ def _isolated_phantom_nodules(seed: int, indices):
         for finding in scan.findings:
             if finding.category != "nodule" or finding.location != "isolated" or finding.diameter_mm < 5:
                 continue
-            votes = np.zeros(scan.image.shape, np.int16)
-            for reader in finding.reader_masks:
-                box = tuple(slice(a, a + s) for a, s in zip(reader.start, reader.mask.shape))
-                votes[box] += reader.mask
-            yield volume, finding, votes * 2 >= len(finding.reader_masks)
+            yield volume, finding, finding.consensus_mask(scan.image.shape)
 
 
 def test_fallback_matches_the_true_mask_of_isolated_phantom_nodules():

@@ -264,12 +264,7 @@ def _phantom_nodules(seed: int, indices):
         for finding in scan.findings:
             if finding.category != "nodule":
                 continue
-            votes = np.zeros(scan.image.shape, np.int16)
-            for reader in finding.reader_masks:
-                box = tuple(slice(a, a + s) for a, s in zip(reader.start, reader.mask.shape))
-                votes[box] += reader.mask
-            consensus = votes * 2 >= len(finding.reader_masks)  # the phantom's consensus (≥ half)
-            yield scan, volume, finding, consensus
+            yield scan, volume, finding, finding.consensus_mask(scan.image.shape)
 
 
 def test_phantom_nodules_volume_and_centre_match_ground_truth():
