@@ -3,8 +3,10 @@
 Recipe (the former slow check's, docs/journal/): synthetic LIDC-IDRI phantoms (``small``, seed 1), narrow
 widths 16–128, lung-box crop resized to 192², 2.5D context ±2 mm, batch 8, 80 % of the draws from nodule
 slices, segmentation head started at probability 0.01, AdamW 2e-3 with a cosine decay over ``STEPS``
-steps, the paper's augmentation. 1500 steps instead of the former 3000: the journal's runs gave the same
-held-out Dice (0.768 at 1500, 0.749 at 3000, within the spread) and the part must fit 25 min on 2 cores.
+steps, the paper's augmentation. 1200 steps instead of the former 3000: the journal's runs gave the same
+held-out Dice (0.768 at 1500, 0.749 at 3000, within the spread), and the first clean-clone run at 1500 steps
+(Dice 0.718 [0.686, 0.752], sens@4 0.962 [0.926, 0.991]) took 41.8 min on a loaded machine, its two fits
+31 min each; the part must fit 25 min on 2 cores.
 The two variants the paper's ablation compares, ``full`` and ``segmentation_only``, are trained the same way,
 each in its own process with one torch thread (in parallel with ``jobs=2``).
 
@@ -17,9 +19,9 @@ full − segmentation-only (Dice over the same nodules, sens@4 and CPM over the 
 Checks (issue 21): full Dice lower bound ≥ 0.65 and sens@4 lower bound ≥ 0.80.
 
 Time (estimate): about 34 min per variant for 3000 steps with a core to itself (journal, session 4), so
-≈ 17 min for 1500 steps with both variants in parallel on 2 cores; inference 0.77 CPU-s per 16 slices at 192²
+≈ 14 min for 1200 steps with both variants in parallel on 2 cores; inference 0.77 CPU-s per 16 slices at 192²
 (measured 2026-12-07 on the loaded machine) ≈ 6 s per held-out scan, ≈ 5 min per variant for 48 scans (in
-parallel); phantoms 1.0 CPU-s each + the cache ≈ 3 min. ≈ 25 min on an idle 2-core machine, at the limit;
+parallel); phantoms 1.0 CPU-s each + the cache ≈ 3 min. ≈ 22 min on an idle 2-core machine;
 not yet measured end to end.
 
 ``python -m lungseg.learning [--out learning_out/glance] [--docs docs] [--jobs 2]``.
@@ -44,7 +46,7 @@ import numpy as np  # noqa: E402
 N_SCANS = 120
 SEED = 1
 RATIOS = (68 / 120, 4 / 120, 48 / 120)
-STEPS = 1500
+STEPS = 1200
 BATCH = 8
 STEPS_PER_EPOCH = 50
 SIZE = 192
