@@ -4,7 +4,7 @@ Input per time point (`TimePoint`): the scan id, its date, its `lungcad analyze`
 contract's layout) and the CT itself (registration needs the images). Consecutive time points, in date
 order, form intervals; per interval the current scan is registered to the prior
 (`lungcad.followup.registration`), the nodules are matched (`matching`), and every matched nodule gets its
-growth (`growth`) and every current nodule its Lung-RADS v2022 follow-up category
+growth (`growth`; from one joint cut of both scans where both analyses used the HU fallback, `consistency`) and every current nodule its Lung-RADS v2022 follow-up category
 (`lungcad.lungrads.followup_category`). Nodules are chained into tracks ("N1", "N2", …) across intervals.
 
 Refusals and flags (never a silent match):
