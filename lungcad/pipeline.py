@@ -328,41 +328,78 @@ def fallback_mask(
     spacing = np.asarray(spacing_zyx, dtype=np.float64)
     d = max(float(diameter_mm), 3.0)
     centre = np.asarray(centre_zyx, dtype=np.float64)
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in hu.shape], indexing="ij"), -1)
-    dist = np.sqrt((((grid - centre) * spacing) ** 2).sum(-1))
-    bound = dist <= max(0.75 * d, 0.5 * d + 3.0)
-    lung = bound & (hu < FALLBACK_HU)
+    dist = _distance_mm(hu.shape, centre, spacing)
+    levels = fallback_levels(hu, dist, d, spacing)
+    if levels is None:
+        return None
+    bound_r = search_radius_mm(d)
+    dense = (dist <= bound_r) & (hu >= levels["threshold_hu"])
+    opened = smart_opening(dense, centre, d, spacing, dist > bound_r - float(spacing.max()))
+    if opened is None:
+        return None
+    return fill_holes(opened[0]), levels
+
+
+def search_radius_mm(diameter_mm: float) -> float:
+    """Radius of the fallback's search sphere: max(0.75 d, 0.5 d + 3 mm)."""
+    return max(0.75 * diameter_mm, 0.5 * diameter_mm + 3.0)
+
+
+def _distance_mm(shape: tuple[int, ...], centre: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    return np.sqrt((((grid - centre) * spacing) ** 2).sum(-1))
+
+
+def fallback_levels(
+    hu: np.ndarray, dist_mm: np.ndarray, diameter_mm: float, spacing: np.ndarray
+) -> dict[str, float] | None:
+    """Steps 1–2 of `fallback_mask`: parenchyma, nodule and threshold HU; None without contrast.
+
+    `dist_mm`: each voxel's distance to the centre (mm); `diameter_mm` ≥ 3.
+    """
+    lung = (dist_mm <= search_radius_mm(diameter_mm)) & (hu < FALLBACK_HU)
     if not lung.any():
         return None
     parenchyma = float(np.median(hu[lung]))
     smooth = ndi.gaussian_filter(hu.astype(np.float64), 0.5)
-    near = dist <= max(0.25 * d, float(spacing[1:].min()))
+    near = dist_mm <= max(0.25 * diameter_mm, float(spacing[1:].min()))
     if not near.any():
-        near = dist <= dist.min()
+        near = dist_mm <= dist_mm.min()
     nodule = float(smooth[near].max())
     if nodule - parenchyma < 100.0:
         return None
-    threshold = 0.5 * (nodule + parenchyma)
-    dense = bound & (hu >= threshold)
-    bound_r = max(0.75 * d, 0.5 * d + 3.0)
-    rim = dist > bound_r - float(spacing.max())
-    mask = _component_at(dense, centre, 0.5 * d / spacing)
+    return {"nodule_hu": nodule, "parenchyma_hu": parenchyma, "threshold_hu": 0.5 * (nodule + parenchyma)}
+
+
+def smart_opening(
+    dense: np.ndarray, centre: np.ndarray, diameter_mm: float, spacing: np.ndarray, rim: np.ndarray
+) -> tuple[np.ndarray, float, bool] | None:
+    """Steps 3–4 of `fallback_mask`: the piece of `dense` at the centre, detached from what reaches `rim`.
+
+    Returns (piece, opening radius in mm (0: none needed), whether it still reaches the rim), or None when
+    nothing of `dense` is near the centre.
+    """
+    near = 0.5 * diameter_mm / spacing
+    mask = _component_at(dense, centre, near)
     if mask is None:
         return None
-    # Smart opening: the smallest ball whose erosion separates the centre's piece from everything that
-    # leaves the search sphere (vessels, chest wall), then that piece dilated back inside the voxels ≥ T.
     step = float(spacing[1:].min())
-    radius = step
-    while (mask & rim).any() and radius <= FALLBACK_MAX_OPENING * d:
+    radius, used = step, 0.0
+    while (mask & rim).any() and radius <= FALLBACK_MAX_OPENING * diameter_mm:
         element = _ellipsoid_element(radius, spacing)
-        seed = _component_at(ndi.binary_erosion(dense, structure=element), centre, 0.5 * d / spacing)
+        seed = _component_at(ndi.binary_erosion(dense, structure=element), centre, near)
         if seed is None:
             break
         mask = ndi.binary_dilation(seed, structure=element) & dense
+        used = radius
         radius += step
+    return mask, used, bool((mask & rim).any())
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Step 5 of `fallback_mask`: holes filled in 3D, then in each slice."""
     mask = ndi.binary_fill_holes(mask)
-    mask = np.stack([ndi.binary_fill_holes(s) for s in mask])
-    return mask, {"nodule_hu": nodule, "parenchyma_hu": parenchyma, "threshold_hu": threshold}
+    return np.stack([ndi.binary_fill_holes(s) for s in mask])
 
 
 def _segment(

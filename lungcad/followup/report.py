@@ -23,7 +23,7 @@ from lungcad.followup import registration as registration_mod
 from lungcad.followup.matching import GATE_RULE
 from lungcad.followup.track import IntervalResult, TimePoint, assign_tracks
 
-FOLLOWUP_SCHEMA_VERSION = "1.0"
+FOLLOWUP_SCHEMA_VERSION = "1.1"
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "followup.schema.json"
 FOLLOWUP_JSON = "followup.json"
 FOLLOWUP_CSV = "followup.csv"
@@ -60,6 +60,9 @@ CSV_COLUMNS = (
     "type",
     "lungrads_category",
     "lungrads_reason",
+    "volume_source",
+    "growth_prior_volume_mm3",
+    "growth_current_volume_mm3",
 )
 
 
@@ -80,6 +83,11 @@ def methods() -> dict[str, Any]:
         ),
         "matching": f"optimal assignment (Hungarian) on registered centre distance, gate {GATE_RULE}",
         "volume_doubling_time": "VDT = interval_days * ln 2 / ln(V_current / V_prior)",
+        "growth_volumes": (
+            "nodules the analyses segmented with the HU fallback at both times are segmented again with one "
+            "cut (the anatomy common to both scans beyond the opening removed from both; "
+            "lungcad.followup.consistency); otherwise the analyses' partial-volume volumes"
+        ),
         "vdt_interval": {
             "relative_limits_of_agreement": growth_mod.REPEATABILITY_RELATIVE_LOA,
             "log_ratio_limit": round(growth_mod.REPEATABILITY_LOG_LIMIT, 6),
@@ -205,6 +213,9 @@ def csv_rows(document: dict[str, Any]) -> list[tuple[str, ...]]:
                 c.get("type") or p.get("type"),
                 cat.get("category"),
                 cat.get("reason"),
+                g.get("volume_source"),
+                g.get("prior_volume_mm3"),
+                g.get("current_volume_mm3"),
             )
             rows.append(tuple("" if v is None else str(v) for v in values))
     return rows

@@ -4,7 +4,7 @@ Input per time point (`TimePoint`): the scan id, its date, its `lungcad analyze`
 contract's layout) and the CT itself (registration needs the images). Consecutive time points, in date
 order, form intervals; per interval the current scan is registered to the prior
 (`lungcad.followup.registration`), the nodules are matched (`matching`), and every matched nodule gets its
-growth (`growth`) and every current nodule its Lung-RADS v2022 follow-up category
+growth (`growth`; from one joint cut of both scans where both analyses used the HU fallback, `consistency`) and every current nodule its Lung-RADS v2022 follow-up category
 (`lungcad.lungrads.followup_category`). Nodules are chained into tracks ("N1", "N2", …) across intervals.
 
 Refusals and flags (never a silent match):
@@ -26,6 +26,7 @@ import numpy as np
 
 from common.io import CTVolume
 from lungcad.followup import growth as growth_mod
+from lungcad.followup.consistency import JointSegmentation, joint_fallback
 from lungcad.followup.matching import GATE_RULE, match_nodules
 from lungcad.followup.registration import RegistrationResult, register
 from lungcad.lungrads import LungRADSCategory, followup_category, scan_category, stepped_category
@@ -174,9 +175,8 @@ def assess_interval(
             row.update(status="new", growth=None, lungrads=category.to_dict())
             categories.append(category)
         else:
-            change = growth_mod.interval_growth(
-                p["volume_mm3"], c["volume_mm3"], p["mean_diameter_mm"], c["mean_diameter_mm"], days
-            )
+            sizes, joint = _growth_sizes(prior, current, registration, p, c)
+            change = growth_mod.interval_growth(*sizes, days)
             category = followup_category(
                 c["type"],
                 c["mean_diameter_mm"],
@@ -187,10 +187,59 @@ def assess_interval(
             )
             if change.status == "stable":
                 category = stepped_category(category, prior_category=p["category"], interval_days=days)
-            row.update(status=change.status, growth=change.to_dict(), lungrads=category.to_dict())
+            growth = change.to_dict()
+            growth["volume_source"] = "analyses" if joint is None else "joint-segmentation"
+            if joint is not None:
+                growth["joint_segmentation"] = {
+                    "opening_radius_mm": round(joint.opening_radius_mm, 3),
+                    "cut_mm3": round(joint.cut_mm3, 3),
+                    "attached": joint.attached,
+                }
+            row.update(status=change.status, growth=growth, lungrads=category.to_dict())
             categories.append(category)
         rows.append(row)
     return IntervalResult(prior, current, registration, rows, flags, _scan_cat(categories, flags))
+
+
+#: How the analysis made a mask that `_growth_sizes` re-segments jointly (the HU fallback's).
+JOINT_SEGMENTATION = "hu-threshold"
+
+
+def _growth_sizes(
+    prior: TimePoint,
+    current: TimePoint,
+    registration: RegistrationResult,
+    p: dict[str, Any],
+    c: dict[str, Any],
+) -> tuple[tuple[float, float, float, float], JointSegmentation | None]:
+    """(prior volume, current volume, prior mean diameter, current mean diameter) for the growth.
+
+    Where the analyses segmented the nodule at both times with the HU fallback, both are segmented again
+    with one cut (`lungcad.followup.consistency.joint_fallback`, centred on the prior centre, the larger
+    mean diameter) and measured by `lungcad.measure.measure_nodule`; otherwise (GLANCE masks, a sphere, or
+    the joint segmentation finding nothing) the analyses' own measurements.
+    """
+    from lungcad.measure import measure_nodule
+
+    own = (p["volume_mm3"], c["volume_mm3"], p["mean_diameter_mm"], c["mean_diameter_mm"])
+    how = {
+        _by_index(prior, p["index"]).get("segmentation"),
+        _by_index(current, c["index"]).get("segmentation"),
+    }
+    if how != {JOINT_SEGMENTATION}:
+        return own, None
+    joint = joint_fallback(
+        prior.volume,
+        current.volume,
+        np.asarray(p["center_world_mm"], dtype=np.float64),
+        max(float(p["mean_diameter_mm"]), float(c["mean_diameter_mm"])),
+        registration.prior_to_current,
+        registration.current_to_prior,
+    )
+    if joint is None:
+        return own, None
+    a, b = measure_nodule(prior.volume, joint.prior_mask), measure_nodule(current.volume, joint.current_mask)
+    return (a.volume_mm3, b.volume_mm3, a.mean_diameter_mm, b.mean_diameter_mm), joint
 
 
 def _by_index(point: TimePoint, index: int) -> dict[str, Any]:
