@@ -439,7 +439,7 @@ def _segment(
             mask[box] = local
             return mask, "glance"
     # Fallback: the HU rule of `fallback_mask`; where it finds nothing, a sphere of the finding's diameter.
-    half = (max(0.75 * d, 0.5 * d + 3.0) + 1.0) / o_spacing + 1
+    half = (search_radius_mm(d) + 1.0) / o_spacing + 1
     box = _box_around(centre_o, half, volume.shape)
     offset = np.array([s.start for s in box], dtype=np.float64)
     found = fallback_mask(np.asarray(volume.array[box], dtype=np.float64), centre_o - offset, d, o_spacing)
