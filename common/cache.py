@@ -30,7 +30,8 @@ never needs the training root.
 
 A scan that cannot be read raises an error naming the file (strict mode) after the scans before it are
 safely recorded; lenient mode logs it and moves on. Only one build may write a cache at a time (a lock file
-holds the builder's pid; a lock left by a killed build — its pid gone or a zombie — is taken over).
+holds the builder's pid; a second build waits for a live holder, up to `PreprocessedCache.lock_wait_s`; a lock
+left by a killed build — its pid gone or a zombie — is taken over).
 
 At scale, `build(..., shard=(i, n))` builds only every n-th scan (by sorted uid) so that n processes — a
 SLURM array, several machines — fill one shared cache: each scan belongs to exactly one shard, whose lock
@@ -124,6 +125,7 @@ ALGORITHM_VERSION = 2
 """Bump when resampling, clipping or lung masking change in a way that changes cached arrays."""
 MANIFEST_NAME = "manifest.json"
 MANIFEST_LOCK = "manifest.lock"
+LOCK_POLL_S = 0.5  # how often a waiting build looks at the lock again
 IMAGE_DIR = "images"
 MASK_DIR = "lung_masks"
 FORMAT = "lungcad-preprocessed-cache"
@@ -445,6 +447,9 @@ class PreprocessedCache:
         root: the cache folder (created on first build).
     """
 
+    #: how long a build waits for another live build of the same folder before it gives up (seconds)
+    lock_wait_s: float = 6 * 3600.0
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
@@ -519,8 +524,15 @@ class PreprocessedCache:
 
     @contextlib.contextmanager
     def _lock(self, name: str = ".lock") -> Iterator[None]:
+        """Hold the build lock; a live build holding it is waited for (``lock_wait_s``), not failed.
+
+        Two runs started together on one cache (two sweep agents, two variants trained in parallel) both
+        check the cache first: the second waits for the first's check or build, then finds the scans done.
+        """
         lock = self.root / name
-        for _ in range(2):
+        deadline = time.monotonic() + self.lock_wait_s
+        announced = False
+        while True:
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
                 break
@@ -529,13 +541,20 @@ class PreprocessedCache:
                     pid = int(lock.read_text().strip() or 0)
                 except (OSError, ValueError):
                     pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
+                if time.monotonic() >= deadline:
                     raise RuntimeError(
-                        f"{self.root} is being written by another build (pid {pid}); wait for it or stop it"
+                        f"{self.root} is being written by another build (pid {pid}) for longer than "
+                        f"{self.lock_wait_s:.0f} s; wait for it or stop it"
                     ) from None
+                if pid and pid != os.getpid() and _alive(pid):
+                    if not announced:
+                        log.info(
+                            "%s is being written by another build (pid %d); waiting for it", self.root, pid
+                        )
+                        announced = True
+                    time.sleep(LOCK_POLL_S)
+                    continue
                 lock.unlink(missing_ok=True)  # left behind by a killed build
-        else:
-            raise RuntimeError(f"cannot take the lock {lock}")
         try:
             os.write(fd, str(os.getpid()).encode())
             os.close(fd)

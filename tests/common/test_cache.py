@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -126,12 +128,32 @@ def test_resume_after_interruption_rebuilds_only_missing_work(luna, tmp_path):
     assert not list(cache.root.rglob(".*"))
 
 
-def test_a_live_lock_refuses_a_second_builder(luna, tmp_path):
+def test_a_live_lock_refuses_a_second_builder_after_its_wait(luna, tmp_path):
     cache = PreprocessedCache(tmp_path / "cache")
+    cache.lock_wait_s = 0.0
     cache.root.mkdir()
     (cache.root / ".lock").write_text(str(os.getppid()))
     with pytest.raises(RuntimeError, match="being written by another build"):
         cache.build(LUNA16Dataset(luna.root).records)
+
+
+def test_a_second_builder_waits_for_a_live_lock_and_then_builds(luna, tmp_path, caplog):
+    """Two runs started together on one cache: the second waits for the first's lock instead of failing."""
+    import threading
+
+    cache = PreprocessedCache(tmp_path / "cache")
+    cache.root.mkdir()
+    lock = cache.root / ".lock"
+    lock.write_text(str(os.getppid()))  # a live process other than this one holds it
+    release = threading.Timer(1.0, lambda: lock.unlink())
+    release.start()
+    start = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="common.cache"):
+        report = cache.build(LUNA16Dataset(luna.root).records)
+    release.join()
+    assert time.monotonic() - start >= 1.0
+    assert "waiting for it" in caplog.text
+    assert len(report.built) == len(LUNA16Dataset(luna.root).records) and not lock.exists()
 
 
 def _corrupt_truncated(root, uid, subset):
