@@ -2,8 +2,8 @@
 
 The recipe is the demo pipeline (`lungdet.demo.run_demo`: the user's `lungdet fit/test/predict` commands
 with `configs/demo/claf_demo.yaml` and `configs/demo/mppn_demo.yaml`) with longer schedules — stage 1:
-12 epochs × 512 crops; MPPN: 12 epochs × 512 crops (384 steps of 16), lr 2e-3, dropout 0.3, validated once at
-the end, where the fusion is chosen — trained on 24 training and 4 validation scans and scored on 52 held-out
+12 epochs × 512 crops; MPPN: 24 epochs × 512 crops (768 steps of 16), lr 2e-3, dropout 0.3, validated at
+epochs 12 and 24 (the fusion is chosen on the validation scans) — trained on 24 training and 4 validation scans and scored on 52 held-out
 scans (80 synthetic LUNA16 scans, seed 1, split 24 / 4 / 52), about 90 nodules, so that one nodule is ≈ 0.011
 of a sensitivity.
 
@@ -19,10 +19,11 @@ Reported with 95 % bootstrap intervals over patients (one scan per phantom patie
 Checks (issue 21): stage-1 sens@8 lower bound ≥ 0.80; the paired CPM difference final − stage 1 has an
 upper bound > 0 (no significant harm).
 
-Time: the first clean-clone run (2026-12-07, MPPN at 24 epochs) took 44.9 min wall at 145 % CPU on a shared
-machine, 70 CPU-min (stage 1 fit 586 s, stage 1 test 189 s, predict 92 s, MPPN fit 1548 s, two-stage test
-246 s) — over the 25-minute budget, so the MPPN now trains half as long (its validation-chosen fusion keeps
-the two-stage score from falling below stage 1 whatever the MPPN learns); results in docs/learning.md.
+Time: the clean-clone run of 2026-12-07 (results in docs/learning.md) took 44.9 min wall at 145 % CPU on a
+shared machine, 70 CPU-min (stage 1 fit 586 s, stage 1 test 189 s, predict 92 s, MPPN fit 1548 s, two-stage
+test 246 s): over the 25-minute budget even on an idle machine (≈ 37 min at 1.9 cores). The MPPN fit is the
+part to shorten (its validation-chosen fusion keeps the two-stage score from falling below stage 1 whatever
+the MPPN learns), which needs a measured rerun.
 
 ``python -m lungdet.learning [--out learning_out/claf] [--docs docs]``.
 """
@@ -46,9 +47,9 @@ SEED = 1
 RATIOS = (0.3, 0.05, 0.65)  # 24 training, 4 validation, 52 test scans
 SPLIT = ["--data.init_args.ratios", f"[{RATIOS[0]}, {RATIOS[1]}, {RATIOS[2]}]"]
 STAGE1 = ["--trainer.max_epochs", "12", "--data.init_args.samples_per_epoch", "512", *SPLIT]
-# stage 2: 384 steps of 16 crops; a faster learning rate and lighter dropout than the 128-step demo
+# stage 2: 768 steps of 16 crops; a faster learning rate and lighter dropout than the 128-step demo
 STAGE2 = [
-    "--trainer.max_epochs", "12", "--data.init_args.samples_per_epoch", "512", *SPLIT,
+    "--trainer.max_epochs", "24", "--data.init_args.samples_per_epoch", "512", *SPLIT,
     "--model.init_args.lr", "0.002", "--model.init_args.dropout", "0.3",
     "--trainer.check_val_every_n_epoch", "12",
 ]  # fmt: skip
