@@ -3,9 +3,9 @@
 The recipe is the demo pipeline (`lungdet.demo.run_demo`: the user's `lungdet fit/test/predict` commands
 with `configs/demo/claf_demo.yaml` and `configs/demo/mppn_demo.yaml`) with longer schedules — stage 1:
 12 epochs × 512 crops; MPPN: 24 epochs × 512 crops (768 steps of 16), lr 2e-3, dropout 0.3, validated at
-epochs 12 and 24 (the fusion is chosen on the validation scans) — trained on 24 training and 4 validation scans and scored on 52 held-out
-scans (80 synthetic LUNA16 scans, seed 1, split 24 / 4 / 52), about 90 nodules, so that one nodule is ≈ 0.011
-of a sensitivity.
+epochs 12 and 24 (the fusion is chosen on the validation scans) — trained on 24 training and 4 validation
+scans and scored on 52 held-out scans (80 synthetic LUNA16 scans, seed 1, split 24 / 4 / 52), about 90
+nodules, so that one nodule is ≈ 0.011 of a sensitivity.
 
 Reported with 95 % bootstrap intervals over patients (one scan per phantom patient):
 
