@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dicom_tolerance is not None:
         read_fn = functools.partial(read_volume, dicom_tolerance_mm=args.dicom_tolerance)
     cache = PreprocessedCache(args.out or default_cache_dir(args.dataset, root))
+    cache.lock_wait_s = 0.0  # a user's second prepare is refused at once; training runs wait for the lock
     report = cache.build(records, settings, read_fn=read_fn, workers=args.workers, strict=strict, shard=shard)
     where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     print(f"lungdata prepare {args.dataset}{where}: {report.summary()}; manifest {cache.manifest_path}")
