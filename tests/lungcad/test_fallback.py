@@ -6,10 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.io import CTVolume
-from common.synth.scan import generate_scan
 from lungcad.pipeline import _component_at, fallback_mask
-from tests.lungcad.test_measure import LUNG_HU, blurred_sphere
+from tests.lungcad.test_measure import LUNG_HU, _phantom_nodules, blurred_sphere
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -17,14 +15,11 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _isolated_phantom_nodules(seed: int, indices):
-    for index in indices:
-        scan = generate_scan(seed, index, "small")
-        g = scan.geometry
-        volume = CTVolume(scan.image, g.spacing, g.origin, np.asarray(g.direction).reshape(3, 3))
-        for finding in scan.findings:
-            if finding.category != "nodule" or finding.location != "isolated" or finding.diameter_mm < 5:
-                continue
-            yield volume, finding, finding.consensus_mask(scan.image.shape)
+    def isolated(finding) -> bool:
+        return finding.location == "isolated" and finding.diameter_mm >= 5
+
+    for _, volume, finding, mask in _phantom_nodules(seed, indices, isolated):
+        yield volume, finding, mask
 
 
 def test_fallback_matches_the_true_mask_of_isolated_phantom_nodules():

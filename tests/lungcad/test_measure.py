@@ -254,7 +254,8 @@ def test_type_of_rendered_nodules(kind):
 _PHANTOM_TYPE = {"solid": "solid", "part-solid": "part-solid", "ggo": "ground-glass"}
 
 
-def _phantom_nodules(seed: int, indices):
+def _phantom_nodules(seed: int, indices, keep=lambda finding: True):
+    """(scan, volume, finding, consensus mask) of each phantom nodule that ``keep`` accepts."""
     from common.synth.scan import generate_scan
 
     for index in indices:
@@ -262,7 +263,7 @@ def _phantom_nodules(seed: int, indices):
         g = scan.geometry
         volume = CTVolume(scan.image, g.spacing, g.origin, np.asarray(g.direction).reshape(3, 3))
         for finding in scan.findings:
-            if finding.category != "nodule":
+            if finding.category != "nodule" or not keep(finding):
                 continue
             yield scan, volume, finding, finding.consensus_mask(scan.image.shape)
 
