@@ -528,38 +528,51 @@ class PreprocessedCache:
 
         Two runs started together on one cache (two sweep agents, two variants trained in parallel) both
         check the cache first: the second waits for the first's check or build, then finds the scans done.
+        The lock file appears with its holder's pid already in it (a hard link of a written temporary), so a
+        reader never sees it empty; taking over a dead holder's lock happens under the manifest's `flock`,
+        so two builders finding the same dead lock cannot both take it.
         """
         lock = self.root / name
         deadline = time.monotonic() + self.lock_wait_s
         announced = False
         while True:
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            pid = self._try_lock(lock)
+            if pid is None:
                 break
-            except FileExistsError:
-                try:
-                    pid = int(lock.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
-                    if time.monotonic() >= deadline:
-                        raise RuntimeError(
-                            f"{self.root} is being written by another build (pid {pid}); wait for it or stop it"
-                        ) from None
-                    if not announced:
-                        log.info(
-                            "%s is being written by another build (pid %d); waiting for it", self.root, pid
-                        )
-                        announced = True
-                    time.sleep(LOCK_POLL_S)
-                    continue
-                lock.unlink(missing_ok=True)  # left behind by a killed build
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"{self.root} is being written by another build (pid {pid}); wait for it or stop it"
+                )
+            if not announced:
+                log.info("%s is being written by another build (pid %d); waiting for it", self.root, pid)
+                announced = True
+            time.sleep(LOCK_POLL_S)
         try:
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
             yield
         finally:
             lock.unlink(missing_ok=True)
+
+    def _try_lock(self, lock: Path) -> int | None:
+        """Create `lock` holding this process's pid: None when taken, else the live holder's pid."""
+        own = lock.with_name(f"{lock.name}{atomic.TMP_MARKER}{os.getpid()}")
+        while True:  # a holder's clean-up of stale temporaries may remove `own` before it is linked
+            own.write_text(str(os.getpid()))
+            try:
+                with self._manifest_lock():
+                    if not _link(own, lock):
+                        try:
+                            pid = int(lock.read_text().strip() or 0)
+                        except (OSError, ValueError):
+                            pid = 0
+                        if pid and pid != os.getpid() and _alive(pid):
+                            return pid
+                        lock.unlink(missing_ok=True)  # left behind by a killed build
+                        _link(own, lock)
+                    return None
+            except FileNotFoundError:
+                continue
+            finally:
+                own.unlink(missing_ok=True)
 
     def _remove_stale_temporaries(self, uids: Iterable[str] | None = None) -> None:
         """Delete temporary files of killed writers: all of them, or (a shard) only those of `uids`."""
@@ -725,6 +738,15 @@ class PreprocessedCache:
                 for future in pending:
                     future.cancel()
                 raise
+
+
+def _link(source: Path, target: Path) -> bool:
+    """Hard-link `target` to `source`; False when `target` exists (atomic on POSIX and NFS)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        return False
+    return True
 
 
 def _alive(pid: int) -> bool:

@@ -156,6 +156,55 @@ def test_a_second_builder_waits_for_a_live_lock_and_then_builds(luna, tmp_path, 
     assert len(report.built) == len(LUNA16Dataset(luna.root).records) and not lock.exists()
 
 
+def _hold_build_lock(root: str, out: str, barrier) -> None:
+    """Child process: take the build lock, record when it held it (and what the lock file said), let go."""
+    cache = PreprocessedCache(root)
+    # fault injection: each builder pauses right after the lock file appears (created or linked), the
+    # moment a rival reading it would find it without a pid if the pid were written only afterwards
+    real_open, real_link = os.open, os.link
+
+    def slow_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_EXCL:
+            time.sleep(0.2)
+        return fd
+
+    def slow_link(*args, **kwargs):
+        real_link(*args, **kwargs)
+        time.sleep(0.2)
+
+    os.open, os.link = slow_open, slow_link
+    barrier.wait()
+    with cache._lock():
+        start = time.monotonic()
+        seen = (cache.root / ".lock").read_text()
+        time.sleep(0.3)
+        Path(out).write_text(json.dumps([start, time.monotonic(), seen, os.getpid()]))
+
+
+def test_builders_racing_for_a_dead_lock_hold_it_one_at_a_time(tmp_path):
+    """Four builders find the lock of a killed build at once: one takes it over, the others wait their turn."""
+    import multiprocessing
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / ".lock").write_text("999999999")  # a killed build's pid
+    context = multiprocessing.get_context("fork")
+    outs = [tmp_path / f"held-{i}.json" for i in range(4)]
+    barrier = context.Barrier(len(outs))
+    workers = [context.Process(target=_hold_build_lock, args=(str(root), str(o), barrier)) for o in outs]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+    spans = sorted(json.loads(o.read_text()) for o in outs)
+    for (_, end, *_), (start, *_) in zip(spans, spans[1:]):
+        assert start >= end, spans  # never two holders at once
+    assert all(seen == str(pid) for _, _, seen, pid in spans)  # the lock names its holder from the start
+    assert not list(root.glob(".lock*"))
+
+
 def _corrupt_truncated(root, uid, subset):
     raw = root / subset / f"{uid}.raw"
     raw.write_bytes(raw.read_bytes()[:1000])
