@@ -12,6 +12,8 @@ import importlib
 import logging
 import sys
 
+from common.runtime import keep_freed_memory
+
 COMMAND_MODULES = (
     "common.commands.synth",
     "common.commands.prepare",
@@ -36,6 +38,7 @@ def command_parser(prog: str, description: str, modules: tuple[str, ...]) -> arg
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse, set up logging and run the chosen sub-command; a user error is one line and exit status 2."""
     args = parser.parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -47,6 +47,10 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from common.runtime import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # training steps reuse freed activations (common.runtime)
+
 SIZES = {32: 32, 64: 48, 96: 64}
 DEPTH = 24
 M3NET_SCANS = 220

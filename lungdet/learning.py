@@ -47,9 +47,9 @@ SEED = 1
 RATIOS = (0.3, 0.05, 0.65)  # 24 training, 4 validation, 52 test scans
 SPLIT = ["--data.init_args.ratios", f"[{RATIOS[0]}, {RATIOS[1]}, {RATIOS[2]}]"]
 STAGE1 = ["--trainer.max_epochs", "12", "--data.init_args.samples_per_epoch", "512", *SPLIT]
-# stage 2: 768 steps of 16 crops; a faster learning rate and lighter dropout than the 128-step demo
+# stage 2: 384 steps of 16 crops; a faster learning rate and lighter dropout than the 128-step demo
 STAGE2 = [
-    "--trainer.max_epochs", "24", "--data.init_args.samples_per_epoch", "512", *SPLIT,
+    "--trainer.max_epochs", "12", "--data.init_args.samples_per_epoch", "512", *SPLIT,
     "--model.init_args.lr", "0.002", "--model.init_args.dropout", "0.3",
     "--trainer.check_val_every_n_epoch", "12",
 ]  # fmt: skip

@@ -44,6 +44,10 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from common.runtime import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # training steps reuse freed activations (common.runtime)
+
 N_SCANS = 120
 SEED = 1
 RATIOS = (68 / 120, 4 / 120, 48 / 120)

@@ -29,6 +29,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from common.lightning.callbacks import RunConfigSaver
 from common.lightning.loggers import default_loggers
+from common.runtime import keep_freed_memory
 
 #: ``--ckpt_path`` values that Lightning resolves itself (no file to check here).
 _CKPT_ALIASES = ("last", "best", "hpc", "registry")
@@ -222,6 +223,7 @@ class LungCLI(LightningCLI):
         **kwargs: Any,
     ) -> None:
         self.package = package
+        keep_freed_memory()
         parser_kwargs = kwargs.pop("parser_kwargs", {})
         parser_kwargs.setdefault("parser_mode", "omegaconf")
         kwargs.setdefault("seed_everything_default", 0)
