@@ -4,6 +4,7 @@
     lungdata table render glance_table3                        # runs what is missing under runs/, then renders
     lungdata table render glance_table3 --from-runs runs/      # only reads finished runs
     lungdata table render claf_table9 --dry-run                # prints the commands it would run
+    lungdata table render glance_table3 --jobs 2               # two runs at once, one thread each on 2 cores
     lungdata table render glance_table7 --rows lambda_0.2 --override trainer.max_epochs=5   # on every run
 
 Tables are the files of `configs/tables/` (schema: `common.experiments.tables`). The markdown is printed and
@@ -45,6 +46,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
+    if args.jobs < 1:
+        raise ValueError(f"--jobs {args.jobs}: give at least 1 (runs at once)")
     overrides = [_override(a) for a in args.override]
     failures: list[str] = []
     if args.from_runs is not None:
@@ -77,6 +80,7 @@ def _render(args: argparse.Namespace) -> int:
             extra_args=overrides,
             timeout=args.timeout,
             keep_going=not args.stop_on_error,
+            jobs=args.jobs,
         )
     out = args.out if args.out is not None else Path(runs_dir) / "tables"
     md, csv_path = write_outputs(result, out)
@@ -117,6 +121,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the commands of the missing runs and stop"
     )
     render.add_argument("--timeout", type=float, help="seconds per launched command")
+    render.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs at once, prerequisites first, each with cores/N threads (default 1)",
+    )
     render.add_argument(
         "--stop-on-error", action="store_true", help="stop at the first failed run (default: run the others)"
     )

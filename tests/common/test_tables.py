@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -523,3 +524,41 @@ def test_a_failed_run_does_not_stop_the_table(tmp_path, monkeypatch):
     assert [r.status for r in result.rows] == [NOT_RUN, "partial", "published only"]
     with pytest.raises(RuntimeError):
         tables_module.render_table(path, tmp_path / "again", keep_going=False, echo=lambda _: None)
+
+
+def test_render_runs_two_at_once_after_their_prerequisites(tmp_path, monkeypatch):
+    """`--jobs 2` on GLANCE Table 3: each MPPN run after its dataset's stage 1 fit and predict, one thread
+    per run; a failed stage 1 skips its MPPN row while the other runs go on."""
+    import threading
+
+    calls: list[tuple[str, str, dict]] = []
+    lock = threading.Lock()
+
+    def fake_launch(argv, log, env=None, cwd=None, timeout=None, check=True):
+        stage = argv[3]
+        name = next(a.split("=", 1)[1] for a in argv if a.startswith("--run_name="))
+        with lock:
+            calls.append((name, stage, dict(env or {})))
+        if name == "claf-ascrm-tianchi" and stage == "fit":
+            raise RuntimeError("command failed with exit status 1")
+        root = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--trainer.default_root_dir=")))
+        if stage == "predict":
+            out = next(a.split("=", 1)[1] for a in argv if a.startswith("--model.init_args.results_csv="))
+            Path(out).write_text("seriesuid\n")
+        fake_run(root, name, stage, {"test/recall": 0.9}, ckpts=["best.ckpt"] if stage == "fit" else ())
+
+    monkeypatch.setattr(tables_run, "launch", fake_launch)
+    monkeypatch.setattr(tables_run, "check_plans_data", lambda *a, **k: None)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    _, failures = tables_module.render_table("glance_table3", tmp_path, jobs=2, echo=lambda _: None)
+    order = [(n, s) for n, s, _ in calls]
+    assert order.index(("claf-ascrm-fold0", "predict")) > order.index(("claf-ascrm-fold0", "fit"))
+    mppn = [i for i, (n, s) in enumerate(order) if n.startswith("claf-mppn") or "mppn" in n]
+    assert mppn and min(mppn) > order.index(("claf-ascrm-fold0", "predict"))
+    assert ("claf-ascrm-tianchi", "predict") not in order  # its fit failed
+    assert {n for n, _ in order if n.startswith("glance")} == {"glance-full-luna16", "glance-full-tianchi"}
+    assert all(e.get("OMP_NUM_THREADS") == "1" for _, _, e in calls)
+    assert failures[0].startswith("prerequisite claf-ascrm-tianchi (fit)")
+    assert any("not run because prerequisite claf-ascrm-tianchi (fit) failed" in f for f in failures)

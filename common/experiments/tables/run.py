@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import os
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -23,6 +24,7 @@ from common.experiments.runs import (
     has_finished,
     run_versions,
 )
+from common.experiments.schedule import Step, run_steps, threads_per_job
 from common.experiments.tables.render import TableResult, collect
 from common.experiments.tables.spec import (
     COMPUTE_STAGE,
@@ -124,6 +126,36 @@ def _store_computed(run_dir: Path, values: Mapping[str, float], target: str) -> 
     return folder
 
 
+def _prerequisite_needs(prerequisite: Prerequisite, earlier: Sequence[Prerequisite]) -> tuple[str, ...]:
+    """Step keys of the earlier prerequisites this one needs: its own run's earlier stage (fit before
+    predict) and every run whose checkpoint or files its overrides load."""
+    return tuple(
+        f"prerequisite:{i}"
+        for i, q in enumerate(earlier)
+        if q.name == prerequisite.name or _loads(prerequisite.overrides, q.name)
+    )
+
+
+def _loads(overrides: Sequence[str], name: str) -> bool:
+    """Whether overrides load run `name`'s checkpoint (`{ckpt:NAME}`) or a file of its folder."""
+    text = " ".join(overrides)
+    return f"{{ckpt:{name}}}" in text or f"/{name}/" in text
+
+
+def _plan_needs(plan: RunPlan, prerequisites: Sequence[Prerequisite]) -> tuple[str, ...]:
+    """Step keys of the prerequisites a planned run needs: those of its row that its overrides load, or —
+    when it names none of them — all of its row's (so a failed stage 1 of one dataset does not hold back
+    the other dataset's MPPN)."""
+    of_row = [(i, q) for i, q in enumerate(prerequisites) if q.needed_by(plan.row)]
+    named = [i for i, q in of_row if _loads(plan.overrides, q.name)]
+    return tuple(f"prerequisite:{i}" for i in (named or [i for i, _ in of_row]))
+
+
+def _thread_env(threads: int) -> dict[str, str]:
+    """Thread counts for one of several runs sharing the machine (a setting in the environment wins)."""
+    return {k: os.environ.get(k, str(threads)) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
 def execute_plan(
     plan: RunPlan,
     runs_dir: str | Path,
@@ -131,6 +163,7 @@ def execute_plan(
     extra_args: Sequence[str] = (),
     timeout: float | None = None,
     echo: Callable[[str], None] = print,
+    env: Mapping[str, str] | None = None,
 ) -> None:
     """Run one planned run: `fit` unless it already has a checkpoint, then the evaluation stage on the
     chosen checkpoint (or call its function and store the result)."""
@@ -146,7 +179,7 @@ def execute_plan(
         if ckpt is None:
             argv = plan.argv("fit", runs_dir, extra_configs, extra_args)
             echo(f"[{plan.table}] {plan.run_name}: fit (log: {run_dir / 'fit.log'})")
-            launch(argv, run_dir / "fit.log", timeout=timeout)
+            launch(argv, run_dir / "fit.log", env=env, timeout=timeout)
             ckpt = find_checkpoint(run_dir, plan.checkpoint)
             if ckpt is None:
                 raise RuntimeError(
@@ -158,7 +191,7 @@ def execute_plan(
             continue
         argv = plan.argv(stage, runs_dir, extra_configs, extra_args, ckpt)
         echo(f"[{plan.table}] {plan.run_name}: {stage} (log: {run_dir / f'{stage}.log'})")
-        launch(argv, run_dir / f"{stage}.log", timeout=timeout)
+        launch(argv, run_dir / f"{stage}.log", env=env, timeout=timeout)
 
 
 def execute_prerequisite(
@@ -168,11 +201,12 @@ def execute_prerequisite(
     extra_args: Sequence[str] = (),
     timeout: float | None = None,
     echo: Callable[[str], None] = print,
+    env: Mapping[str, str] | None = None,
 ) -> None:
     """Run a prerequisite (fit or predict) and check that it wrote what the table's rows load."""
     log = Path(runs_dir) / prerequisite.name / f"{prerequisite.stage}.log"
     echo(f"prerequisite {prerequisite.name}: {prerequisite.stage} (log: {log})")
-    launch(prerequisite.argv(runs_dir, extra_configs, extra_args), log, timeout=timeout)
+    launch(prerequisite.argv(runs_dir, extra_configs, extra_args), log, env=env, timeout=timeout)
     if not prerequisite.done(runs_dir):
         wanted = prerequisite.output(runs_dir) or f"a checkpoint under {Path(runs_dir) / prerequisite.name}"
         raise RuntimeError(
@@ -216,6 +250,7 @@ def render_table(
     extra_args: Sequence[str] = (),
     timeout: float | None = None,
     keep_going: bool = True,
+    jobs: int = 1,
     echo: Callable[[str], None] = print,
 ) -> tuple[TableResult, list[str]]:
     """Load a table, run its missing rows (unless `run_missing` is False) and collect the numbers.
@@ -230,7 +265,11 @@ def render_table(
         extra_args: overrides appended to every command.
         timeout: seconds per launched command.
         keep_going: a failing run is reported and the others still run (a table of many long runs should
-            not lose the rest to one crash); False stops at the first failure.
+            not lose the rest to one crash; runs that need it are reported, not run); False stops at the
+            first failure.
+        jobs: runs at once (`common.experiments.schedule`): prerequisites before the rows that need them,
+            each run with ``threads_per_job(jobs)`` threads (``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``
+            when the environment does not set them).
         echo: progress printer.
 
     Returns:
@@ -242,28 +281,26 @@ def render_table(
         plans = missing_plans(spec, runs_dir, rows)
         prerequisites = missing_prerequisites(spec, plans, runs_dir)
         check_plans_data(plans, extra_configs, extra_args, prerequisites)
-        steps: list[tuple[str, Callable[[], None]]] = [
-            (
+        env = {} if jobs <= 1 else _thread_env(threads_per_job(jobs))
+        steps = [
+            Step(
+                f"prerequisite:{i}",
                 f"prerequisite {p.name} ({p.stage})",
-                partial(execute_prerequisite, p, runs_dir, extra_configs, extra_args, timeout, echo),
+                partial(execute_prerequisite, p, runs_dir, extra_configs, extra_args, timeout, echo, env),
+                _prerequisite_needs(p, prerequisites[:i]),
             )
-            for p in prerequisites
+            for i, p in enumerate(prerequisites)
         ]
         steps += [
-            (
+            Step(
+                f"plan:{i}",
                 f"{p.table} row {p.row!r} ({p.run_name})",
-                partial(execute_plan, p, runs_dir, extra_configs, extra_args, timeout, echo),
+                partial(execute_plan, p, runs_dir, extra_configs, extra_args, timeout, echo, env),
+                _plan_needs(p, prerequisites),
             )
-            for p in plans
+            for i, p in enumerate(plans)
         ]
-        for what, step in steps:
-            try:
-                step()
-            except (RuntimeError, FileNotFoundError, ValueError) as err:
-                if not keep_going:
-                    raise
-                failures.append(f"{what}: {err}")
-                echo(f"FAILED {what} (continuing): {str(err).splitlines()[0]}")
+        failures = run_steps(steps, jobs=jobs, keep_going=keep_going, echo=echo)
     return collect(spec, runs_dir), failures
 
 
