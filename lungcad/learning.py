@@ -596,7 +596,9 @@ def run(out: str | Path, docs: str | Path | None = None) -> dict[str, Any]:
     }
     atomic.write_text(Path(out) / "results.json", json.dumps(results, indent=2, default=str))
     if docs is not None:
-        page = Path(docs) / "journal" / "2026-12-07-analyze-accuracy.md"
+        # one page per run (its date and time): a later run never overwrites notes written beside an earlier one
+        stamp = time.strftime("%Y-%m-%d-%H%M", time.gmtime())
+        page = Path(docs) / "journal" / f"{stamp}-analyze-accuracy.md"
         atomic.write_text(page, markdown(env, results))
         print(f"[learning] wrote {page}")
     return results

@@ -1,7 +1,7 @@
 """Issue 20's acceptance checks that need a trained bundle (slow: trains demo-size models, minutes on 2 cores).
 
 The recipe and the checks are `lungcad.learning`'s, the same code that writes
-docs/journal/2026-12-07-analyze-accuracy.md. ``LUNGCAD_LEARNING_DIR=FOLDER`` reuses (or keeps) the trained
+docs/journal/<date>-<time>-analyze-accuracy.md. ``LUNGCAD_LEARNING_DIR=FOLDER`` reuses (or keeps) the trained
 bundle in FOLDER instead of a temporary one.
 """
 
