@@ -354,18 +354,25 @@ def test_render_command_stops_on_a_missing_root_and_reads_runs(tmp_path, monkeyp
     assert any(" predict " in line and "candidates.csv" in line for line in lines)
 
 
+def _arg(argv, key: str) -> str:
+    return next(a.split("=", 1)[1] for a in argv if a.startswith(f"{key}="))
+
+
+def _pretend_to_run(argv) -> None:
+    """What a launched fit / predict / test leaves behind: its run folder, a checkpoint, candidates."""
+    stage, name = argv[3], _arg(argv, "--run_name")
+    if stage == "predict":
+        Path(_arg(argv, "--model.init_args.results_csv")).write_text("seriesuid\n")
+    root = Path(_arg(argv, "--trainer.default_root_dir"))
+    fake_run(root, name, stage, {"test/recall": 0.9}, ckpts=["best.ckpt"] if stage == "fit" else ())
+
+
 def test_execute_plan_fits_once_then_evaluates_the_chosen_checkpoint(tmp_path, monkeypatch):
     calls: list[list[str]] = []
 
     def fake_launch(argv, log, env=None, cwd=None, timeout=None, check=True):
         calls.append(list(argv))
-        stage = argv[3]
-        name = next(a.split("=", 1)[1] for a in argv if a.startswith("--run_name="))
-        root = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--trainer.default_root_dir=")))
-        if stage == "predict":
-            out = next(a.split("=", 1)[1] for a in argv if a.startswith("--model.init_args.results_csv="))
-            Path(out).write_text("seriesuid\n")
-        fake_run(root, name, stage, {"test/recall": 0.9}, ckpts=["best.ckpt"] if stage == "fit" else ())
+        _pretend_to_run(argv)
 
     monkeypatch.setattr(tables_run, "launch", fake_launch)
     monkeypatch.setattr(launch_module, "launch", fake_launch)
@@ -535,17 +542,12 @@ def test_render_runs_two_at_once_after_their_prerequisites(tmp_path, monkeypatch
     lock = threading.Lock()
 
     def fake_launch(argv, log, env=None, cwd=None, timeout=None, check=True):
-        stage = argv[3]
-        name = next(a.split("=", 1)[1] for a in argv if a.startswith("--run_name="))
+        stage, name = argv[3], _arg(argv, "--run_name")
         with lock:
             calls.append((name, stage, dict(env or {})))
         if name == "claf-ascrm-tianchi" and stage == "fit":
             raise RuntimeError("command failed with exit status 1")
-        root = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--trainer.default_root_dir=")))
-        if stage == "predict":
-            out = next(a.split("=", 1)[1] for a in argv if a.startswith("--model.init_args.results_csv="))
-            Path(out).write_text("seriesuid\n")
-        fake_run(root, name, stage, {"test/recall": 0.9}, ckpts=["best.ckpt"] if stage == "fit" else ())
+        _pretend_to_run(argv)
 
     monkeypatch.setattr(tables_run, "launch", fake_launch)
     monkeypatch.setattr(tables_run, "check_plans_data", lambda *a, **k: None)
@@ -555,7 +557,7 @@ def test_render_runs_two_at_once_after_their_prerequisites(tmp_path, monkeypatch
     _, failures = tables_module.render_table("glance_table3", tmp_path, jobs=2, echo=lambda _: None)
     order = [(n, s) for n, s, _ in calls]
     assert order.index(("claf-ascrm-fold0", "predict")) > order.index(("claf-ascrm-fold0", "fit"))
-    mppn = [i for i, (n, s) in enumerate(order) if n.startswith("claf-mppn") or "mppn" in n]
+    mppn = [i for i, (n, _) in enumerate(order) if n.startswith("claf-mppn")]
     assert mppn and min(mppn) > order.index(("claf-ascrm-fold0", "predict"))
     assert ("claf-ascrm-tianchi", "predict") not in order  # its fit failed
     assert {n for n, _ in order if n.startswith("glance")} == {"glance-full-luna16", "glance-full-tianchi"}
