@@ -1,12 +1,11 @@
 """The GLANCE part of `make learning-report` (and of the slow check tests/lungseg/test_learning.py).
 
 Recipe (the former slow check's, docs/journal/): synthetic LIDC-IDRI phantoms (``small``, seed 1), narrow
-widths 16–128, lung-box crop resized to 128² (the box is ≤ 111 mm at 1 mm, so no voxel is lost), 2.5D context ±2 mm, batch 8, 80 % of the draws from nodule
-slices, segmentation head started at probability 0.01, AdamW 2e-3 with a cosine decay over ``STEPS``
+widths 16–128, lung-box crop resized to 128² (the box is ≤ 111 mm at 1 mm, so no voxel is lost), 2.5D
+context ±2 mm, batch 8, 80 % of the draws from nodule slices, segmentation head started at probability 0.01, AdamW 2e-3 with a cosine decay over ``STEPS``
 steps, the paper's augmentation. 1200 steps instead of the former 3000: the journal's runs gave the same
-held-out Dice (0.768 at 1500, 0.749 at 3000, within the spread), and the first clean-clone run at 1500 steps
-(Dice 0.718 [0.686, 0.752], sens@4 0.962 [0.926, 0.991]) took 41.8 min on a loaded machine, its two fits
-31 min each; the part must fit 25 min on 2 cores.
+held-out Dice (0.768 at 1500, 0.749 at 3000, within the spread); at 192² crops, 1500 steps gave Dice 0.718
+[0.686, 0.752] and 1200 steps 0.722 [0.689, 0.756]; at 128², 1200 steps give 0.716 [0.685, 0.748].
 The two variants the paper's ablation compares, ``full`` and ``segmentation_only``, are trained the same way,
 each in its own process with one torch thread (in parallel with ``jobs=2``).
 
@@ -18,12 +17,11 @@ full − segmentation-only (Dice over the same nodules, sens@4 and CPM over the 
 
 Checks (issue 21): full Dice lower bound ≥ 0.65 and sens@4 lower bound ≥ 0.80.
 
-Time (estimate): about 34 min per variant for 3000 steps with a core to itself (journal, session 4), so
-≈ 14 min for 1200 steps with both variants in parallel on 2 cores; inference 0.77 CPU-s per 16 slices at 192²
-(measured 2026-12-07 on the loaded machine) ≈ 6 s per held-out scan, ≈ 5 min per variant for 48 scans (in
-parallel); phantoms 1.0 CPU-s each + the cache ≈ 3 min. Measured on a clean clone (2026-12-07, machine
-otherwise idle, 179 % CPU): 36.2 min wall, 3655 s user + 265 s system — the fits took ≈ 1.1 CPU-s per step,
-not 0.68, so the part is over its 25-minute budget; results in docs/learning.md.
+Time: measured on a clean clone (2026-12-07 18:43 UTC, machine otherwise idle, 176 % CPU): **19.0 min**
+(`make learning-report MODEL=glance`: 19.1 min) — phantoms + cache 202 s, the two fits 806 / 788 s in
+parallel (0.67 s per step with one thread each), the two tests 112 / 105 s. The former 192² crops took 36.2
+min (fits 1672 s): the small phantoms' lung box is ≤ 111 mm on the 1 mm grid, so 192² only upsampled it.
+Results in docs/learning.md.
 
 ``python -m lungseg.learning [--out learning_out/glance] [--docs docs] [--jobs 2]``.
 """
