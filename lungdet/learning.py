@@ -2,10 +2,10 @@
 
 The recipe is the demo pipeline (`lungdet.demo.run_demo`: the user's `lungdet fit/test/predict` commands
 with `configs/demo/claf_demo.yaml` and `configs/demo/mppn_demo.yaml`) with longer schedules — stage 1:
-12 epochs × 512 crops; MPPN: 24 epochs × 512 crops (768 steps of 16), lr 2e-3, dropout 0.3, validated at
-epochs 12 and 24 (the fusion is chosen on the validation scans) — trained on 24 training and 4 validation
-scans and scored on 52 held-out scans (80 synthetic LUNA16 scans, seed 1, split 24 / 4 / 52), about 90
-nodules, so that one nodule is ≈ 0.011 of a sensitivity.
+10 epochs × 512 crops; MPPN: 10 epochs × 512 crops (320 steps of 16), lr 2e-3, dropout 0.3; each validated
+once, at the end (the MPPN's validation chooses the fusion) — trained on 24 training and 4 validation scans
+and scored on 52 held-out scans (80 synthetic LUNA16 scans, seed 1, split 24 / 4 / 52), about 90 nodules,
+so that one nodule is ≈ 0.011 of a sensitivity.
 
 Reported with 95 % bootstrap intervals over patients (one scan per phantom patient):
 
@@ -19,11 +19,11 @@ Reported with 95 % bootstrap intervals over patients (one scan per phantom patie
 Checks (issue 21): stage-1 sens@8 lower bound ≥ 0.80; the paired CPM difference final − stage 1 has an
 upper bound > 0 (no significant harm).
 
-Time: the clean-clone run of 2026-12-07 (results in docs/learning.md) took 44.9 min wall at 145 % CPU on a
-shared machine, 70 CPU-min (stage 1 fit 586 s, stage 1 test 189 s, predict 92 s, MPPN fit 1548 s, two-stage
-test 246 s): over the 25-minute budget even on an idle machine (≈ 37 min at 1.9 cores). The MPPN fit is the
-part to shorten (its validation-chosen fusion keeps the two-stage score from falling below stage 1 whatever
-the MPPN learns), which needs a measured rerun.
+Time (clean clones, 2026-12-07, machine otherwise idle; docs/journal/2026-12-07-claf-time.md): this recipe
+**25.1 min** (`make learning-report MODEL=claf`: 25.3 min; stage 1 fit 435 s, stage 1 test 201 s, predict
+98 s, MPPN fit 539 s, two-stage test 198 s) — at the 25-minute budget, with the MPPN too briefly trained to
+change the ranking (the validation chose w = 1, stage 1 alone). With 12 + 12 epochs it took 28.7 min and the
+fusion (w = 0.9) added CPM +0.011 [0.005, 0.029].
 
 ``python -m lungdet.learning [--out learning_out/claf] [--docs docs]``.
 """
