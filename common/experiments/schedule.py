@@ -10,11 +10,12 @@ running step only waits.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-__all__ = ["Step", "run_steps", "threads_per_job"]
+__all__ = ["Step", "run_steps", "serialized", "threads_per_job"]
 
 #: errors a failed run raises (`launch` → RuntimeError; missing files; bad settings), reported, not crashed on
 RUN_ERRORS = (RuntimeError, FileNotFoundError, ValueError)
@@ -37,6 +38,17 @@ class Step:
     after: tuple[str, ...] = ()
 
 
+def serialized(echo: Callable[[str], None]) -> Callable[[str], None]:
+    """`echo` that prints one whole line at a time when called from several steps' threads."""
+    lock = threading.Lock()
+
+    def locked(line: str) -> None:
+        with lock:
+            echo(line)
+
+    return locked
+
+
 def threads_per_job(jobs: int, cores: int | None = None) -> int:
     """Threads each of `jobs` concurrent runs gets so that together they fill the cores (at least 1)."""
     cores = cores or os.cpu_count() or 1
@@ -53,7 +65,8 @@ def run_steps(
 
     A failed step is reported and the steps that need it are not run (each reported too); with
     ``keep_going`` False nothing new starts after the first failure, the running steps finish, and that
-    failure is raised. Returns one message per step that failed or was not run.
+    failure is raised. Returns one message per step that failed or was not run. Steps that print from
+    their threads should print through the same ``serialized(echo)`` as this gets.
     """
     keys = [s.key for s in steps]
     if len(set(keys)) != len(keys):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from common.experiments.schedule import Step, run_steps, threads_per_job
+from common.experiments.schedule import Step, run_steps, serialized, threads_per_job
 
 
 class Recorder:
@@ -91,3 +91,21 @@ def test_threads_per_job_fill_the_cores():
     assert threads_per_job(2, cores=2) == 1
     assert threads_per_job(4, cores=2) == 1
     assert threads_per_job(2, cores=16) == 8
+
+
+def test_serialized_echo_prints_whole_lines_from_many_threads(capsys):
+    import sys
+
+    def write(line: str) -> None:  # print's text and its newline are two writes another thread can split
+        sys.stdout.write(line)
+        time.sleep(0.001)
+        sys.stdout.write("\n")
+
+    echo = serialized(write)
+    threads = [threading.Thread(target=lambda i=i: [echo(f"step {i}") for _ in range(20)]) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 80 and all(line.startswith("step ") and len(line) == 6 for line in lines)

@@ -24,7 +24,7 @@ from common.experiments.runs import (
     has_finished,
     run_versions,
 )
-from common.experiments.schedule import Step, run_steps, threads_per_job
+from common.experiments.schedule import Step, run_steps, serialized, threads_per_job
 from common.experiments.tables.render import TableResult, collect
 from common.experiments.tables.spec import (
     COMPUTE_STAGE,
@@ -282,6 +282,7 @@ def render_table(
         prerequisites = missing_prerequisites(spec, plans, runs_dir)
         check_plans_data(plans, extra_configs, extra_args, prerequisites)
         env = {} if jobs <= 1 else _thread_env(threads_per_job(jobs))
+        echo = serialized(echo)
         steps = [
             Step(
                 f"prerequisite:{i}",
