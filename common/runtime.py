@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,6 @@ def keep_freed_memory(limit: int = KEEP_BYTES) -> bool:
         return True
     if not sys.platform.startswith("linux"):
         return False
-    import os
-
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
         _done = True  # the user chose
         return True

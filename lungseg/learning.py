@@ -2,10 +2,11 @@
 
 Recipe (the former slow check's, docs/journal/): synthetic LIDC-IDRI phantoms (``small``, seed 1), narrow
 widths 16–128, lung-box crop resized to 128² (the box is ≤ 111 mm at 1 mm, so no voxel is lost), 2.5D
-context ±2 mm, batch 8, 80 % of the draws from nodule slices, segmentation head started at probability 0.01, AdamW 2e-3 with a cosine decay over ``STEPS``
-steps, the paper's augmentation. 1200 steps instead of the former 3000: the journal's runs gave the same
-held-out Dice (0.768 at 1500, 0.749 at 3000, within the spread); at 192² crops, 1500 steps gave Dice 0.718
-[0.686, 0.752] and 1200 steps 0.722 [0.689, 0.756]; at 128², 1200 steps give 0.716 [0.685, 0.748].
+context ±2 mm, batch 8, 80 % of the draws from nodule slices, segmentation head started at probability 0.01,
+AdamW 2e-3 with a cosine decay over ``STEPS`` steps, the paper's augmentation. 1200 steps instead of the
+former 3000: the journal's runs gave the same held-out Dice (0.768 at 1500, 0.749 at 3000, within the
+spread); at 192² crops, 1500 steps gave Dice 0.718 [0.686, 0.752] and 1200 steps 0.722 [0.689, 0.756]; at
+128², 1200 steps give 0.716 [0.685, 0.748].
 The two variants the paper's ablation compares, ``full`` and ``segmentation_only``, are trained the same way,
 each in its own process with one torch thread (in parallel with ``jobs=2``).
 
@@ -52,9 +53,8 @@ RATIOS = (68 / 120, 4 / 120, 48 / 120)
 STEPS = 1200
 BATCH = 8
 STEPS_PER_EPOCH = 50
-#: the small phantoms' lung box is 86 mm wide (median; at most 111) on the 1 mm cache grid, so 128² keeps every
-#: voxel
-#: (192², the former size, upsampled 1.65× and cost 1.9× the CPU per step: 1.22 vs 0.63 CPU-s, 2026-12-07)
+#: the small phantoms' lung box is 86 mm wide (median; at most 111) on the 1 mm cache grid, so 128² keeps
+#: every voxel (192², the former size, upsampled it and cost 1.9× the CPU per step: 1.22 vs 0.63 CPU-s)
 SIZE = 128
 NODULE_FRACTION = 0.8
 CONTEXT_SLICES = 1

@@ -68,6 +68,7 @@ def run_steps(
     failure is raised. Returns one message per step that failed or was not run. Steps that print from
     their threads should print through the same ``serialized(echo)`` as this gets.
     """
+    jobs = max(1, jobs)
     keys = [s.key for s in steps]
     if len(set(keys)) != len(keys):
         raise ValueError(f"duplicate step keys in {keys}")
@@ -78,7 +79,7 @@ def run_steps(
     failures: list[str] = []
     first_error: BaseException | None = None
     running: dict[Future, Step] = {}
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
         while pending or running:
             blocked = True
             while blocked:  # a skipped step can block the steps after it
@@ -94,7 +95,7 @@ def run_steps(
                         blocked = True
             if first_error is None or keep_going:
                 for step in [s for s in pending if all(k in done or k not in known for k in s.after)]:
-                    if len(running) >= max(1, jobs):
+                    if len(running) >= jobs:
                         break
                     pending.remove(step)
                     running[pool.submit(step.run)] = step
