@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -278,14 +279,22 @@ class ScanDataset(Dataset):
         reader: prepared-scan reader.
         uids: scans.
         candidates: optional candidate table (``candidate_table``) to attach per scan.
+        stage1_list: ``candidates`` is a stage-1 results list of the task's own stage-1 checkpoint: only the
+            scans it lists get candidates (marked ``stage1_list``, so the task keeps those its stage-1
+            settings would keep); the others come without, so the task runs stage 1 on them.
     """
 
     def __init__(
-        self, reader: ScanReader, uids: Sequence[str], candidates: pd.DataFrame | None = None
+        self,
+        reader: ScanReader,
+        uids: Sequence[str],
+        candidates: pd.DataFrame | None = None,
+        stage1_list: bool = False,
     ) -> None:
         self.reader = reader
         self.uids = list(uids)
         self.candidates = None
+        self.stage1_list = stage1_list
         if candidates is not None:
             self.candidates = {uid: frame for uid, frame in candidates.groupby("seriesuid", sort=False)}
 
@@ -302,10 +311,12 @@ class ScanDataset(Dataset):
             "nodules": torch.as_tensor(finding_array(entry, "nodules")),
             "excluded": torch.as_tensor(finding_array(entry, "excluded")),
         }
-        if self.candidates is not None:
+        if self.candidates is not None and not (self.stage1_list and uid not in self.candidates):
             frame = self.candidates.get(uid)
             if frame is None:
                 frame = pd.DataFrame(columns=CANDIDATE_COLUMNS)
+            if self.stage1_list:
+                item["stage1_list"] = True
             item["candidates"] = torch.as_tensor(frame[["vz", "vy", "vx"]].to_numpy(np.float64)).reshape(
                 -1, 3
             )
@@ -313,8 +324,9 @@ class ScanDataset(Dataset):
                 frame[["coordX", "coordY", "coordZ"]].to_numpy(np.float64)
             ).reshape(-1, 3)
             item["stage1"] = torch.tensor(frame["stage1"].to_numpy(np.float64, copy=True))
-            item["labels"] = torch.tensor(frame["label"].to_numpy(np.int64, copy=True))
-            item["ignore"] = torch.tensor(frame["ignore"].to_numpy(bool, copy=True))
+            if not self.stage1_list:  # a stage-1 list is cut by the task, which labels what it keeps
+                item["labels"] = torch.tensor(frame["label"].to_numpy(np.int64, copy=True))
+                item["ignore"] = torch.tensor(frame["ignore"].to_numpy(bool, copy=True))
         return item
 
     collate_fn = staticmethod(collate_scans)
@@ -555,6 +567,12 @@ class FPRDataModule(_LungdetDataModule):
         dataset_candidates: also use the dataset's candidate list (LUNA16 ``candidates_V2.csv``).
         eval_candidates: ``"same"`` — validation/test scans come with candidates from the sources above;
             ``"stage1"`` — without, so the task runs its stage-1 checkpoint first (two-stage evaluation).
+        stage1_results_csv: with ``eval_candidates: stage1``, the results CSV(s) of the *same* stage-1
+            checkpoint on some of the validation/test scans (``lungdet test``'s ``test_results.csv``, or
+            ``lungdet predict``'s), with the same inference settings and at least as many candidates per
+            scan: the scans listed there take their candidates from it instead of running stage 1 again
+            (the task keeps the ones its ``stage1_inference`` would: above ``score_threshold``, at most
+            ``max_candidates``); the others run stage 1. The same candidates, without the second pass.
         samples_per_epoch: training crops per epoch (default (1 + ratio) × #true candidates).
         negatives_per_positive: false per true candidate in each epoch (paper: 1:3).
         max_shift: random shift of the crop centre, voxels.
@@ -578,11 +596,27 @@ class FPRDataModule(_LungdetDataModule):
         rotate: bool = True,
         crop_size: tuple[int, int, int] = MPPN_CROP_SIZES[0],
         stage1_negative_fraction: float = 0.0,
+        stage1_results_csv: str | list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if eval_candidates not in ("same", "stage1"):
             raise ValueError(f"eval_candidates must be 'same' or 'stage1', got {eval_candidates!r}")
+        listed = (
+            [stage1_results_csv] if isinstance(stage1_results_csv, str) else list(stage1_results_csv or [])
+        )
+        if listed and eval_candidates != "stage1":
+            raise ValueError(
+                "stage1_results_csv stands in for the stage-1 pass of two-stage evaluation: set "
+                "--data.init_args.eval_candidates stage1 with it"
+            )
+        for path in listed:
+            if not Path(path).is_file():
+                raise FileNotFoundError(
+                    f"{path}: stage-1 results not found (--data.init_args.stage1_results_csv); run `lungdet test` "
+                    "of the stage-1 checkpoint first, or leave the option out to run stage 1 on each scan"
+                )
+        self.stage1_results_csv = [str(p) for p in listed]
         paths = [candidates_csv] if isinstance(candidates_csv, str) else list(candidates_csv or [])
         if not paths and not dataset_candidates:
             raise ValueError("no candidate source: give candidates_csv or set dataset_candidates: true")
@@ -640,5 +674,13 @@ class FPRDataModule(_LungdetDataModule):
         if part == "predict":
             return ScanDataset(reader, self._predict_uids(uids))
         if self.eval_candidates == "stage1":
-            return ScanDataset(reader, uids)
+            if not self.stage1_results_csv:
+                return ScanDataset(reader, uids)
+            table = candidate_table(reader, uids, self.stage1_results_csv)
+            listed = set(table["seriesuid"])
+            log.info(
+                "%s: %d of %d scans take their stage-1 candidates from %s; the others run stage 1",
+                part, sum(u in listed for u in uids), len(uids), ", ".join(self.stage1_results_csv),
+            )  # fmt: skip
+            return ScanDataset(reader, uids, table, stage1_list=True)
         return ScanDataset(reader, uids, self.table(uids, cache))

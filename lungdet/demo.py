@@ -8,8 +8,10 @@ What runs (every step is the `lungdet` command a user would type, called in-proc
 3. stage 1 ``predict`` on the training and validation scans → candidates for stage 2;
 4. stage 2 ``fit`` with ``configs/demo/mppn_demo.yaml`` on those candidates plus ``candidates_V2.csv``
    (its validation chooses the fusion weight w of ``(1 − w)·p_MPPN + w·p_stage1``, ``lungdet.fusion``),
-   then ``test``: stage 1 runs on each held-out scan and the MPPN re-scores its candidates, fused with the
-   checkpoint's w (``test_fusion.json``, copied to the report as ``fusion.json``);
+   then ``test``: the MPPN re-scores stage 1's candidates of each held-out scan — read from step 2's
+   ``test_results.csv`` (``stage1_results_csv``: the same checkpoint and settings, so the same candidates
+   as a second stage-1 pass) — fused with the checkpoint's w (``test_fusion.json``, copied to the report
+   as ``fusion.json``);
 5. the official LUNA16 evaluation (``common.metrics.froc_io.evaluate_froc_files``, the code behind
    ``lungdata evaluate-froc``, 1000 bootstrap samples) of stage 1 alone and of both stages on the
    held-out scans;
@@ -291,7 +293,10 @@ def run_demo(
         cli = _lungdet(["fit", *stage2, *two_stage, *stage2_args])
         stage2_ckpt = cli.trainer.checkpoint_callback.last_model_path
     with timed("two-stage test"):
-        cli = _lungdet(["test", *stage2, *two_stage, *stage2_args, "--ckpt_path", stage2_ckpt])
+        # the stage-1 test's list (same checkpoint and inference settings, 100 ≥ 32 candidates per scan)
+        # stands in for a second stage-1 pass over the test scans
+        reuse = ["--data.init_args.stage1_results_csv", str(report / "results_stage1.csv")]
+        cli = _lungdet(["test", *stage2, *two_stage, *reuse, *stage2_args, "--ckpt_path", stage2_ckpt])
         run = Path(cli.trainer.log_dir)
         shutil.copy(run / "test_results.csv", report / "results.csv")
         shutil.copy(run / "test_fusion.json", report / "fusion.json")

@@ -51,12 +51,12 @@ STAGE1 = [
     "--trainer.max_epochs", "10", "--data.init_args.samples_per_epoch", "512", *SPLIT,
     "--trainer.check_val_every_n_epoch", "10",
 ]  # fmt: skip
-# stage 2: 320 steps of 16 crops; a faster learning rate and lighter dropout than the 128-step demo; the one
+# stage 2: 384 steps of 16 crops; a faster learning rate and lighter dropout than the 128-step demo; the one
 # validation at the end chooses the fusion
 STAGE2 = [
-    "--trainer.max_epochs", "10", "--data.init_args.samples_per_epoch", "512", *SPLIT,
+    "--trainer.max_epochs", "12", "--data.init_args.samples_per_epoch", "512", *SPLIT,
     "--model.init_args.lr", "0.002", "--model.init_args.dropout", "0.3",
-    "--trainer.check_val_every_n_epoch", "10",
+    "--trainer.check_val_every_n_epoch", "12",
 ]  # fmt: skip
 FP_RATES = (0.55, 8.0)
 FINAL = "final (validation-chosen fusion)"

@@ -571,7 +571,19 @@ class FPRTask(_DetectionTaskMixin, BaseTask):
     def _candidates(self, scan: dict[str, Any]) -> tuple[Tensor, np.ndarray, Tensor | None]:
         """(voxel zyx, world xyz, stage-1 score or None) of a scan: attached ones, else stage 1's."""
         if "candidates" in scan:
-            return scan["candidates"], scan["candidates_world"].cpu().numpy(), scan["stage1"]
+            centres, world, stage1 = (
+                scan["candidates"],
+                scan["candidates_world"].cpu().numpy(),
+                scan["stage1"],
+            )
+            if scan.get("stage1_list"):  # its own stage-1 list: keep what detect() would keep
+                settings = self.stage1.inference
+                order = torch.argsort(-stage1, stable=True)
+                order = order[stage1[order] >= settings.score_threshold]
+                if settings.max_candidates >= 0:
+                    order = order[: settings.max_candidates]
+                centres, world, stage1 = centres[order], world[order.numpy()], stage1[order]
+            return centres, world, stage1
         cands = self.stage1.detect(scan["image"])
         return cands[:, 1:4], candidates_to_world(cands[:, 1:4], scan["entry"]), cands[:, 0]
 

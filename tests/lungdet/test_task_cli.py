@@ -167,6 +167,30 @@ def test_mppn_config_fit_test_and_two_stage_predict(
         .all()
     )
 
+    # the same test from the stage-1 checkpoint's own `lungdet test` list: same candidates, no second pass
+    stage1_tiny = _overlay(tmp_path, luna_tree, luna_cache.root, 1)
+    stage1_cli = main(
+        ["test", "--config", CLAF, "--config", stage1_tiny, "--ckpt_path", str(stage1_checkpoint),
+         "--model.init_args.score_threshold", "0", "--model.init_args.max_candidates", "20"]
+    )  # fmt: skip
+    listed = Path(stage1_cli.trainer.log_dir) / "test_results.csv"
+    assert set(pd.read_csv(listed)["seriesuid"]) == set(cli.datamodule.uids["test"])
+    calls = []
+    monkeypatch.setattr(CandidateTask, "detect", lambda self, image: calls.append(1) or 1 / 0)
+    reused = main(
+        ["test", *base, "--data.init_args.eval_candidates", "stage1",
+         "--data.init_args.stage1_results_csv", str(listed)]
+    )  # fmt: skip
+    assert not calls, "no scan ran stage 1 again"
+    for name in ("test_results.csv", "test_results_stage1.csv"):
+        again = pd.read_csv(Path(reused.trainer.log_dir) / name)
+        first = pd.read_csv(Path(cli.trainer.log_dir) / name)
+        assert len(again) == len(first) == 5 * len(cli.datamodule.uids["test"])
+        pd.testing.assert_frame_equal(again, first, check_exact=False, rtol=0, atol=1e-6)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="eval_candidates stage1"):
+        main(["test", *base, "--data.init_args.stage1_results_csv", str(listed)])
+
     # predict on a folder of new scans: no LUNA16 root needed, results CSV of the two-stage pipeline
     monkeypatch.delenv("LUNA16_ROOT", raising=False)
     folder = luna_tree / "subset0"
