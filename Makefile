@@ -32,8 +32,8 @@ reproduce-table3: $(STAMP) ## GLANCE Table 3 for GLANCE + CLAF from LUNA16_ROOT 
 ifeq ($(DATA),demo)
 	@mkdir -p demo_out/table3
 	cd demo_out/table3 \
-	  && (test -d luna16 || ../../$(PY) -m common.cli synth luna16 --out luna16 --scans 12 --size small --subsets 5) \
-	  && (test -d tianchi || ../../$(PY) -m common.cli synth tianchi --out tianchi --scans 12 --size small) \
+	  && (test -d luna16 || ../../$(PY) -m common.cli synth luna16 --out luna16 --scans 20 --size small --subsets 5) \
+	  && (test -d tianchi || ../../$(PY) -m common.cli synth tianchi --out tianchi --scans 20 --size small) \
 	  && LUNA16_ROOT=luna16 TIANCHI_ROOT=tianchi ../../$(PY) -m common.cli table render glance_table3 --runs-dir runs --jobs 2 \
 	       --extra-config lungseg:configs/demo/table3_glance_small.yaml \
 	       --extra-config claf_luna16:configs/demo/claf_demo.yaml \
