@@ -2,7 +2,7 @@
 
 The recipe is the demo pipeline (`lungdet.demo.run_demo`: the user's `lungdet fit/test/predict` commands
 with `configs/demo/claf_demo.yaml` and `configs/demo/mppn_demo.yaml`) with longer schedules — stage 1:
-10 epochs × 512 crops; MPPN: 10 epochs × 512 crops (320 steps of 16), lr 2e-3, dropout 0.3; each validated
+10 epochs × 512 crops; MPPN: 12 epochs × 512 crops (384 steps of 16), lr 2e-3, dropout 0.3; each validated
 once, at the end (the MPPN's validation chooses the fusion) — trained on 24 training and 4 validation scans
 and scored on 52 held-out scans (80 synthetic LUNA16 scans, seed 1, split 24 / 4 / 52), about 90 nodules,
 so that one nodule is ≈ 0.011 of a sensitivity.
@@ -19,11 +19,11 @@ Reported with 95 % bootstrap intervals over patients (one scan per phantom patie
 Checks (issue 21): stage-1 sens@8 lower bound ≥ 0.80; the paired CPM difference final − stage 1 has an
 upper bound > 0 (no significant harm).
 
-Time (clean clones, 2026-12-07, machine otherwise idle; docs/journal/2026-12-07-claf-time.md): this recipe
-**25.1 min** (`make learning-report MODEL=claf`: 25.3 min; stage 1 fit 435 s, stage 1 test 201 s, predict
-98 s, MPPN fit 539 s, two-stage test 198 s) — at the 25-minute budget, with the MPPN too briefly trained to
-change the ranking (the validation chose w = 1, stage 1 alone). With 12 + 12 epochs it took 28.7 min and the
-fusion (w = 0.9) added CPM +0.011 [0.005, 0.029].
+Time (clean clone, 2026-12-07 20:37 UTC, machine otherwise idle; docs/journal/2026-12-07-claf-time.md):
+**21.4 min** (`make learning-report MODEL=claf`: 21.6 min; stage 1 fit 415 s, stage 1 test 158 s, predict
+77 s, MPPN fit 569 s, two-stage test 36 s — it re-scores the stage-1 test's own candidate list,
+``stage1_results_csv``, instead of running stage 1 on the 52 scans again). The validation chose w = 0.8; the
+fusion added CPM +0.042 [0.023, 0.071] over stage 1 on the same candidates.
 
 ``python -m lungdet.learning [--out learning_out/claf] [--docs docs]``.
 """
