@@ -17,8 +17,9 @@
    ORIGINAL scan grid around the finding and thresholded at the model's ``seg_threshold``; the connected
    component holding the finding's centre (else the nearest one within the finding's radius) is the
    nodule. Where GLANCE finds nothing there, the fallback (``fallback_mask``) thresholds the scan at the local
-   midpoint between the nodule's core HU and the parenchyma's, keeps the piece at the centre, detaches
-   vessels and wall by the smallest opening that separates them, and fills holes; where that finds
+   midpoint between the nodule's core HU and the parenchyma's on the lung's side of the pleura (a rolling
+   ball), keeps the piece at the centre, detaches vessels and wall by the smallest opening that separates
+   them, and fills holes; where that finds
    nothing, a sphere of the finding's diameter.
    ``Finding.segmentation`` says which ("glance", "hu-threshold", "sphere"). A finding whose centre lies
    in an earlier (better-scoring) finding's mask is the same nodule and is dropped.
@@ -47,6 +48,7 @@ from common.io import CTVolume
 from common.metrics.froc_io import RESULT_COLUMNS
 from common.preprocess import clip_hu
 from lungcad.bundle import Bundle
+from lungcad.measure import SOLID_HU
 
 __all__ = [
     "FALLBACK_HU",
@@ -63,6 +65,14 @@ FALLBACK_HU = -500.0
 #: Largest opening radius of the fallback (`fallback_mask`), as a share of the nodule's diameter: a
 #: nodule survives an erosion by a ball of 0.3 d; an attachment wider than 0.6 d is not cut.
 FALLBACK_MAX_OPENING = 0.3
+#: Rolling-ball radius of the fallback's lung side (`lung_side`), as a share of the nodule's diameter (at
+#: least 3 mm): wider than the nodule, so the ball closes the dent a juxta-pleural nodule makes in the lung
+#: but does not enter the chest wall.
+FALLBACK_ROLLING_BALL = 0.75
+#: Ground-glass nodules (core below `lungcad.measure.SOLID_HU`) keep only voxels at most this far above their
+#: core HU: a solid vessel or wall beside them is denser than the nodule itself, so no threshold below it
+#: can separate them.
+FALLBACK_GGO_CAP_HU = 200.0
 #: Default diameter of a given (``--nodules``) position whose size is unknown, mm.
 GIVEN_DIAMETER_MM = 10.0
 SCAN_UID = "scan"
@@ -314,7 +324,9 @@ def fallback_mask(
        pixel) of the centre — the nodule's own core, so a ground-glass nodule gets its ground-glass HU;
     2. threshold T = (N + P) / 2, the local midpoint: a voxel half nodule, half lung reads T, so the mask's
        outline is the nodule's surface whatever its density (a fixed HU cut is not);
-    3. the connected piece of voxels ≥ T at the centre (else the nearest within d/2);
+    3. the connected piece of voxels ≥ T at the centre (else the nearest within d/2), among the voxels on
+       the lung's side (`nodule_region`: the chest wall cut off by a rolling ball, and for a ground-glass
+       nodule the denser vessels by an upper HU bound);
     4. vessel and wall detachment ("smart opening"): while that piece reaches the sphere's surface, erode
        the voxels ≥ T by a ball of growing radius (one in-plane pixel per step, at most
        ``FALLBACK_MAX_OPENING`` × d; along a thick-slice axis the ball has no extent until the radius
@@ -333,7 +345,7 @@ def fallback_mask(
     if levels is None:
         return None
     bound_r = search_radius_mm(d)
-    dense = (dist <= bound_r) & (hu >= levels["threshold_hu"])
+    dense = nodule_region(hu, dist, levels, d, spacing)
     opened = smart_opening(dense, centre, d, spacing, dist > bound_r - float(spacing.max()))
     if opened is None:
         return None
@@ -369,6 +381,32 @@ def fallback_levels(
     if nodule - parenchyma < 100.0:
         return None
     return {"nodule_hu": nodule, "parenchyma_hu": parenchyma, "threshold_hu": 0.5 * (nodule + parenchyma)}
+
+
+def lung_side(hu: np.ndarray, diameter_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """The voxels on the lung's side of the pleura: the air (< ``FALLBACK_HU``) closed by a rolling ball.
+
+    A ball of radius max(``FALLBACK_ROLLING_BALL`` × d, 3 mm) rolled through the air fills every dent
+    narrower than itself — the nodule, juxta-pleural ones included — and stops at the flat chest wall (the
+    rolling-ball lung boundary of lung CAD; Armato et al., "Automated detection of lung nodules in CT
+    scans", Medical Physics, 2001). The block is padded by edge replication, so its faces do not erode it.
+    """
+    element = _ellipsoid_element(max(FALLBACK_ROLLING_BALL * diameter_mm, 3.0), spacing)
+    pad = [(h, h) for h in np.asarray(element.shape) // 2]
+    closed = ndi.binary_closing(np.pad(hu < FALLBACK_HU, pad, mode="edge"), structure=element)
+    return closed[tuple(slice(a, a + n) for (a, _), n in zip(pad, hu.shape))]
+
+
+def nodule_region(
+    hu: np.ndarray, dist_mm: np.ndarray, levels: dict[str, float], diameter_mm: float, spacing: np.ndarray
+) -> np.ndarray:
+    """Step 3's candidate voxels: within the search sphere, ≥ T, on the lung's side (`lung_side`), and for a
+    ground-glass core (N < ``SOLID_HU``) at most N + ``FALLBACK_GGO_CAP_HU``."""
+    region = (dist_mm <= search_radius_mm(diameter_mm)) & (hu >= levels["threshold_hu"])
+    region &= lung_side(hu, diameter_mm, spacing)
+    if levels["nodule_hu"] < SOLID_HU:
+        region &= hu <= levels["nodule_hu"] + FALLBACK_GGO_CAP_HU
+    return region
 
 
 def smart_opening(

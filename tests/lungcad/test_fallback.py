@@ -68,3 +68,51 @@ def test_fallback_gives_up_where_there_is_no_nodule():
     rng = np.random.default_rng(0)
     lung = LUNG_HU + rng.normal(0.0, 20.0, (30, 40, 40))
     assert fallback_mask(lung, np.array([15.0, 20.0, 20.0]), 6.0, np.array([1.0, 0.7, 0.7])) is None
+
+
+def test_fallback_keeps_the_chest_wall_out_of_a_juxta_pleural_nodule():
+    """A 7 mm solid nodule sitting on the chest wall (a soft-tissue half-space it dips 1 mm into, contact
+    ≈ 5 mm wide: no opening within 0.3 d separates them): the rolling ball keeps the wall out, the mask is
+    the nodule's part in the lung."""
+    spacing = np.array([0.7, 0.7, 0.7])
+    n = 31
+    zz, yy, xx = np.meshgrid(*[np.arange(n) * s for s in spacing], indexing="ij")
+    c = (n - 1) / 2 * spacing
+    sphere = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= 3.5**2
+    wall = xx >= c[2] + 2.5
+    hu = np.where(sphere | wall, 40.0, LUNG_HU)
+    from scipy import ndimage
+
+    hu = ndimage.gaussian_filter(hu, 0.5 / spacing) + np.random.default_rng(0).normal(0.0, 15.0, hu.shape)
+    truth = sphere & ~wall
+    centre = (np.asarray(hu.shape) - 1) / 2.0
+    mask, info = fallback_mask(hu, centre, 7.0, spacing)
+    assert _dice(mask, truth) >= 0.85
+    assert (mask & wall).sum() < 0.1 * truth.sum()
+    # Without the lung side, the voxels >= T at the centre hold the wall: far more wall than nodule.
+    dense = _component_at(hu >= info["threshold_hu"], centre, np.full(3, 3.5) / spacing)
+    assert (dense & wall).sum() > truth.sum()
+
+
+def test_fallback_on_attached_phantom_nodules():
+    """Juxta-pleural and juxta-vascular nodules ≥ 5 mm of scans 0–5 of seed 0 (true centre, generator
+    diameter): the chest wall and denser vessels stay out of the mask (before the rolling ball and the
+    ground-glass bound, a juxta-pleural nodule's mask held 3× its volume and a ground-glass one's 3.6×)."""
+    dices, ratios = [], []
+    for _, volume, finding, truth in _phantom_nodules(
+        0, range(6), lambda f: f.location != "isolated" and f.diameter_mm >= 5
+    ):
+        spacing = np.asarray(volume.spacing)[::-1]
+        centre = np.asarray(finding.voxel_zyx)
+        half = np.ceil((max(0.75 * finding.diameter_mm, 0.5 * finding.diameter_mm + 3.0) + 2.0) / spacing)
+        lo = np.maximum(np.floor(centre - half).astype(int), 0)
+        hi = np.minimum(np.ceil(centre + half).astype(int) + 1, volume.shape)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        found = fallback_mask(volume.array[box].astype(np.float64), centre - lo, finding.diameter_mm, spacing)
+        assert found is not None, finding.finding_id
+        dices.append(_dice(found[0], truth[box]))
+        ratios.append(found[0].sum() / truth[box].sum())
+    # 10 nodules; before: Dice median 0.86, min 0.09, masks up to 3.5× the truth; now 0.89, 0.59, 1.7×
+    assert len(dices) >= 8
+    assert np.median(dices) >= 0.85 and min(dices) >= 0.55, dices
+    assert max(ratios) <= 2.0, ratios
