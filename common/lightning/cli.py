@@ -138,6 +138,18 @@ def _suggest(word: str, options: Sequence[str]) -> str:
     return "; did you mean " + " or ".join(close) + "?" if close else ""
 
 
+def class_refusal(message: str) -> str | None:
+    """The message of a class's own ``__init__`` refusal that jsonargparse wrapped in its ``class_path`` union
+    error (the first of the union's errors: already one line naming the option and the fix), else None."""
+    refused = re.search(
+        r"Does not validate against any of the Union subtypes.*?Errors:\s*-\s*(.+?)\s+-\s+Expected a <class "
+        r"'NoneType'>",
+        message,
+        re.S,
+    )
+    return " ".join(refused.group(1).split()) if refused else None
+
+
 def explain_parser_error(message: str, args: Sequence[str], options: Sequence[str] = ()) -> str:
     """jsonargparse's multi-line error as one line: the key, where it was written, the closest valid keys."""
     typo = re.search(
@@ -163,6 +175,9 @@ def explain_parser_error(message: str, args: Sequence[str], options: Sequence[st
         key = unexpected.group(1) or unexpected.group(2)
         flags = [o[2:] for o in options if o.startswith("--")]
         return f"unknown config key {key} {_where(key, args)}{_suggest(key, flags)}"
+    refused = class_refusal(message)
+    if refused:
+        return refused
     given = re.search(r"Given value: (.*)", message)
     if section and given:
         expected = re.findall(r"Expected a <class '(\w+)'>", message)
@@ -205,6 +220,7 @@ def run_main(command: str, run: Callable[[list[str] | None], Any], argv: Sequenc
             raise
         sub = args[0] if args and not args[0].startswith("-") else ""
         text = " ".join(str(err).split()) if str(err) else type(err).__name__
+        text = class_refusal(text) or text
         print(f"{command}{' ' + sub if sub else ''}: error: {text}", file=sys.stderr)
         return 2
     return 0

@@ -101,6 +101,8 @@ ROWS: tuple[Row, ...] = (
         "names the path: not a readable checkpoint; never suggests `weights_only=False`"),
     Row("checkpoint-truncated", "`--ckpt_path` to a checkpoint cut in half", "lungdet test", 2,
         "names the path: not a readable checkpoint; nothing left behind"),
+    Row("stage1-results-missing", "`--data.init_args.stage1_results_csv` to a file that does not exist",
+        "lungdet fit", 2, "one line: the path, the option, and `lungdet test` of stage 1 (or leave it out)"),
     Row("empty-data-root", "`--root` an empty folder", "lungdata prepare", 2,
         "names the root and the `lungdata synth` command that makes a stand-in"),
     Row("dicom-truncated-slice", "one DICOM slice file cut to half", "lungdata prepare", 2,
@@ -426,6 +428,19 @@ def case(row_id: str, w: World, tmp: Path) -> Case:  # noqa: C901  (one branch p
             assert "weights_only=False" not in text
 
         return Case("lungdet", argv, [str(ckpt), "--ckpt_path"], [runs, w.tree], nothing_made)
+    if row_id == "stage1-results-missing":
+        runs = _old_run(tmp)
+        missing = tmp / "stage1_test_results.csv"
+        argv = ["fit", "--config", str(REPO / "configs" / "mppn_luna16.yaml")]
+        argv += ["--data.init_args.root", str(w.tree), "--data.init_args.cache_dir", str(tmp / "new_cache")]
+        argv += [
+            "--data.init_args.eval_candidates",
+            "stage1",
+            "--data.init_args.stage1_results_csv",
+            str(missing),
+        ]
+        needles = [str(missing), "--data.init_args.stage1_results_csv", "lungdet test"]
+        return Case("lungdet", argv, needles, [runs, w.tree])
     if row_id == "empty-data-root":
         empty = tmp / "empty"
         empty.mkdir()
