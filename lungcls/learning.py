@@ -3,13 +3,13 @@
 M³Net (``--model m3net``). Recipe of the former slow check: synthetic LIDC-IDRI (``medium``: nodules up to
 24 mm, every nodule a real LIDC nodule with its readers' ratings, label = mean malignancy > 3), reduced crops
 (32 / 48 / 64 in-plane × 24 slices for the 32 / 64 / 96 scales), lung window, flips and rotations; stage 1
-trains each scale of the "tiny" preset alone (10 epochs, AdamW 1e-3, weight decay 1e-4), stage 2 fuses them
-(6 epochs, 0.3 × lr, lower backbone groups frozen). Data: 220 phantoms split by patient 110 / 10 / 100
-(stratified), ≈ 230 held-out nodules; 16 min on a clean clone. The three clean-clone attempts — 140 phantoms
-(70 / 10 / 60): AUC 0.746 [0.665, 0.826] on 145 nodules; 220: 0.776 [0.698, 0.846] on 231; 300 (150 / 10 / 140):
-0.724 [0.657, 0.792] on 317, in 59.5 min on a loaded machine — scatter inside each other's intervals and none
-reaches the 0.70 floor, so the slow check is an expected failure (``xfail``) and the recipe is the one that
-fits the 25-minute budget (docs/journal/2026-12-07-m3net.md).
+trains each scale of the "tiny" preset alone (16 epochs, AdamW 1e-3, weight decay 1e-4), stage 2 fuses them
+(8 epochs, 0.3 × lr, lower backbone groups frozen). Data: 220 phantoms split by patient 110 / 10 / 100
+(stratified), 231 held-out nodules; 18.0 min on a clean clone (2026-12-07 21:28 UTC, sharing the 2 cores
+with another run for most of it). The four clean-clone attempts (docs/journal/2026-12-07-m3net.md) —
+140 phantoms, 10 + 6 epochs: AUC 0.746 [0.665, 0.826]; 220: 0.776 [0.698, 0.846]; 300: 0.724 [0.657, 0.792];
+220 with 16 + 8 epochs (this recipe): 0.779 [0.703, 0.844] — scatter inside each other's intervals; only the
+last clears the 0.70 floor, by 0.003, so the check passes at its edge.
 Scored: ROC-AUC (and accuracy) of M³Net and of each single scale on the held-out nodules, intervals over
 patients, and the paired differences M³Net − each scale; "best single scale" is the scale with the highest
 held-out AUC, the comparison hardest for M³Net. Check: M³Net ROC-AUC lower bound ≥ 0.70.
@@ -59,8 +59,8 @@ M3NET_SEED = 1
 SIZE = "medium"
 #: flips and rotations only: the perspective and thin-plate-spline warps cost CPU time the part lacks
 AUGMENTATION = {"perspective_p": 0.0, "tps_p": 0.0}
-STAGE1_EPOCHS = 10
-STAGE2_EPOCHS = 6
+STAGE1_EPOCHS = 16
+STAGE2_EPOCHS = 8
 LR = 1e-3
 MIN_TEST_NODULES = 150
 
