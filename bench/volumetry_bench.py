@@ -37,19 +37,11 @@ MIN_DIAMETER_MM = 5.0
 
 
 def fallback_on_grid(volume, centre_zyx: np.ndarray, diameter_mm: float) -> np.ndarray | None:
-    """`fallback_mask` on the box `lungcad.pipeline._segment` gives it, as a mask on the whole grid."""
-    from lungcad.pipeline import _box_around, fallback_mask, search_radius_mm
+    """The fallback mask `lungcad.pipeline._segment` makes (`fallback_segment`), on the whole grid."""
+    from lungcad.pipeline import fallback_segment
 
-    spacing = np.asarray(volume.spacing, dtype=np.float64)[::-1]
-    d = max(float(diameter_mm), 3.0)
-    box = _box_around(centre_zyx, (search_radius_mm(d) + 1.0) / spacing + 1, volume.shape)
-    offset = np.array([s.start for s in box], dtype=np.float64)
-    found = fallback_mask(np.asarray(volume.array[box], dtype=np.float64), centre_zyx - offset, d, spacing)
-    if found is None:
-        return None
-    mask = np.zeros(volume.shape, dtype=bool)
-    mask[box] = found[0]
-    return mask
+    found = fallback_segment(volume.array, centre_zyx, diameter_mm, np.asarray(volume.spacing)[::-1])
+    return None if found is None else found[0]
 
 
 def _median(values) -> float:

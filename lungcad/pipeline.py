@@ -16,11 +16,12 @@
    diameter ± a margin) of the GLANCE view of the scan; the probability map is interpolated (linear) onto the
    ORIGINAL scan grid around the finding and thresholded at the model's ``seg_threshold``; the connected
    component holding the finding's centre (else the nearest one within the finding's radius) is the
-   nodule. Where GLANCE finds nothing there, the fallback (``fallback_mask``) thresholds the scan at the local
-   midpoint between the nodule's core HU and the parenchyma's on the lung's side of the pleura (a rolling
-   ball), keeps the piece at the centre, detaches vessels and wall by the smallest opening that separates
-   them, and fills holes; where that finds
-   nothing, a sphere of the finding's diameter.
+   nodule. Where GLANCE finds nothing there, the fallback (``fallback_segment``) thresholds the scan at
+   the local midpoint between the nodule's core HU and the parenchyma's on the lung's side of the pleura
+   (a rolling ball), keeps the piece at the centre, detaches vessels and wall by the smallest opening
+   that separates them, and fills holes — growing its search sphere while the piece reaches its surface
+   (a detected diameter smaller than the nodule would cut it); where that finds nothing, a sphere of the
+   finding's diameter.
    ``Finding.segmentation`` says which ("glance", "hu-threshold", "sphere"). A finding whose centre lies
    in an earlier (better-scoring) finding's mask is the same nodule and is dropped.
 4. **measure** — ``lungcad.measure.measure_nodule`` on the original grid.
@@ -57,6 +58,7 @@ __all__ = [
     "PreparedScan",
     "analyze_volume",
     "fallback_mask",
+    "fallback_segment",
     "prepare_scan",
 ]
 
@@ -73,6 +75,8 @@ FALLBACK_ROLLING_BALL = 0.75
 #: core HU: a solid vessel or wall beside them is denser than the nodule itself, so no threshold below it
 #: can separate them.
 FALLBACK_GGO_CAP_HU = 200.0
+#: Largest search diameter `fallback_segment` grows to (mm; the largest LIDC nodules are ≈ 30 mm).
+FALLBACK_MAX_SEARCH_MM = 30.0
 #: Default diameter of a given (``--nodules``) position whose size is unknown, mm.
 GIVEN_DIAMETER_MM = 10.0
 SCAN_UID = "scan"
@@ -335,7 +339,8 @@ def fallback_mask(
     5. holes filled in 3D and in each slice.
 
     Returns None when the centre holds no contrast (N − P < 100 HU) or nothing ≥ T is near it; else the
-    mask and {"nodule_hu", "parenchyma_hu", "threshold_hu"}.
+    mask and {"nodule_hu", "parenchyma_hu", "threshold_hu", "opening_mm", "attached"} (attached 1.0: the
+    piece still reaches the sphere's surface, so the sphere may have cut it — see `fallback_segment`).
     """
     spacing = np.asarray(spacing_zyx, dtype=np.float64)
     d = max(float(diameter_mm), 3.0)
@@ -349,7 +354,42 @@ def fallback_mask(
     opened = smart_opening(dense, centre, d, spacing, dist > bound_r - float(spacing.max()))
     if opened is None:
         return None
-    return fill_holes(opened[0]), levels
+    return fill_holes(opened[0]), {**levels, "opening_mm": opened[1], "attached": float(opened[2])}
+
+
+def fallback_segment(
+    array: np.ndarray, centre_zyx: np.ndarray, diameter_mm: float, spacing_zyx
+) -> tuple[np.ndarray, dict[str, float]] | None:
+    """`fallback_mask` on the block around a finding, as a mask on the whole grid of `array`; the search
+    sphere grows while the piece reaches its surface.
+
+    Why: a detected finding's diameter comes from stage 1's box regression, often smaller than the nodule,
+    and a sphere smaller than the nodule cuts it (a 9 mm nodule measured 6.3 mm). Tried diameters: d,
+    1.5 d, 2.25 d, … up to max(d, ``FALLBACK_MAX_SEARCH_MM``); the first piece that stays inside its sphere
+    is the nodule; if every piece reaches the surface (an attachment no opening separates), the first
+    one — the smallest sphere — is kept. A sphere that finds nothing grows too (a sphere inside a large
+    nodule holds no parenchyma to set the threshold by). Returns (mask, info of the kept try + "search_diameter_mm").
+    """
+    spacing = np.asarray(spacing_zyx, dtype=np.float64)
+    centre = np.asarray(centre_zyx, dtype=np.float64).reshape(3)
+    first = None
+    d = max(float(diameter_mm), 3.0)
+    limit = max(d, FALLBACK_MAX_SEARCH_MM)
+    while True:
+        box = _box_around(centre, (search_radius_mm(d) + 1.0) / spacing + 1, array.shape)
+        offset = np.array([s.start for s in box], dtype=np.float64)
+        found = fallback_mask(np.asarray(array[box], dtype=np.float64), centre - offset, d, spacing)
+        if found is not None:
+            mask = np.zeros(array.shape, dtype=bool)
+            mask[box] = found[0]
+            result = (mask, {**found[1], "search_diameter_mm": d})
+            if not found[1]["attached"]:
+                return result
+            first = first or result
+        if d >= limit:
+            break
+        d = min(1.5 * d, limit)
+    return first
 
 
 def search_radius_mm(diameter_mm: float) -> float:
@@ -389,11 +429,16 @@ def lung_side(hu: np.ndarray, diameter_mm: float, spacing: np.ndarray) -> np.nda
     A ball of radius max(``FALLBACK_ROLLING_BALL`` × d, 3 mm) rolled through the air fills every dent
     narrower than itself — the nodule, juxta-pleural ones included — and stops at the flat chest wall (the
     rolling-ball lung boundary of lung CAD; Armato et al., "Automated detection of lung nodules in CT
-    scans", Medical Physics, 2001). The block is padded by edge replication, so its faces do not erode it.
+    scans", Medical Physics, 2001). The block is padded by edge replication, so its faces do not erode it;
+    the closing is computed with Euclidean distance transforms in mm, so a large ball costs no more.
     """
-    element = _ellipsoid_element(max(FALLBACK_ROLLING_BALL * diameter_mm, 3.0), spacing)
-    pad = [(h, h) for h in np.asarray(element.shape) // 2]
-    closed = ndi.binary_closing(np.pad(hu < FALLBACK_HU, pad, mode="edge"), structure=element)
+    radius = max(FALLBACK_ROLLING_BALL * diameter_mm, 3.0)
+    pad = [(int(h), int(h)) for h in np.ceil(radius / np.asarray(spacing, dtype=np.float64)) + 1]
+    air = np.pad(hu < FALLBACK_HU, pad, mode="edge")
+    # closing by a ball as two distance transforms (linear in the block, whatever the radius): dilation =
+    # within r of the air, erosion = farther than r from what the dilation left out
+    dilated = ndi.distance_transform_edt(~air, sampling=spacing) <= radius
+    closed = ndi.distance_transform_edt(dilated, sampling=spacing) > radius
     return closed[tuple(slice(a, a + n) for (a, _), n in zip(pad, hu.shape))]
 
 
@@ -476,26 +521,20 @@ def _segment(
             mask = np.zeros(volume.shape, dtype=bool)
             mask[box] = local
             return mask, "glance"
-    # Fallback: the HU rule of `fallback_mask`; where it finds nothing, a sphere of the finding's diameter.
+    # Fallback: the HU rule of `fallback_segment`; where it finds nothing, a sphere of the finding's diameter.
+    found = fallback_segment(volume.array, centre_o, d, o_spacing)
+    if found is not None:
+        return found[0], "hu-threshold"
     half = (search_radius_mm(d) + 1.0) / o_spacing + 1
     box = _box_around(centre_o, half, volume.shape)
     offset = np.array([s.start for s in box], dtype=np.float64)
-    found = fallback_mask(np.asarray(volume.array[box], dtype=np.float64), centre_o - offset, d, o_spacing)
-    how = "hu-threshold"
-    if found is not None:
-        local = found[0]
-    else:
-        grid = np.stack(np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij"), -1)
-        local = ((((grid - centre_o) * o_spacing) / (0.5 * d)) ** 2).sum(-1) <= 1.0
-        how = "sphere"
-        if not local.any():  # a sphere smaller than a voxel: the centre voxel
-            local = np.zeros_like(local)
-            local[tuple(np.clip(np.round(centre_o - offset).astype(int), 0, np.asarray(local.shape) - 1))] = (
-                True
-            )
+    grid = np.stack(np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij"), -1)
+    local = ((((grid - centre_o) * o_spacing) / (0.5 * d)) ** 2).sum(-1) <= 1.0
+    if not local.any():  # a sphere smaller than a voxel: the centre voxel
+        local[tuple(np.clip(np.round(centre_o - offset).astype(int), 0, np.asarray(local.shape) - 1))] = True
     mask = np.zeros(volume.shape, dtype=bool)
     mask[box] = local
-    return mask, how
+    return mask, "sphere"
 
 
 def _interpolate(probability: np.ndarray, coords: list[np.ndarray], slices: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lungcad.pipeline import _component_at, fallback_mask
+from lungcad.pipeline import _component_at, fallback_mask, fallback_segment
 from tests.lungcad.test_measure import LUNG_HU, _phantom_nodules, blurred_sphere
 
 
@@ -116,3 +116,20 @@ def test_fallback_on_attached_phantom_nodules():
     assert len(dices) >= 8
     assert np.median(dices) >= 0.85 and min(dices) >= 0.55, dices
     assert max(ratios) <= 2.0, ratios
+
+
+def test_fallback_grows_its_search_sphere_when_the_diameter_is_too_small():
+    """A 12 mm nodule given as 4 or 6 mm (stage 1's box regression can undersize): such a search sphere lies
+    inside the nodule and holds no parenchyma, so `fallback_mask` finds no threshold (the pipeline would
+    fall back to a 4 mm sphere); `fallback_segment` widens the sphere until the piece stays inside it."""
+    volume, truth = blurred_sphere(6.0, (0.7, 0.7, 1.0), (0.0, 0.0, 0.0))
+    spacing = np.asarray(volume.spacing)[::-1]
+    hu = np.asarray(volume.array, dtype=np.float64)
+    centre = (np.asarray(hu.shape) - 1) / 2.0
+    for given in (4.0, 6.0):
+        assert fallback_mask(hu, centre, given, spacing) is None
+        mask, info = fallback_segment(hu, centre, given, spacing)
+        assert info["attached"] == 0.0 and info["search_diameter_mm"] > given
+        assert _dice(mask, truth) >= 0.95
+    # the right diameter needs no second try
+    assert fallback_segment(hu, centre, 12.0, spacing)[1]["search_diameter_mm"] == 12.0
