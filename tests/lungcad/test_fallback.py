@@ -22,17 +22,22 @@ def _isolated_phantom_nodules(seed: int, indices):
         yield volume, finding, mask
 
 
+def _fallback_at_truth(volume, finding):
+    """`fallback_mask` at a phantom nodule's true centre and generator diameter, on a block around it."""
+    spacing = np.asarray(volume.spacing)[::-1]
+    centre = np.asarray(finding.voxel_zyx)
+    half = np.ceil((max(0.75 * finding.diameter_mm, 0.5 * finding.diameter_mm + 3.0) + 2.0) / spacing)
+    lo = np.maximum(np.floor(centre - half).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + half).astype(int) + 1, volume.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    return box, fallback_mask(volume.array[box].astype(np.float64), centre - lo, finding.diameter_mm, spacing)
+
+
 def test_fallback_matches_the_true_mask_of_isolated_phantom_nodules():
     """Isolated nodules ≥ 5 mm of scans 0–5 of seed 0, at their true centre and generator diameter."""
     dices = []
     for volume, finding, truth in _isolated_phantom_nodules(0, range(6)):
-        spacing = np.asarray(volume.spacing)[::-1]
-        centre = np.asarray(finding.voxel_zyx)
-        half = np.ceil((max(0.75 * finding.diameter_mm, 0.5 * finding.diameter_mm + 3.0) + 2.0) / spacing)
-        lo = np.maximum(np.floor(centre - half).astype(int), 0)
-        hi = np.minimum(np.ceil(centre + half).astype(int) + 1, volume.shape)
-        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-        found = fallback_mask(volume.array[box].astype(np.float64), centre - lo, finding.diameter_mm, spacing)
+        box, found = _fallback_at_truth(volume, finding)
         assert found is not None, finding.finding_id
         mask, info = found
         assert info["parenchyma_hu"] < info["threshold_hu"] < info["nodule_hu"]
@@ -102,13 +107,7 @@ def test_fallback_on_attached_phantom_nodules():
     for _, volume, finding, truth in _phantom_nodules(
         0, range(6), lambda f: f.location != "isolated" and f.diameter_mm >= 5
     ):
-        spacing = np.asarray(volume.spacing)[::-1]
-        centre = np.asarray(finding.voxel_zyx)
-        half = np.ceil((max(0.75 * finding.diameter_mm, 0.5 * finding.diameter_mm + 3.0) + 2.0) / spacing)
-        lo = np.maximum(np.floor(centre - half).astype(int), 0)
-        hi = np.minimum(np.ceil(centre + half).astype(int) + 1, volume.shape)
-        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-        found = fallback_mask(volume.array[box].astype(np.float64), centre - lo, finding.diameter_mm, spacing)
+        box, found = _fallback_at_truth(volume, finding)
         assert found is not None, finding.finding_id
         dices.append(_dice(found[0], truth[box]))
         ratios.append(found[0].sum() / truth[box].sum())
