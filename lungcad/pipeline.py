@@ -75,6 +75,8 @@ FALLBACK_ROLLING_BALL = 0.75
 #: core HU: a solid vessel or wall beside them is denser than the nodule itself, so no threshold below it
 #: can separate them.
 FALLBACK_GGO_CAP_HU = 200.0
+#: `fallback_segment` starts its search at this share of the finding's diameter (at least 3 mm).
+FALLBACK_FIRST_SEARCH = 0.5
 #: Largest search diameter `fallback_segment` grows to (mm; the largest LIDC nodules are ≈ 30 mm).
 FALLBACK_MAX_SEARCH_MM = 30.0
 #: Default diameter of a given (``--nodules``) position whose size is unknown, mm.
@@ -339,8 +341,9 @@ def fallback_mask(
     5. holes filled in 3D and in each slice.
 
     Returns None when the centre holds no contrast (N − P < 100 HU) or nothing ≥ T is near it; else the
-    mask and {"nodule_hu", "parenchyma_hu", "threshold_hu", "opening_mm", "attached"} (attached 1.0: the
-    piece still reaches the sphere's surface, so the sphere may have cut it — see `fallback_segment`).
+    mask and {"nodule_hu", "parenchyma_hu", "threshold_hu", "opening_mm", "attached"} (opening_mm > 0: the
+    piece reached the sphere's surface and was cut off it; attached 1.0: it still reaches it — either way
+    the sphere may have cut the nodule, see `fallback_segment`).
     """
     spacing = np.asarray(spacing_zyx, dtype=np.float64)
     d = max(float(diameter_mm), 3.0)
@@ -363,18 +366,21 @@ def fallback_segment(
     """`fallback_mask` on the block around a finding, as a mask on the whole grid of `array`; the search
     sphere grows while the piece reaches its surface.
 
-    Why: a detected finding's diameter comes from stage 1's box regression, often smaller than the nodule,
-    and a sphere smaller than the nodule cuts it (a 9 mm nodule measured 6.3 mm). Tried diameters: d,
-    1.5 d, 2.25 d, … up to max(d, ``FALLBACK_MAX_SEARCH_MM``); the first piece that stays inside its sphere
-    is the nodule; if every piece reaches the surface (an attachment no opening separates), the first
-    one — the smallest sphere — is kept. A sphere that finds nothing grows too (a sphere inside a large
-    nodule holds no parenchyma to set the threshold by). Returns (mask, info of the kept try + "search_diameter_mm").
+    Why: the search sphere decides what the smart opening cuts. Too small — a detected diameter from stage
+    1's box regression is often smaller than the nodule — and the opening shaves the nodule itself off the
+    sphere's surface (a 9 mm nodule measured 6.3 mm); too large, and it takes in vessel branches that end
+    inside it. So the search grows from below: diameters max(``FALLBACK_FIRST_SEARCH`` × d, 3 mm), then
+    ×1.5 per try up to max(d, ``FALLBACK_MAX_SEARCH_MM``); the first piece that lies inside its sphere
+    without any opening is the nodule; else (a vessel or the wall crosses every sphere) the first piece the
+    opening detached, from the smallest sphere; else the first try. A sphere that finds nothing grows too
+    (one inside a large nodule holds no parenchyma to set the threshold by). Returns (mask, info of the
+    kept try + "search_diameter_mm").
     """
     spacing = np.asarray(spacing_zyx, dtype=np.float64)
     centre = np.asarray(centre_zyx, dtype=np.float64).reshape(3)
-    first = None
-    d = max(float(diameter_mm), 3.0)
-    limit = max(d, FALLBACK_MAX_SEARCH_MM)
+    tries = []
+    limit = max(float(diameter_mm), FALLBACK_MAX_SEARCH_MM)
+    d = max(FALLBACK_FIRST_SEARCH * float(diameter_mm), 3.0)
     while True:
         box = _box_around(centre, (search_radius_mm(d) + 1.0) / spacing + 1, array.shape)
         offset = np.array([s.start for s in box], dtype=np.float64)
@@ -382,14 +388,14 @@ def fallback_segment(
         if found is not None:
             mask = np.zeros(array.shape, dtype=bool)
             mask[box] = found[0]
-            result = (mask, {**found[1], "search_diameter_mm": d})
-            if not found[1]["attached"]:
-                return result
-            first = first or result
+            tries.append((mask, {**found[1], "search_diameter_mm": d}))
+            if not found[1]["attached"] and found[1]["opening_mm"] == 0.0:
+                return tries[-1]  # inside its sphere, nothing cut
         if d >= limit:
             break
         d = min(1.5 * d, limit)
-    return first
+    detached = [t for t in tries if not t[1]["attached"]]
+    return (detached or tries or [None])[0]
 
 
 def search_radius_mm(diameter_mm: float) -> float:
