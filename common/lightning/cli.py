@@ -147,7 +147,9 @@ def class_refusal(message: str) -> str | None:
         message,
         re.S,
     )
-    return " ".join(refused.group(1).split()) if refused else None
+    if refused is None or refused.group(1).startswith("Expected a "):  # a plain type mismatch, not a refusal
+        return None
+    return " ".join(refused.group(1).split())
 
 
 def explain_parser_error(message: str, args: Sequence[str], options: Sequence[str] = ()) -> str:

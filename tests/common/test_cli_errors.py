@@ -49,3 +49,20 @@ def test_bad_value_names_key_and_type():
     )
     text = explain_parser_error(message, ["fit", "--trainer.max_epochs", "abc"])
     assert text == "invalid value 'abc' for trainer.max_epochs on the command line (expected int or NoneType)"
+
+
+def test_a_class_refusal_in_a_class_path_union_is_its_own_line():
+    """A datamodule's own ValueError, as jsonargparse wraps it when instantiating a `class_path` union."""
+    from common.lightning.cli import class_refusal
+
+    message = (
+        "Does not validate against any of the Union subtypes\nSubtypes: [<class 'x.CacheDataModule'>, "
+        "<class 'NoneType'>]\nErrors:\n  - eval_candidates must be 'same' or 'stage1', got 'bogus'\n"
+        "  - Expected a <class 'NoneType'>\nGiven value type: <class 'jsonargparse._namespace.Namespace'>"
+    )
+    assert class_refusal(message) == "eval_candidates must be 'same' or 'stage1', got 'bogus'"
+    assert (
+        class_refusal(" ".join(message.split())) == "eval_candidates must be 'same' or 'stage1', got 'bogus'"
+    )
+    typed = "Does not validate against any of the Union subtypes Errors: - Expected a <class 'int'> - Expected a <class 'NoneType'>"
+    assert class_refusal(typed) is None
