@@ -559,6 +559,11 @@ class CandidateDataModule(_LungdetDataModule):
         return ScanDataset(reader, uids)
 
 
+def _path_list(value: str | Sequence[str] | None) -> list[str]:
+    """One path, several, or none (a config may give either form) as a list of strings."""
+    return [value] if isinstance(value, str) else [str(p) for p in value or []]
+
+
 class FPRDataModule(_LungdetDataModule):
     """Stage 2 (MPPN): labelled candidate crops for training, scans with candidates for evaluation.
 
@@ -602,9 +607,7 @@ class FPRDataModule(_LungdetDataModule):
         super().__init__(**kwargs)
         if eval_candidates not in ("same", "stage1"):
             raise ValueError(f"eval_candidates must be 'same' or 'stage1', got {eval_candidates!r}")
-        listed = (
-            [stage1_results_csv] if isinstance(stage1_results_csv, str) else list(stage1_results_csv or [])
-        )
+        listed = _path_list(stage1_results_csv)
         if listed and eval_candidates != "stage1":
             raise ValueError(
                 "stage1_results_csv stands in for the stage-1 pass of two-stage evaluation: set "
@@ -616,11 +619,10 @@ class FPRDataModule(_LungdetDataModule):
                     f"{path}: stage-1 results not found (--data.init_args.stage1_results_csv); run `lungdet test` "
                     "of the stage-1 checkpoint first, or leave the option out to run stage 1 on each scan"
                 )
-        self.stage1_results_csv = [str(p) for p in listed]
-        paths = [candidates_csv] if isinstance(candidates_csv, str) else list(candidates_csv or [])
-        if not paths and not dataset_candidates:
+        self.stage1_results_csv = listed
+        self.candidates_csv = _path_list(candidates_csv)
+        if not self.candidates_csv and not dataset_candidates:
             raise ValueError("no candidate source: give candidates_csv or set dataset_candidates: true")
-        self.candidates_csv = [str(p) for p in paths]
         self.dataset_candidates = dataset_candidates
         self.eval_candidates = eval_candidates
         self.samples_per_epoch = samples_per_epoch

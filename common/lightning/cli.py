@@ -177,9 +177,6 @@ def explain_parser_error(message: str, args: Sequence[str], options: Sequence[st
         key = unexpected.group(1) or unexpected.group(2)
         flags = [o[2:] for o in options if o.startswith("--")]
         return f"unknown config key {key} {_where(key, args)}{_suggest(key, flags)}"
-    refused = class_refusal(message)
-    if refused:
-        return refused
     given = re.search(r"Given value: (.*)", message)
     if section and given:
         expected = re.findall(r"Expected a <class '(\w+)'>", message)

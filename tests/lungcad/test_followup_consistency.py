@@ -30,7 +30,8 @@ def _identity(points: np.ndarray) -> np.ndarray:
 
 
 def _alone(volume: CTVolume, centre_zyx, diameter_mm: float) -> np.ndarray:
-    """`fallback_mask` on the box the pipeline gives it, on the whole grid (what `analyze` would store)."""
+    """`fallback_mask` with one search sphere of the given diameter, on the whole grid: what `analyze`
+    stored before `fallback_segment` grew the sphere (which measures this nodule 70 → 57 mm³ on its own)."""
     spacing = np.asarray(volume.spacing, dtype=np.float64)[::-1]
     box = _box_around(
         np.asarray(centre_zyx, float), (search_radius_mm(diameter_mm) + 1.0) / spacing + 1, volume.shape
