@@ -35,7 +35,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,13 @@ FALLBACK_ROLLING_BALL = 0.75
 #: core HU: a solid vessel or wall beside them is denser than the nodule itself, so no threshold below it
 #: can separate them.
 FALLBACK_GGO_CAP_HU = 200.0
+#: On a CPU, the largest number of MPPN crops / GLANCE slices per forward pass. Batching buys nothing there
+#: (a 512² GLANCE slice takes 1.5 s alone or in a batch of 16; 100 MPPN crops take 20 s in chunks of 16 or
+#: 64) but every item's activations are held at once: at the paper widths a batch of 16 GLANCE slices holds
+#: 2.8 GiB and 64 MPPN crops 1.4 GiB, against 0.3 GiB each at these caps. Each item's output does not
+#: depend on its batch (eval mode), so the answers are the same. On a GPU the bundle's sizes apply.
+CPU_MPPN_CHUNK = 16
+CPU_GLANCE_SLICES = 4
 #: `fallback_segment` starts its search at this share of the finding's diameter (at least 3 mm).
 FALLBACK_FIRST_SEARCH = 0.5
 #: Largest search diameter `fallback_segment` grows to (mm; the largest LIDC nodules are ≈ 30 mm).
@@ -173,6 +180,11 @@ def claf_view(scan: PreparedScan, pre: dict[str, Any]) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ steps
 
 
+def _cpu_cap(size: int, cap: int, device: torch.device) -> int:
+    """`size` items per forward pass, at most `cap` on a CPU (``CPU_MPPN_CHUNK``)."""
+    return min(int(size), cap) if torch.device(device).type == "cpu" else int(size)
+
+
 def _detect(bundle: Bundle, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """CLAF stage-1 candidates (score, z, y, x, d) of the prepared scan, and the scan as a tensor."""
     stage1 = bundle.models["stage1"].task
@@ -191,7 +203,7 @@ def _fpr(bundle: Bundle, scan: PreparedScan, tensor: torch.Tensor, cands: torch.
         mppn.model,
         tensor,
         cands[:, 1:4],
-        chunk_size=mppn.chunk_size,
+        chunk_size=_cpu_cap(mppn.chunk_size, CPU_MPPN_CHUNK, tensor.device),
         pad_value=mppn.pad_value,
         mirror=mppn.mirror_tta,
         engine=getattr(mppn, "engine", "eager"),
@@ -277,7 +289,10 @@ class GlanceSlices:
         missing = np.asarray([int(z) for z in slices if int(z) not in self.done], dtype=np.int64)
         if missing.size and self.has_segmentation:
             item = _glance_item(self.scan, self.pre, missing)
-            for z, prob in probability_slices(self.task.model, item, self.task.inference):
+            cfg = self.task.inference
+            device = next(self.task.model.parameters()).device
+            cfg = replace(cfg, slice_batch_size=_cpu_cap(cfg.slice_batch_size, CPU_GLANCE_SLICES, device))
+            for z, prob in probability_slices(self.task.model, item, cfg):
                 if prob is None:
                     self.has_segmentation = False
                     break

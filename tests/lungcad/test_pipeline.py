@@ -128,13 +128,18 @@ def test_given_nodule_is_reported_at_its_centre(bundle, direction):
 
 def test_candidates_equal_the_lungdet_two_stage_path_on_a_cached_scan(tiny_bundle_env, bundle, monkeypatch):
     """What `analyze` scores for a scan is what `lungdet test` scores for it from the cache (FPRTask.score
-    on the ScanReader view, stage 1 chained, the bundle's fusion): same positions, same probabilities."""
+    on the ScanReader view, stage 1 chained, the bundle's fusion): same positions, same probabilities — also
+    with `analyze`'s MPPN in smaller chunks on the CPU than the task's (CPU_MPPN_CHUNK)."""
     import torch
+
+    from lungcad import pipeline
 
     cache = PreprocessedCache(tiny_bundle_env["cache"])
     record = open_dataset("lidc", str(tiny_bundle_env["tree"])).records[0]
     volume = read_volume(record.image_path, series_uid=record.series_uid)
     monkeypatch.setitem(bundle.manifest["detection"], "operating_threshold", 2.0)  # detection only
+    monkeypatch.setattr(pipeline, "CPU_MPPN_CHUNK", 3)
+    assert bundle.models["mppn"].task.chunk_size > 3
     analysis = analyze_volume(volume, bundle)
     assert analysis.findings == [] and len(analysis.candidates) > 0
 
@@ -154,14 +159,16 @@ def test_candidates_equal_the_lungdet_two_stage_path_on_a_cached_scan(tiny_bundl
 
 def test_shared_glance_slices_and_batched_m3net_give_the_per_finding_answers(bundle):
     """Findings share GLANCE slices (each runs once) and M³Net runs on a batch of findings; the maps and
-    probabilities are those of one GLANCE pass over each finding's own slices and one M³Net pass each."""
+    probabilities are those of one GLANCE pass over each finding's own slices and one M³Net pass each. On a
+    CPU the analysis runs CPU_GLANCE_SLICES slices per pass, the reference the task's larger batches."""
     from common.preprocess import clip_hu
-    from lungcad.pipeline import GlanceSlices, _glance_item, _malignancy
+    from lungcad.pipeline import CPU_GLANCE_SLICES, GlanceSlices, _glance_item, _malignancy
     from lungseg.inference import predict_scan
 
     volume = phantom()
     scan = prepare_scan(volume, bundle.models["seg"].preprocessing["cache"])
     task = bundle.models["seg"].task
+    assert task.inference.slice_batch_size > CPU_GLANCE_SLICES
     first, second = np.arange(10, 30), np.arange(20, 40)  # two nearby findings: slices 20–29 shared
     glance = GlanceSlices(bundle, scan)
     glance(first)
