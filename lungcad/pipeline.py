@@ -17,7 +17,7 @@
    ORIGINAL scan grid around the finding and thresholded at the model's ``seg_threshold``; the connected
    component holding the finding's centre (else the nearest one within the finding's radius) is the
    nodule. Where GLANCE finds nothing there, the fallback (``fallback_segment``) thresholds the scan at
-   the local midpoint between the nodule's core HU and the parenchyma's on the lung's side of the pleura
+   a local level between the nodule's core HU and the parenchyma's on the lung's side of the pleura
    (a rolling ball), keeps the piece at the centre, detaches vessels and wall by the smallest opening
    that separates them, and fills holes — growing its search sphere while the piece reaches its surface
    (a detected diameter smaller than the nodule would cut it); where that finds nothing, a sphere of the
@@ -64,6 +64,13 @@ __all__ = [
 
 #: The fallback reads the parenchyma on the voxels below this HU (above it: ground glass and denser).
 FALLBACK_HU = -500.0
+#: The fallback's threshold lies this share of the way from the parenchyma's HU to the nodule core's. Not
+#: the midpoint (0.5, the half-maximum surface of a sharp object): nodules have soft margins and part-solid
+#: ones a ground-glass rim whose HU sits near a solid core's midpoint, so the midpoint cuts them, while the
+#: partial-volume volume (`lungcad.measure.partial_volume`) weighs the extra edge voxels by their HU anyway.
+#: Chosen among 0.25–0.5 on phantoms of seeds 3 and 4 with detection-like centres (0.5–2 mm off, diameter
+#: 0.6–1.0×): volume error 16.8 / 16.5 % at 0.5, 14.5 / 13.1 % at 0.35 (docs/measurements.md).
+FALLBACK_THRESHOLD_SHARE = 0.35
 #: Largest opening radius of the fallback (`fallback_mask`), as a share of the nodule's diameter: a
 #: nodule survives an erosion by a ball of 0.3 d; an attachment wider than 0.6 d is not cut.
 FALLBACK_MAX_OPENING = 0.3
@@ -336,15 +343,16 @@ def _ellipsoid_element(radius_mm: float, spacing_zyx: np.ndarray) -> np.ndarray:
 def fallback_mask(
     hu: np.ndarray, centre_zyx: np.ndarray, diameter_mm: float, spacing_zyx
 ) -> tuple[np.ndarray, dict[str, float]] | None:
-    """Nodule mask from the HU alone (when GLANCE segments nothing): a threshold at the local midpoint.
+    """Nodule mask from the HU alone (when GLANCE segments nothing): a threshold at a local level.
 
     The rule (d: the finding's diameter; search sphere: max(0.75 d, 0.5 d + 3 mm) around the centre):
 
     1. parenchyma HU P = median of the sphere's voxels below ``FALLBACK_HU`` (the lung around the nodule);
        nodule HU N = the largest value of the HU smoothed by σ 0.5 voxel within max(0.25 d, one in-plane
        pixel) of the centre — the nodule's own core, so a ground-glass nodule gets its ground-glass HU;
-    2. threshold T = (N + P) / 2, the local midpoint: a voxel half nodule, half lung reads T, so the mask's
-       outline is the nodule's surface whatever its density (a fixed HU cut is not);
+    2. threshold T = P + ``FALLBACK_THRESHOLD_SHARE`` × (N − P), a local level: relative to the nodule's
+       own contrast, so the mask's outline follows the nodule's surface whatever its density (a fixed HU
+       cut does not), on the inclusive side of its half-maximum (see the constant);
     3. the connected piece of voxels ≥ T at the centre (else the nearest within d/2), among the voxels on
        the lung's side (`nodule_region`: the chest wall cut off by a rolling ball, and for a ground-glass
        nodule the denser vessels by an upper HU bound);
@@ -364,7 +372,7 @@ def fallback_mask(
     d = max(float(diameter_mm), 3.0)
     centre = np.asarray(centre_zyx, dtype=np.float64)
     dist = _distance_mm(hu.shape, centre, spacing)
-    levels = fallback_levels(hu, dist, d, spacing)
+    levels = fallback_levels(hu, dist, d, spacing, FALLBACK_THRESHOLD_SHARE)
     if levels is None:
         return None
     bound_r = search_radius_mm(d)
@@ -424,11 +432,13 @@ def _distance_mm(shape: tuple[int, ...], centre: np.ndarray, spacing: np.ndarray
 
 
 def fallback_levels(
-    hu: np.ndarray, dist_mm: np.ndarray, diameter_mm: float, spacing: np.ndarray
+    hu: np.ndarray, dist_mm: np.ndarray, diameter_mm: float, spacing: np.ndarray, share: float = 0.5
 ) -> dict[str, float] | None:
     """Steps 1–2 of `fallback_mask`: parenchyma, nodule and threshold HU; None without contrast.
 
-    `dist_mm`: each voxel's distance to the centre (mm); `diameter_mm` ≥ 3.
+    `dist_mm`: each voxel's distance to the centre (mm); `diameter_mm` ≥ 3; the threshold lies `share` of
+    the way from the parenchyma to the nodule (0.5: the midpoint, what `lungcad.followup.consistency` uses;
+    `fallback_mask` passes ``FALLBACK_THRESHOLD_SHARE``).
     """
     lung = (dist_mm <= search_radius_mm(diameter_mm)) & (hu < FALLBACK_HU)
     if not lung.any():
@@ -441,7 +451,8 @@ def fallback_levels(
     nodule = float(smooth[near].max())
     if nodule - parenchyma < 100.0:
         return None
-    return {"nodule_hu": nodule, "parenchyma_hu": parenchyma, "threshold_hu": 0.5 * (nodule + parenchyma)}
+    threshold = parenchyma + share * (nodule - parenchyma)
+    return {"nodule_hu": nodule, "parenchyma_hu": parenchyma, "threshold_hu": threshold}
 
 
 def lung_side(hu: np.ndarray, diameter_mm: float, spacing: np.ndarray) -> np.ndarray:

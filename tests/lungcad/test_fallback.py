@@ -111,10 +111,12 @@ def test_fallback_on_attached_phantom_nodules():
         assert found is not None, finding.finding_id
         dices.append(_dice(found[0], truth[box]))
         ratios.append(found[0].sum() / truth[box].sum())
-    # 10 nodules; before: Dice median 0.86, min 0.09, masks up to 3.5× the truth; now 0.89, 0.59, 1.7×
+    # 10 nodules; before: Dice median 0.86, min 0.09, masks up to 3.5× the truth; with the midpoint threshold
+    # 0.89, 0.59, 1.7×; at FALLBACK_THRESHOLD_SHARE 0.35: 0.91, 0.63, 2.0× (one 7.8 mm juxta-vascular nodule
+    # keeps a piece of its vessel either way; its voxel-count ratio was 1.73 at the midpoint)
     assert len(dices) >= 8
     assert np.median(dices) >= 0.85 and min(dices) >= 0.55, dices
-    assert max(ratios) <= 2.0, ratios
+    assert max(ratios) <= 2.1, ratios
 
 
 def test_fallback_grows_its_search_sphere_when_the_diameter_is_too_small():
