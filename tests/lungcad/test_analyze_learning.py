@@ -45,7 +45,7 @@ def test_measurements_of_detected_nodules_match_the_phantoms(env, drift):
     result = check_measurements(env, drift["reports"])
     detected = result["detected"]
     print({k: v for k, v in detected.items() if k != "rows"}, result["given"].get("confusion"))
-    assert detected["n"] >= 1, result["missed"]
+    assert detected["n"] >= 8, result["missed"]  # a median of fewer says little (15 in the journal's run)
     assert detected["volume_median_abs_rel_error"] <= 0.15
     assert detected["diameter_median_abs_error_mm"] <= 1.0
     assert detected["type_agreement"] >= 0.80
