@@ -52,12 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.md")))
     args = parser.parse_args(argv)
 
+    load = os.getloadavg()[0]
+    busy = " (above the core count: other jobs shared the cores)" if load > (os.cpu_count() or 1) else ""
     lines = [
         "# Benchmark results",
         "",
         f"Machine: {platform.machine()}, {cpu_model()}, {os.cpu_count()} CPU cores, Python "
         f"{platform.python_version()}; run {time.strftime('%Y-%m-%d %H:%M:%S')}; load average at the start "
-        f"{os.getloadavg()[0]:.1f} (above the core count, other jobs shared the cores: compare ratios only).",
+        f"{load:.1f}{busy}. Compare ratios measured in the same run: the same machine's speed varies.",
         "",
     ]
     failed = 0
