@@ -17,8 +17,8 @@ the numbers to the journal:
 3. **Measurements**: each phantom nodule ≥ 5 mm (generator diameter) of those scans and of
    ``MEASURE_SCANS`` more held-out phantoms (seed ``seed + MEASURE_SEED_OFFSET``, analysed in memory), its
    truth measured with `lungcad.measure.measure_nodule` on the phantom's true (consensus) mask; a finding
-   whose centre lies within the nodule's radius detects it. Volume relative error, mean-diameter absolute error (to the
-   true mask's and to the generator's diameter) and type, for the detected nodules and, as a
+   whose centre lies within the nodule's radius detects it. Volume relative error, mean-diameter absolute
+   error (to the true mask's and to the generator's diameter) and type, for the detected nodules and, as a
    segmentation-only reference, for all of them given by position (`--nodules` mode); 95 % intervals by
    resampling scans.
 4. **Geometry**: the held-out phantom of the largest nodule ≥ 5 mm that item 2's analysis detected, stored
@@ -365,7 +365,8 @@ def check_measurements(
 
     The scans: the CLAF test scans (their findings from `analyze`'s reports) and `extra_scans` more held-out
     phantoms of seed ``seed + MEASURE_SEED_OFFSET`` (their findings from `analyze_volume`, the function
-    `lungcad analyze` runs, on the phantom in memory): three test scans hold too few nodules ≥ 5 mm for a median.
+    `lungcad analyze` runs, on the phantom in memory): three test scans hold too few nodules ≥ 5 mm for a
+    median.
     """
     from common.synth import read_manifest
     from lungcad.bundle import Bundle
@@ -572,7 +573,8 @@ def markdown(env: dict[str, Any], results: dict[str, Any]) -> str:
         f"stage1_weight {d['stage1_weight']:g}. Held-out scans: the CLAF test split, {len(env['test_uids'])} "
         f"scans with {d['n_nodules']} annotated nodules, and for the measurement check {MEASURE_SCANS} more "
         f"phantoms of seed {env['seed'] + MEASURE_SEED_OFFSET} (`analyze_volume`, detection at the bundle's "
-        "threshold). These are demo-size models trained minutes on a CPU: the detection numbers show the pipeline, not a detector.",
+        "threshold). These are demo-size models trained minutes on a CPU: the detection numbers show the "
+        "pipeline, not a detector.",
         "",
         "Step times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in env["timings_s"].items()) + ".",
         "",

@@ -83,8 +83,8 @@ FALLBACK_ROLLING_BALL = 0.75
 #: can separate them.
 FALLBACK_GGO_CAP_HU = 200.0
 #: On a CPU, the largest number of MPPN crops / GLANCE slices per forward pass. Batching buys nothing there
-#: (a 512² GLANCE slice takes 1.5 s alone or in a batch of 16; 100 MPPN crops take 20 s in chunks of 16 or
-#: 64) but every item's activations are held at once: at the paper widths a batch of 16 GLANCE slices holds
+#: (a 512² GLANCE slice takes 1.52 s in a batch of 4 and 1.57 s in one of 16; 100 MPPN crops take 20 s in
+#: chunks of 16 or 64) but every item's activations are held at once: at the paper widths a batch of 16 GLANCE slices holds
 #: 2.8 GiB and 64 MPPN crops 1.4 GiB, against 0.3 GiB each at these caps. Each item's output does not
 #: depend on its batch (eval mode), so the answers are the same. On a GPU the bundle's sizes apply.
 CPU_MPPN_CHUNK = 16
