@@ -147,8 +147,8 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-def _lungcad(args: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    """Run ``python -m lungcad`` with `args`; returns (wall s, its peak RSS in GiB, exit status)."""
+def _lungcad(args: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Run ``python -m lungcad`` with `args`; returns (wall s, its peak RSS in GiB); a failure raises."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "peak.json"
         start = time.perf_counter()
@@ -159,22 +159,20 @@ def _lungcad(args: list[str], env: dict[str, str]) -> tuple[float, float, int]:
         )
         wall = time.perf_counter() - start
         code, peak_kib = json.loads(report.read_text(encoding="utf-8"))
-    return wall, peak_kib / 2**20, code
+    if code:
+        raise RuntimeError(f"lungcad {' '.join(args)} exited with {code}")
+    return wall, peak_kib / 2**20
 
 
 def _one_runtime(runtime: str, scan: Path, given: Path, bundle: Path, out: Path, env: dict) -> dict[str, Any]:
     extra = ["--runtime", runtime] if runtime != "torch" else []
-    detect_wall, detect_rss, code = _lungcad(
+    detect_wall, detect_rss = _lungcad(
         ["analyze", str(scan), "--bundle", str(bundle), "--out", str(out / "detect"), *extra], env
     )
-    if code:
-        raise RuntimeError(f"lungcad analyze (detection) exited with {code}")
-    given_wall, given_rss, code = _lungcad(
+    given_wall, given_rss = _lungcad(
         ["analyze", str(scan), "--bundle", str(bundle), "--out", str(out / "given"), "--nodules", str(given), *extra],
         env,
     )  # fmt: skip
-    if code:
-        raise RuntimeError(f"lungcad analyze --nodules exited with {code}")
     reports = {
         part: json.loads(next((out / part).glob("*/report.json")).read_text(encoding="utf-8"))
         for part in ("detect", "given")
@@ -224,10 +222,9 @@ def run(bundle_dir: str | Path | None = None, runtimes: tuple[str, ...] = RUNTIM
         del volume, lungs
         for runtime in runtimes:
             if runtime == "onnxruntime" and not (bundle / "onnx").is_dir():
-                wall, _, code = _lungcad(["export", "--bundle", str(bundle), "--format", "onnx"], env)
-                if code:
-                    raise RuntimeError(f"lungcad export exited with {code}")
-                out["onnx export, once (s)"] = wall
+                out["onnx export, once (s)"] = _lungcad(
+                    ["export", "--bundle", str(bundle), "--format", "onnx"], env
+                )[0]
             row = _one_runtime(runtime, scan, given, bundle, work / runtime, env)
             out.update({f"{runtime}: {k}": v for k, v in row.items()})
     out["load average after"] = os.getloadavg()[0]

@@ -277,13 +277,15 @@ class GlanceSlices:
 
     Findings near each other share slices (their spans of diameter ± margin overlap); the analysis asks for
     each finding's span and only the slices not seen yet run through the network, ``slice_batch_size`` at a
-    time (``lungseg.inference.probability_slices``). A slice's probability does not depend on the other
+    time (at most ``CPU_GLANCE_SLICES`` on a CPU; ``lungseg.inference.probability_slices``). A slice's probability does not depend on the other
     slices of its batch, so the maps are those of one ``predict_scan`` per finding.
     """
 
     def __init__(self, bundle: Bundle, scan: PreparedScan) -> None:
         model = bundle.models["seg"]
         self.task, self.pre, self.scan = model.task, model.preprocessing, scan
+        cfg, device = self.task.inference, next(self.task.model.parameters()).device
+        self.cfg = replace(cfg, slice_batch_size=_cpu_cap(cfg.slice_batch_size, CPU_GLANCE_SLICES, device))
         self.probability: np.ndarray | None = None  # float16 on the scan's cache grid, like predict_scan's
         self.done: set[int] = set()
         self.has_segmentation = True
@@ -296,10 +298,7 @@ class GlanceSlices:
         missing = np.asarray([int(z) for z in slices if int(z) not in self.done], dtype=np.int64)
         if missing.size and self.has_segmentation:
             item = _glance_item(self.scan, self.pre, missing)
-            cfg = self.task.inference
-            device = next(self.task.model.parameters()).device
-            cfg = replace(cfg, slice_batch_size=_cpu_cap(cfg.slice_batch_size, CPU_GLANCE_SLICES, device))
-            for z, prob in probability_slices(self.task.model, item, cfg):
+            for z, prob in probability_slices(self.task.model, item, self.cfg):
                 if prob is None:
                     self.has_segmentation = False
                     break
