@@ -12,8 +12,9 @@
    columns, world mm); those scoring at least the bundle's operating threshold become findings, best first.
    With ``nodules_world_mm`` (the ``--nodules`` mode) detection is skipped and the given centres are the
    findings, in the given order.
-3. **segment** — GLANCE (``lungseg.inference.predict_scan``) on the slices spanning each finding (its
-   diameter ± a margin) of the GLANCE view of the scan; the probability map is interpolated (linear) onto the
+3. **segment** — GLANCE (``lungseg.inference.predict_scan``) on the slices spanning each finding (within
+   max(0.75 d, 8 mm) of its centre; first only those within max(0.75 d, 4 mm), grown when that answer
+   might differ: ``_GlanceWindow``) of the GLANCE view of the scan; the probability map is interpolated (linear) onto the
    ORIGINAL scan grid around the finding and thresholded at the model's ``seg_threshold``; the connected
    component holding the finding's centre (else the nearest one within the finding's radius) is the
    nodule. Where GLANCE finds nothing there, the fallback (``fallback_segment``) thresholds the scan at
@@ -516,6 +517,102 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return np.stack([ndi.binary_fill_holes(s) for s in mask])
 
 
+#: GLANCE segments a finding on the slices within max(0.75 d, this) mm of its centre, and takes the component
+#: in the box of the same half-size on the original grid (d: the finding's diameter).
+SEGMENT_HALF_MM = 8.0
+#: It first runs the slices within max(0.75 d, this) mm only, and keeps that answer where it provably equals
+#: the full span's (`_GlanceWindow.settled`); else it runs the rest of the full span. Exact, and a finding
+#: whose mask stays inside the smaller span costs 15 instead of 19 slices at 8 mm (1 mm slices), 11 at ≤ 5 mm.
+SEGMENT_FIRST_HALF_MM = 4.0
+#: `_GlanceWindow.component`'s answer when the smaller span cannot settle the mask.
+_GROW = object()
+
+
+class _GlanceWindow:
+    """One finding's GLANCE slices and box at a given half-size, and whether a smaller one's answer is final.
+
+    The mask of a half-size is the connected component (6-connectivity) of the thresholded, interpolated
+    probability in the box holding the finding's centre, else the nearest within its radius
+    (`_component_at`). The smaller box's answer equals the full box's when nothing it depends on can change:
+    the voxels whose probability may differ are those on the faces beyond which the full box goes on and
+    those whose interpolation reads a slice that only the full span runs; the answer is settled when its
+    component, the component's 6-neighbours, the finding's search ellipsoid and its centre voxel avoid them.
+    """
+
+    def __init__(
+        self,
+        centre_o: np.ndarray,
+        o_spacing: np.ndarray,
+        c_spacing: np.ndarray,
+        shape_c: tuple[int, ...],
+        shape_o: tuple[int, ...],
+        diameter_mm: float,
+    ) -> None:
+        self.centre_o, self.o_spacing, self.c_spacing = centre_o, o_spacing, c_spacing
+        self.shape_c, self.shape_o = shape_c, tuple(int(v) for v in shape_o)
+        self.radius_vox = 0.5 * diameter_mm / o_spacing
+        centre_c = centre_o * o_spacing / c_spacing  # same origin and direction: index scales with spacing
+        self.zc = int(np.clip(round(centre_c[0]), 0, shape_c[0] - 1))
+
+    def slices(self, half_mm: float) -> np.ndarray:
+        span = int(np.ceil(half_mm / self.c_spacing[0])) + 1
+        return np.arange(max(self.zc - span, 0), min(self.zc + span + 1, self.shape_c[0]))
+
+    def box(self, half_mm: float) -> tuple[slice, ...]:
+        return _box_around(self.centre_o, half_mm / self.o_spacing + 1, self.shape_o)
+
+    def component(
+        self, glance: GlanceSlices, half_mm: float, full_mm: float, threshold: float
+    ) -> tuple[tuple[slice, ...], np.ndarray] | None | object:
+        """(box, mask in it), None (no component, or no segmentation model), or `_GROW` (half_mm < full_mm only)."""
+        slices = self.slices(half_mm)
+        probability = glance(slices)
+        if probability is None:
+            return None
+        box = self.box(half_mm)
+        grid = np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij")
+        coords = [g * (o / c) for g, o, c in zip(grid, self.o_spacing, self.c_spacing)]
+        prob = _interpolate(probability, coords, slices)
+        centre = self.centre_o - [s.start for s in box]
+        local = _component_at(prob >= threshold, centre, self.radius_vox)
+        if half_mm < full_mm and not self.settled(local, box, coords[0], slices, full_mm):
+            return _GROW
+        return None if local is None else (box, local)
+
+    def settled(
+        self,
+        local: np.ndarray | None,
+        box: tuple[slice, ...],
+        z_cache: np.ndarray,
+        slices: np.ndarray,
+        full_mm: float,
+    ) -> bool:
+        """Whether the answer `local` in `box` (from `slices`) is the one the full half-size would give."""
+        full_slices, full_box = self.slices(full_mm), self.box(full_mm)
+        shape = tuple(s.stop - s.start for s in box)
+        zone = np.zeros(shape, dtype=bool)
+        if full_slices[0] < slices[0]:  # reads a slice below the span that only the full span runs
+            zone |= z_cache < slices[0]
+        if full_slices[-1] > slices[-1]:
+            zone |= z_cache > slices[-1]
+        unsure = ndi.binary_dilation(zone) if zone.any() else zone
+        for axis, (mine, full) in enumerate(zip(box, full_box)):
+            index: list[Any] = [slice(None)] * 3
+            for side, beyond in ((0, full.start < mine.start), (-1, full.stop > mine.stop)):
+                if beyond:
+                    index[axis] = side
+                    unsure[tuple(index)] = True
+        if not unsure.any():
+            return True
+        centre = self.centre_o - [s.start for s in box]
+        offsets = np.meshgrid(*[np.arange(n) - c for n, c in zip(shape, centre)], indexing="ij")
+        needed = sum((o / r) ** 2 for o, r in zip(offsets, self.radius_vox)) <= 1.0
+        needed[tuple(int(np.clip(round(c), 0, n - 1)) for c, n in zip(centre, shape))] = True
+        if local is not None:
+            needed |= local
+        return not (needed & unsure).any()
+
+
 def _segment(
     bundle: Bundle,
     glance: GlanceSlices,
@@ -525,33 +622,24 @@ def _segment(
     diameter_mm: float,
 ) -> tuple[np.ndarray, str]:
     """Mask (bool, original grid) of the nodule at `world_xyz` and how it was made (module docstring)."""
-    cfg = bundle.models["seg"].task.inference
     d = max(float(diameter_mm), 3.0)
     c_spacing = np.asarray(seg_scan.entry["spacing"], dtype=np.float64)[::-1]  # (z, y, x)
     o_spacing = np.asarray(volume.spacing, dtype=np.float64)[::-1]
     centre_o = np.asarray(
         volume.world_to_voxel(np.asarray(world_xyz, dtype=np.float64)), dtype=np.float64
     ).reshape(3)
-    centre_c = centre_o * o_spacing / c_spacing  # same origin and direction: index scales with spacing
     shape_c = tuple(int(v) for v in seg_scan.entry["shape"])
-    half_mm = max(0.75 * d, 8.0)
-    zc = int(np.clip(round(centre_c[0]), 0, shape_c[0] - 1))
-    span = int(np.ceil(half_mm / c_spacing[0])) + 1
-    slices = np.arange(max(zc - span, 0), min(zc + span + 1, shape_c[0]))
-    probability = glance(slices)
-    half_o = half_mm / o_spacing + 1
-    box = _box_around(centre_o, half_o, volume.shape)
-    if probability is not None:
-        grid = np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij")
-        coords = [g * (o / c) for g, o, c in zip(grid, o_spacing, c_spacing)]
-        prob = _interpolate(probability, coords, slices)
-        local = _component_at(
-            prob >= cfg.seg_threshold, centre_o - [s.start for s in box], 0.5 * d / o_spacing
-        )
-        if local is not None:
-            mask = np.zeros(volume.shape, dtype=bool)
-            mask[box] = local
-            return mask, "glance"
+    window = _GlanceWindow(centre_o, o_spacing, c_spacing, shape_c, volume.shape, d)
+    threshold = bundle.models["seg"].task.inference.seg_threshold
+    full = max(0.75 * d, SEGMENT_HALF_MM)
+    answer = window.component(glance, min(max(0.75 * d, SEGMENT_FIRST_HALF_MM), full), full, threshold)
+    if answer is _GROW:
+        answer = window.component(glance, full, full, threshold)
+    if isinstance(answer, tuple):
+        box, local = answer
+        mask = np.zeros(volume.shape, dtype=bool)
+        mask[box] = local
+        return mask, "glance"
     # Fallback: the HU rule of `fallback_segment`; where it finds nothing, a sphere of the finding's diameter.
     found = fallback_segment(volume.array, centre_o, d, o_spacing)
     if found is not None:
