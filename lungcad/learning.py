@@ -347,13 +347,16 @@ def _match(
             detected.append(_row(uid, nodule, found[hit]["measurements"], found[hit].get("segmentation", "")))
 
 
-def _given(uid: str, volume: Any, nodules: list[dict[str, Any]], bundle: Any, given: list) -> None:
+def _given(
+    uid: str, volume: Any, nodules: list[dict[str, Any]], bundle: Any, given: list, slices: list
+) -> None:
     """Rows of `given`: the scan's nodules analysed at their true centres (``--nodules`` mode)."""
     from lungcad.pipeline import analyze_volume
 
     if nodules:
         positions = np.array([[*n["finding"].world_xyz, n["finding"].diameter_mm] for n in nodules])
         analysis = analyze_volume(volume, bundle, nodules_world_mm=positions)
+        slices.append(analysis.glance_slices)
         for nodule, f in zip(nodules, analysis.findings):
             given.append(_row(uid, nodule, f.measurements.to_dict(), f.segmentation))
 
@@ -377,25 +380,30 @@ def check_measurements(
     detected: list[dict[str, Any]] = []
     given: list[dict[str, Any]] = []
     missed: list[dict[str, Any]] = []
+    slices: list[tuple[int, int]] = []  # GLANCE slices run / of the full spans, per analysis
     for uid in env["test_uids"]:
         _, volume, nodules = _truth(env["seed"], index[uid])
         nodules = [n for n in nodules if n["finding"].diameter_mm >= MIN_DIAMETER_MM]
         _match(uid, nodules, reports[uid]["nodules"], detected, missed)
-        _given(uid, volume, nodules, bundle, given)
+        _given(uid, volume, nodules, bundle, given, slices)
     for k in range(extra_scans):
         scan, volume, nodules = _truth(env["seed"] + MEASURE_SEED_OFFSET, k)
         nodules = [n for n in nodules if n["finding"].diameter_mm >= MIN_DIAMETER_MM]
+        analysis = analyze_volume(volume, bundle)
+        slices.append(analysis.glance_slices)
         found = [
             {"measurements": f.measurements.to_dict(), "segmentation": f.segmentation}
-            for f in analyze_volume(volume, bundle).findings
+            for f in analysis.findings
         ]
         _match(scan.series_uid, nodules, found, detected, missed)
-        _given(scan.series_uid, volume, nodules, bundle, given)
+        _given(scan.series_uid, volume, nodules, bundle, given, slices)
+    run, full = (int(v) for v in np.sum(slices, axis=0)) if slices else (0, 0)
     return {
         "scans": len(env["test_uids"]) + extra_scans,
         "detected": _errors(detected),
         "given": _errors(given),
         "missed": missed,
+        "glance_slices": {"run": run, "full_spans": full},
     }
 
 
@@ -596,6 +604,8 @@ def markdown(env: dict[str, Any], results: dict[str, Any]) -> str:
         "",
         *_errors_md("Detected nodules", m["detected"]),
         f"Missed nodules ≥ {MIN_DIAMETER_MM:g} mm at the operating threshold: {len(m['missed'])} ({missed}).",
+        f"GLANCE slices run by these analyses (`analyze_volume`, first spans grown where needed): "
+        f"{m['glance_slices']['run']}, against {m['glance_slices']['full_spans']} for the full spans alone.",
         "",
         *_errors_md("Given positions (`--nodules` mode, segmentation and measurement alone)", m["given"]),
         "## Geometry",

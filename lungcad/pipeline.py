@@ -122,6 +122,8 @@ class Analysis:
     candidates: pd.DataFrame
     timings_s: dict[str, float]
     bundle_info: dict[str, Any]
+    #: GLANCE slices run, and those the findings' full spans cover (what running every full span would cost).
+    glance_slices: tuple[int, int] = (0, 0)
 
 
 # ------------------------------------------------------------------------------------------ preprocess
@@ -291,6 +293,7 @@ class GlanceSlices:
         self.done: set[int] = set()
         self.has_segmentation = True
         self.slices_run = 0
+        self.full_spans: set[int] = set()  # slices of the findings' full spans (`_segment` adds them)
 
     def __call__(self, slices: np.ndarray) -> np.ndarray | None:
         """The probability volume with at least `slices` filled (None for a model without segmentation)."""
@@ -632,6 +635,7 @@ def _segment(
     window = _GlanceWindow(centre_o, o_spacing, c_spacing, shape_c, volume.shape, d)
     threshold = bundle.models["seg"].task.inference.seg_threshold
     full = max(0.75 * d, SEGMENT_HALF_MM)
+    glance.full_spans.update(int(z) for z in window.slices(full))
     answer = window.component(glance, min(max(0.75 * d, SEGMENT_FIRST_HALF_MM), full), full, threshold)
     if answer is _GROW:
         answer = window.component(glance, full, full, threshold)
@@ -805,4 +809,12 @@ def analyze_volume(
         for index, ((score, m, how), probability) in enumerate(zip(kept, probabilities), start=1):
             category = baseline_category(m.type, m.mean_diameter_mm, m.solid_component_mm)
             findings.append(Finding(index, score, probability, m, category, source, how))
-    return Analysis(volume, findings, labels, candidates, timings, bundle.info())
+    return Analysis(
+        volume,
+        findings,
+        labels,
+        candidates,
+        timings,
+        bundle.info(),
+        (glance.slices_run, len(glance.full_spans)),
+    )
