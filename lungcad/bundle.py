@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from torch.overrides import TorchFunctionMode
 
 from common import atomic
 from common.cache import PrepareSettings, sha256_file
@@ -464,11 +465,33 @@ class Bundle:
         return cls(folder, manifest, models, sha256_file(manifest_path))
 
 
+class _SkipInit(TorchFunctionMode):
+    """Builds a task without initialising its weights: ``torch.nn.init`` calls and in-place random fills
+    (timm's initialisers call ``Tensor.uniform_`` / ``normal_`` directly) leave the tensor as allocated.
+
+    Why: the strict checkpoint load that follows sets every parameter and persistent buffer, so the random
+    initialisation is wasted work: building M³Net's paper preset (185 M parameters) takes 2.2–3.2 s with it
+    and 0.1–0.7 s without, on 2 CPU cores. (The
+    tasks' non-persistent buffers, class weights of the losses, are not random.)
+    """
+
+    FILLS = frozenset(
+        {torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.erfinv_, torch.Tensor.exponential_}
+    )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init" or func in self.FILLS:
+            return kwargs["tensor"] if "tensor" in kwargs else args[0]
+        return func(*args, **kwargs)
+
+
 def _load_task(kind: str, folder: Path, entry: Mapping[str, Any], device: str | torch.device) -> Any:
     """Build the task from the recorded hyperparameters + run-time settings and load its weights (weights only)."""
     path = folder / entry["checkpoint"]
     data = _load_checkpoint(path)
-    task = _task_class(kind)(**entry["hyperparameters"], **entry.get("runtime", {}))
+    with _SkipInit():
+        task = _task_class(kind)(**entry["hyperparameters"], **entry.get("runtime", {}))
     task.load_state_dict(data["state_dict"], strict=True)
     return task.to(device).eval().requires_grad_(False)
 

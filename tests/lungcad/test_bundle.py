@@ -80,6 +80,22 @@ def test_load_verifies_and_loads_weights_only(tiny_bundle, monkeypatch):
     assert info["operating_threshold"] == bundle.operating_threshold and len(info["sha256"]) == 64
 
 
+def test_tasks_are_built_without_random_init_and_hold_exactly_the_checkpoint_weights(tiny_bundle):
+    """`_SkipInit` draws no random numbers while the tasks are built (the RNG state is untouched, and it is not
+    without it); the loaded weights equal the checkpoints' bit for bit."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    bundle = Bundle.load(tiny_bundle)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.nn.Linear(8, 8)
+    assert not torch.equal(torch.get_rng_state(), before), "an unpatched build draws random numbers"
+    for kind, model in bundle.models.items():
+        saved = torch.load(tiny_bundle / model.entry["checkpoint"], weights_only=True)["state_dict"]
+        loaded = model.task.state_dict()
+        assert loaded.keys() == saved.keys(), kind
+        assert all(torch.equal(loaded[k], v) for k, v in saved.items()), kind
+
+
 def test_a_pickled_object_in_a_checkpoint_is_refused(tiny_bundle, tmp_path):
     copy = _copy(tiny_bundle, tmp_path)
     torch.save({"state_dict": {}, "payload": Path("x")}, copy / "stage1.ckpt")
