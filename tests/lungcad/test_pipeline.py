@@ -184,3 +184,30 @@ def test_shared_glance_slices_and_batched_m3net_give_the_per_finding_answers(bun
     batched = _malignancy(bundle, hu, centres)
     one_by_one = [_malignancy(bundle, hu, [c])[0] for c in centres]
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+
+
+def test_glance_runs_channels_last_on_a_cpu_with_the_contiguous_answers(bundle):
+    """On a CPU, GlanceSlices turns GLANCE's weights channels-last (faster oneDNN convolutions); the slice
+    probabilities equal those of the contiguous network."""
+    import copy
+
+    import torch
+
+    from lungcad.pipeline import GlanceSlices, _glance_item
+    from lungseg.inference import probability_slices
+
+    volume = phantom()
+    scan = prepare_scan(volume, bundle.models["seg"].preprocessing["cache"])
+    task = bundle.models["seg"].task
+    contiguous = copy.deepcopy(task.model).to(memory_format=torch.contiguous_format)
+    slices = np.arange(18, 30)
+    glance = GlanceSlices(bundle, scan)
+    weights = [p for p in task.model.parameters() if p.ndim == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert not all(p.is_contiguous() for p in weights), "channels-last differs from contiguous here"
+    got = glance(slices)
+    item = _glance_item(scan, bundle.models["seg"].preprocessing, slices)
+    for z, prob in probability_slices(contiguous, item, task.inference):
+        np.testing.assert_allclose(
+            got[z].astype(np.float32), prob.astype(np.float16).astype(np.float32), atol=1e-3
+        )
