@@ -65,6 +65,9 @@ TYPICAL_FINDINGS = 3
 #: GLANCE's segmentation head in the benchmark's bundle: zero weights and this prior (see the docstring).
 SILENT_SEG_PRIOR = 0.01
 RUNTIMES = ("torch", "onnxruntime")
+#: `report.json` timings of the scan (from the detection command) and of each finding (the --nodules one).
+SCAN_STEPS = ("read", "preprocess", "detect", "fpr")
+FINDING_STEPS = ("segment", "measure", "classify")
 
 
 def _class(path: str) -> type:
@@ -80,6 +83,7 @@ def paper_bundle(bundle_dir: Path) -> Path:
 
 def _paper_bundle(out: Path, bundle_dir: Path) -> Path:
     from lungcad import bundle as bundle_mod
+    from lungseg.models.glance import _set_prior
 
     torch.manual_seed(0)
     sources = {}
@@ -96,7 +100,7 @@ def _paper_bundle(out: Path, bundle_dir: Path) -> Path:
         if kind == "seg":
             with torch.no_grad():
                 task.model.seg_head.weight.zero_()
-                task.model.seg_head.bias.fill_(float(np.log(SILENT_SEG_PRIOR / (1 - SILENT_SEG_PRIOR))))
+            _set_prior(task.model.seg_head, SILENT_SEG_PRIOR)  # GlanceNet's own bias = logit(prior)
         run = out / "runs" / kind / "version_0"
         (run / "checkpoints").mkdir(parents=True, exist_ok=True)
         config["model"]["init_args"] = model
@@ -196,10 +200,10 @@ def _one_runtime(runtime: str, scan: Path, given: Path, bundle: Path, out: Path,
         for part in ("detect", "given")
     }
     t_det, t_given = reports["detect"]["timings_s"], reports["given"]["timings_s"]
-    steps = {k: float(t_det[k]) for k in ("read", "preprocess", "detect", "fpr")}
-    steps.update({k: float(t_given[k]) for k in ("segment", "measure", "classify")})
-    per_finding = sum(steps[k] for k in ("segment", "measure", "classify")) / FINDINGS
-    scan_part = sum(steps[k] for k in ("read", "preprocess", "detect", "fpr"))
+    steps = {k: float(t_det[k]) for k in SCAN_STEPS}
+    steps.update({k: float(t_given[k]) for k in FINDING_STEPS})
+    per_finding = sum(steps[k] for k in FINDING_STEPS) / FINDINGS
+    scan_part = sum(steps[k] for k in SCAN_STEPS)
     row: dict[str, Any] = {"candidates": reports["detect"]["summary"].get("n_candidates", "")}
     row.update({f"{k} (s)": v for k, v in steps.items()})
     row["segmentation of the given findings"] = " ".join(

@@ -471,8 +471,8 @@ class _SkipInit(TorchFunctionMode):
 
     Why: the strict checkpoint load that follows sets every parameter and persistent buffer, so the random
     initialisation is wasted work: building M³Net's paper preset (185 M parameters) takes 2.2–3.2 s with it
-    and 0.1–0.7 s without, on 2 CPU cores. (The
-    tasks' non-persistent buffers, class weights of the losses, are not random.)
+    and 0.1–0.7 s without, on 2 CPU cores. (The tasks' non-persistent buffers, class weights of the losses,
+    are not random.)
     """
 
     FILLS = frozenset(

@@ -296,7 +296,6 @@ class GlanceSlices:
         self.probability: np.ndarray | None = None  # float16 on the scan's cache grid, like predict_scan's
         self.done: set[int] = set()
         self.has_segmentation = True
-        self.slices_run = 0
         self.full_spans: set[int] = set()  # slices of the findings' full spans (`_segment` adds them)
 
     def __call__(self, slices: np.ndarray) -> np.ndarray | None:
@@ -314,8 +313,12 @@ class GlanceSlices:
                     self.probability = np.zeros(item["shape"], dtype=np.float16)
                 self.probability[z] = prob
                 self.done.add(int(z))
-                self.slices_run += 1
         return self.probability if self.has_segmentation else None
+
+    @property
+    def slices_run(self) -> int:
+        """Slices that ran through the network (each once)."""
+        return len(self.done)
 
 
 def _component_at(mask: np.ndarray, centre: np.ndarray, radius_vox: np.ndarray) -> np.ndarray | None:
@@ -554,10 +557,14 @@ class _GlanceWindow:
         shape_c: tuple[int, ...],
         shape_o: tuple[int, ...],
         diameter_mm: float,
+        threshold: float,
     ) -> None:
         self.centre_o, self.o_spacing, self.c_spacing = centre_o, o_spacing, c_spacing
         self.shape_c, self.shape_o = shape_c, tuple(int(v) for v in shape_o)
         self.radius_vox = 0.5 * diameter_mm / o_spacing
+        self.threshold = threshold
+        self.full_mm = max(0.75 * diameter_mm, SEGMENT_HALF_MM)
+        self.first_mm = min(max(0.75 * diameter_mm, SEGMENT_FIRST_HALF_MM), self.full_mm)
         centre_c = centre_o * o_spacing / c_spacing  # same origin and direction: index scales with spacing
         self.zc = int(np.clip(round(centre_c[0]), 0, shape_c[0] - 1))
 
@@ -569,9 +576,10 @@ class _GlanceWindow:
         return _box_around(self.centre_o, half_mm / self.o_spacing + 1, self.shape_o)
 
     def component(
-        self, glance: GlanceSlices, half_mm: float, full_mm: float, threshold: float
+        self, glance: GlanceSlices, half_mm: float
     ) -> tuple[tuple[slice, ...], np.ndarray] | None | object:
-        """(box, mask in it), None (no component, or no segmentation model), or `_GROW` (half_mm < full_mm only)."""
+        """(box, mask in it), None (no component, or no segmentation model), or `_GROW` (below the full
+        half-size only)."""
         slices = self.slices(half_mm)
         probability = glance(slices)
         if probability is None:
@@ -581,8 +589,8 @@ class _GlanceWindow:
         coords = [g * (o / c) for g, o, c in zip(grid, self.o_spacing, self.c_spacing)]
         prob = _interpolate(probability, coords, slices)
         centre = self.centre_o - [s.start for s in box]
-        local = _component_at(prob >= threshold, centre, self.radius_vox)
-        if half_mm < full_mm and not self.settled(local, box, coords[0], slices, full_mm):
+        local = _component_at(prob >= self.threshold, centre, self.radius_vox)
+        if half_mm < self.full_mm and not self.settled(local, box, centre, coords[0], slices):
             return _GROW
         return None if local is None else (box, local)
 
@@ -590,12 +598,13 @@ class _GlanceWindow:
         self,
         local: np.ndarray | None,
         box: tuple[slice, ...],
+        centre: np.ndarray,
         z_cache: np.ndarray,
         slices: np.ndarray,
-        full_mm: float,
     ) -> bool:
-        """Whether the answer `local` in `box` (from `slices`) is the one the full half-size would give."""
-        full_slices, full_box = self.slices(full_mm), self.box(full_mm)
+        """Whether the answer `local` in `box` (from `slices`; `centre` in box voxels) is the one the full
+        half-size would give."""
+        full_slices, full_box = self.slices(self.full_mm), self.box(self.full_mm)
         shape = tuple(s.stop - s.start for s in box)
         zone = np.zeros(shape, dtype=bool)
         if full_slices[0] < slices[0]:  # reads a slice below the span that only the full span runs
@@ -611,7 +620,6 @@ class _GlanceWindow:
                     unsure[tuple(index)] = True
         if not unsure.any():
             return True
-        centre = self.centre_o - [s.start for s in box]
         offsets = np.meshgrid(*[np.arange(n) - c for n, c in zip(shape, centre)], indexing="ij")
         needed = sum((o / r) ** 2 for o, r in zip(offsets, self.radius_vox)) <= 1.0
         needed[tuple(int(np.clip(round(c), 0, n - 1)) for c, n in zip(centre, shape))] = True
@@ -636,13 +644,12 @@ def _segment(
         volume.world_to_voxel(np.asarray(world_xyz, dtype=np.float64)), dtype=np.float64
     ).reshape(3)
     shape_c = tuple(int(v) for v in seg_scan.entry["shape"])
-    window = _GlanceWindow(centre_o, o_spacing, c_spacing, shape_c, volume.shape, d)
     threshold = bundle.models["seg"].task.inference.seg_threshold
-    full = max(0.75 * d, SEGMENT_HALF_MM)
-    glance.full_spans.update(int(z) for z in window.slices(full))
-    answer = window.component(glance, min(max(0.75 * d, SEGMENT_FIRST_HALF_MM), full), full, threshold)
+    window = _GlanceWindow(centre_o, o_spacing, c_spacing, shape_c, volume.shape, d, threshold)
+    glance.full_spans.update(int(z) for z in window.slices(window.full_mm))
+    answer = window.component(glance, window.first_mm)
     if answer is _GROW:
-        answer = window.component(glance, full, full, threshold)
+        answer = window.component(glance, window.full_mm)
     if isinstance(answer, tuple):
         box, local = answer
         mask = np.zeros(volume.shape, dtype=bool)
